@@ -1,0 +1,6 @@
+import os
+
+# Tests never touch the network: hub lookups must fail fast instead of hanging.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
