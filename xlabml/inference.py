@@ -1,0 +1,495 @@
+"""Text generation with the model's KV cache: greedy search, sampling (streaming too) and beam search.
+
+Every strategy works on any module with the model's inference interface (an `XLabModel` or its `Decoder`):
+
+    cache = model.init_cache(batch_size, max_len=block_size)
+    logits = model(x, positions=positions, doc_ids=doc_ids, cache=cache, input_pos=input_pos)  # b t v
+    cache.reorder(index)
+
+A prompt is prefilled once, then each step feeds one token per row. A batch of prompts of different lengths is
+left-padded: pads get doc id -1 so real tokens never see them, and each row gets its own positions.
+
+Context window rule (the same for every strategy and every row, so a batched row equals its lone run): the
+model sees the tokens of a row from a window start `s` to its end, at positions 0, 1, ...; a prompt longer than
+`block_size` starts with its last `block_size` tokens; when feeding one more token would make the window
+longer than `block_size`, the window restarts at the most recent `context_keep` tokens (default
+`block_size // 2`), which are prefilled again. Re-prefilling half a window every `block_size / 2` steps costs
+about one prefilled token per generated token; `context_keep=block_size` gives a full window at every step at the
+price of a full prefill per step.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["sample", "greedy_search", "beam_search", "generate_stream"]
+
+Prompts = Tensor | Sequence[Tensor] | Sequence[Sequence[int]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# arguments
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def _prompts(x: Prompts, device: torch.device) -> tuple[list[Tensor], bool]:
+    """Returns the prompts as a list of 1-D LongTensors on `device`, and whether `x` was a batch."""
+    if isinstance(x, Tensor):
+        if x.dim() == 1:
+            prompts, batched = [x], False
+        elif x.dim() == 2:
+            prompts, batched = list(x.unbind(0)), True
+        else:
+            raise ValueError(f"prompt tensor has shape {tuple(x.shape)}; expected (t,) or (b, t)")
+    elif isinstance(x, Sequence) and not isinstance(x, str):
+        prompts, batched = [torch.as_tensor(p) for p in x], True
+        if not prompts:
+            raise ValueError("empty batch of prompts; expected at least one prompt")
+    else:
+        raise TypeError(f"prompt of type {type(x).__name__}; expected a tensor or a list of 1-D tensors")
+    for i, p in enumerate(prompts):
+        if p.dim() != 1:
+            raise ValueError(f"prompt {i} has shape {tuple(p.shape)}; expected a 1-D tensor of token ids")
+        if p.numel() == 0:
+            raise ValueError(f"prompt {i} is empty; expected at least one token (e.g. <sos>)")
+        if p.dtype.is_floating_point or p.dtype == torch.bool:
+            raise ValueError(f"prompt {i} has dtype {p.dtype}; expected integer token ids")
+    return [p.to(device=device, dtype=torch.long) for p in prompts], batched
+
+
+def _check_positive(name: str, value, allow_zero: bool = False) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
+        raise ValueError(f"{name}={value!r}; expected an integer >= {0 if allow_zero else 1}")
+
+
+def _window(block_size: int, context_keep: int | None) -> int:
+    _check_positive("block_size", block_size)
+    keep = max(1, block_size // 2) if context_keep is None else context_keep
+    _check_positive("context_keep", keep)
+    if keep > block_size:
+        raise ValueError(f"context_keep={keep} exceeds block_size={block_size}")
+    return keep
+
+
+def _excluded(exclude_classes, n_vocab: int, device: torch.device) -> Tensor | None:
+    if exclude_classes is None:
+        return None
+    index = torch.as_tensor(list(exclude_classes), dtype=torch.long).flatten().unique()
+    if index.numel() == 0:
+        return None
+    if int(index.min()) < 0 or int(index.max()) >= n_vocab:
+        raise ValueError(f"exclude_classes {index.tolist()} outside the vocabulary 0..{n_vocab - 1}")
+    if index.numel() >= n_vocab:
+        raise ValueError(f"exclude_classes exclude all {n_vocab} classes; at least one must remain")
+    return index.to(device)
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    """Whether `fn` takes a keyword `name` (optional extras of the model interface: `last_only`, `static`)."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@contextmanager
+def _eval_mode(model: nn.Module):
+    """Inference mode and eval mode (no dropout) for the duration, restoring the module's mode afterwards."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(training)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the batch of rows being generated, and their KV cache
+
+_compiled: dict[str, Callable] = {}
+
+
+def _decode_fn(compile: bool | str, device: torch.device) -> Callable:
+    """The one-token decode step, optionally compiled (static shapes; CUDA graphs on GPU)."""
+
+    def decode(model, x, positions, cache, input_pos):
+        return model(x, positions=positions, cache=cache, input_pos=input_pos)[:, -1]
+
+    if not compile:
+        return decode
+    mode = compile if isinstance(compile, str) else ("reduce-overhead" if device.type == "cuda" else "default")
+    if mode not in _compiled:
+        _compiled[mode] = torch.compile(decode, mode=mode, dynamic=False)
+    return _compiled[mode]
+
+
+class _Rows:
+    """The token histories of a batch of rows, the window of each row that the KV cache holds, and the cache.
+
+    `tokens` holds every row's prompt right-aligned at column `prompt_len`, then the generated tokens, so that
+    all rows end at the same column `end`; row i's window is its last `context[i]` tokens. The cache holds the
+    windows right-aligned in slots 0..fill-1 (shorter windows are preceded by pad slots of doc id -1).
+    """
+
+    def __init__(self, model: nn.Module, prompts: list[Tensor], block_size: int, keep: int, max_new: int,
+                 compile: bool | str = False):
+        device = prompts[0].device
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        self.model, self.block_size, self.keep = model, block_size, keep
+        self.prompt_len = max(len(p) for p in prompts)
+        self.tokens = torch.zeros(len(prompts), self.prompt_len + max_new, dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            self.tokens[i, self.prompt_len - len(p):self.prompt_len] = p
+        self.end = self.prompt_len
+        self.context = lengths.clamp(max=block_size)  # b
+        # a static cache (attention over all slots, masked) has fixed shapes and no host reads for compile
+        extra = {"static": True} if compile and _accepts(model.init_cache, "static") else {}
+        self.cache = model.init_cache(len(prompts), max_len=block_size, device=device, **extra)
+        self.last_only = {"last_only": True} if _accepts(model.forward, "last_only") else {}
+        self.fill = 0
+        self.slots = torch.arange(block_size, device=device)
+        self.input_pos = torch.zeros(1, dtype=torch.long, device=device)  # updated in place: static for graphs
+        self.decode = _decode_fn(compile, device)
+        self.compiled = bool(compile)
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+    def prefill(self) -> Tensor:
+        """Runs every row's window through the model from an empty cache; returns the last logits (b, v)."""
+        n = int(self.context.max())
+        x = self.tokens[:, self.end - n:self.end]  # b t
+        slots = self.slots[:n]
+        positions = slots - (n - self.context)[:, None]  # b t, negative on pad slots
+        # doc ids only where rows are padded: without them the model's decode steps need no mask
+        doc_ids = torch.where(positions >= 0, 0, -1) if bool((self.context < n).any()) else None
+        logits = self.model(x, positions=positions.clamp(min=0), doc_ids=doc_ids, cache=self.cache,
+                            input_pos=slots, **self.last_only)
+        self.fill = n
+        return logits[:, -1]
+
+    def step(self, token: Tensor) -> Tensor:
+        """Appends one token per row (b,) and returns the next logits (b, v)."""
+        self.tokens[:, self.end] = token
+        self.end += 1
+        if self.fill < self.block_size:
+            self.input_pos.fill_(self.fill)
+            positions = self.context[:, None]  # b 1: each new token follows its row's window
+            logits = self.decode(self.model, token[:, None], positions, self.cache, self.input_pos)
+            if self.compiled:
+                logits = logits.clone()  # compiled graphs may reuse their output buffer
+            self.context = self.context + 1
+            self.fill += 1
+            return logits
+        grown = self.context + 1
+        self.context = torch.where(grown > self.block_size, self.keep, grown)
+        return self.prefill()
+
+    def reorder(self, index: Tensor) -> None:
+        """Keeps/duplicates rows: row i becomes old row index[i] (the batch size may change)."""
+        self.tokens = self.tokens[index]
+        self.context = self.context[index]
+        self.cache.reorder(index)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# choosing the next token
+
+
+class _Chooser:
+    """Turns logits (b, v) into next tokens (b,) on the device, without host synchronisation.
+
+    Order: excluded classes, repetition penalty, temperature, top-k, top-p, min-p, then a draw. Temperature 0 or
+    top_k 1 is greedy (argmax).
+    """
+
+    def __init__(self, prompts: list[Tensor], n_vocab: int, exclude_classes=None, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                 repetition_penalty: float = 1.0, generator: torch.Generator | None = None):
+        device = prompts[0].device
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature={temperature!r}; expected a finite number >= 0")
+        if top_k is not None:
+            _check_positive("top_k", top_k)
+        if top_p is not None and not (0 < top_p <= 1):
+            raise ValueError(f"top_p={top_p!r}; expected 0 < top_p <= 1")
+        if min_p is not None and not (0 <= min_p <= 1):
+            raise ValueError(f"min_p={min_p!r}; expected 0 <= min_p <= 1")
+        if not (isinstance(repetition_penalty, (int, float)) and repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty={repetition_penalty!r}; expected a number > 0")
+        if generator is not None and generator.device.type != device.type:
+            raise ValueError(f"generator on {generator.device}; expected one on the model's device {device}")
+        self.excluded = _excluded(exclude_classes, n_vocab, device)
+        self.greedy = temperature == 0 or top_k == 1
+        self.temperature = float(temperature)
+        self.top_k = None if top_k is None or top_k >= n_vocab else top_k
+        self.top_p = None if top_p is None or top_p >= 1 else float(top_p)
+        self.min_p = min_p or None
+        self.generator = generator
+        self.penalty = float(repetition_penalty)
+        self.seen = None
+        if self.penalty != 1.0:  # b v: classes already in a row's prompt or output
+            self.seen = torch.zeros(len(prompts), n_vocab, dtype=torch.bool, device=device)
+            for i, p in enumerate(prompts):
+                self.seen[i, p] = True
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        logits = logits.float()
+        if self.excluded is not None:
+            logits = logits.index_fill(-1, self.excluded, -math.inf)
+        if self.seen is not None:  # CTRL-style: shrink the logits of seen classes towards less likely
+            penalised = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
+            logits = torch.where(self.seen, penalised, logits)
+        if self.greedy:
+            token = logits.argmax(-1)
+        else:
+            token = self._draw(logits / self.temperature)
+        if self.seen is not None:
+            self.seen.scatter_(1, token[:, None], True)
+        return token
+
+    def _draw(self, logits: Tensor) -> Tensor:
+        index = None  # candidates' classes when the candidates are a sorted subset of the vocabulary
+        if self.top_k is not None:
+            logits, index = logits.topk(self.top_k, dim=-1)  # b k, sorted
+        elif self.top_p is not None:
+            logits, index = logits.sort(dim=-1, descending=True)
+        probs = torch.softmax(logits, dim=-1)
+        if self.top_p is not None:  # keep the smallest prefix whose mass reaches top_p (always the first)
+            before = probs.cumsum(-1) - probs
+            probs = probs.masked_fill(before >= self.top_p, 0.0)
+        if self.min_p is not None:
+            top = probs[:, :1] if index is not None else probs.amax(-1, keepdim=True)
+            probs = probs.masked_fill(probs < self.min_p * top, 0.0)
+        choice = torch.multinomial(probs, 1, generator=self.generator)  # b 1; zero mass is never drawn
+        if index is not None:
+            choice = index.gather(-1, choice)
+        return choice[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# greedy search and sampling
+
+
+def _token_steps(model, prompts, output_length, block_size, keep, choose_args, eos_class, compile
+                 ) -> Iterator[Tensor]:
+    """Yields the next token of every row (b,) per step; stops after `output_length` steps or when every row
+    has produced `eos_class`. Rows keep going after their own <eos>; callers cut them."""
+    rows = _Rows(model, prompts, block_size, keep, output_length, compile)
+    logits = rows.prefill()
+    choose = _Chooser(prompts, logits.shape[-1], **choose_args)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=logits.device)
+    sync_every = 1 if logits.device.type == "cpu" else 8  # a host sync stalls a GPU queue; a CPU has none
+    for t in range(output_length):
+        token = choose(logits)
+        yield token
+        if eos_class is not None:
+            finished |= token == eos_class
+            if (t + 1) % sync_every == 0 and bool(finished.all()):
+                return
+        if t + 1 < output_length:
+            logits = rows.step(token)
+
+
+def _cut(tokens: Tensor, eos_class: int | None) -> list[Tensor]:
+    """Rows of (b, t) up to (excluding) their first <eos>."""
+    if eos_class is None:
+        return list(tokens.unbind(0))
+    is_eos = tokens == eos_class
+    lengths = torch.where(is_eos.any(-1), is_eos.int().argmax(-1), tokens.shape[1]).tolist()
+    return [row[:n] for row, n in zip(tokens.unbind(0), lengths)]
+
+
+def _generate(model, x, output_length, block_size, eos_class, context_keep, compile, **choose_args):
+    _check_positive("output_length", output_length, allow_zero=True)
+    keep = _window(block_size, context_keep)
+    with _eval_mode(model):
+        prompts, batched = _prompts(x, _model_device(model))
+        if output_length == 0:
+            tokens = torch.zeros(len(prompts), 0, dtype=torch.long, device=prompts[0].device)
+        else:
+            steps = list(_token_steps(model, prompts, output_length, block_size, keep, choose_args, eos_class,
+                                      compile))
+            tokens = torch.stack(steps, dim=1)  # b t
+        outputs = [row.clone() for row in _cut(tokens, eos_class)]
+    return outputs if batched else outputs[0]
+
+
+def sample(model: nn.Module, x: Prompts, output_length: int, block_size: int, eos_class: int | None = None,
+           exclude_classes: Sequence[int] | None = None, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, generator: torch.Generator | None = None, *, min_p: float | None = None,
+           repetition_penalty: float = 1.0, context_keep: int | None = None, compile: bool | str = False
+           ) -> Tensor | list[Tensor]:
+    """Samples up to `output_length` new tokens after each prompt.
+
+    Args:
+        model: module with the model's forward/`init_cache` interface (an `XLabModel` or its `Decoder`).
+        x: one prompt, a 1-D LongTensor of ids (t,); or a batch: a 2-D tensor (b, t) or a list of 1-D tensors
+            of any lengths.
+        output_length: the most tokens to generate per prompt.
+        block_size: the longest context the model sees (normally the model's `max_len`); see the module doc.
+        eos_class: a row stops at this id, which is not included in its output.
+        exclude_classes: ids never generated.
+        temperature: divides the logits; 0 means greedy.
+        top_k: draw among the k most likely classes (1 means greedy).
+        top_p: draw among the most likely classes whose probability mass reaches top_p (nucleus).
+        generator: a `torch.Generator` on the model's device, for reproducible draws.
+        min_p: drop classes less likely than `min_p` times the most likely one.
+        repetition_penalty: > 1 makes classes already in the prompt or output less likely (logits divided by
+            it when positive, multiplied when negative).
+        context_keep: tokens kept when the context window slides (default `block_size // 2`).
+        compile: `torch.compile` the one-token decode step (True, or a compile mode name).
+
+    Returns:
+        the new ids (1-D LongTensor, without the prompt and without <eos>) for a 1-D `x`; for a batch, a list of
+        such tensors, one per prompt.
+    """
+    return _generate(model, x, output_length, block_size, eos_class, context_keep, compile,
+                     exclude_classes=exclude_classes, temperature=temperature, top_k=top_k, top_p=top_p,
+                     min_p=min_p, repetition_penalty=repetition_penalty, generator=generator)
+
+
+def greedy_search(model: nn.Module, x: Prompts, output_length: int, block_size: int, eos_class: int | None = None,
+                  exclude_classes: Sequence[int] | None = None, *, context_keep: int | None = None,
+                  compile: bool | str = False) -> Tensor | list[Tensor]:
+    """Generates the most likely next token at each step (argmax); arguments and result as for `sample`."""
+    return _generate(model, x, output_length, block_size, eos_class, context_keep, compile,
+                     exclude_classes=exclude_classes, temperature=0.0)
+
+
+def generate_stream(model: nn.Module, x: Tensor, output_length: int, block_size: int,
+                    eos_class: int | None = None, exclude_classes: Sequence[int] | None = None,
+                    temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                    generator: torch.Generator | None = None, *, min_p: float | None = None,
+                    repetition_penalty: float = 1.0, context_keep: int | None = None,
+                    compile: bool | str = False) -> Iterator[int]:
+    """Like `sample` for one prompt `x` (t,), but yields each new id (an int) as soon as it is chosen, stopping
+    before <eos>. Use temperature=0 for greedy search. The result equals `sample`'s with the same arguments."""
+    _check_positive("output_length", output_length, allow_zero=True)
+    keep = _window(block_size, context_keep)
+    if not isinstance(x, Tensor) or x.dim() != 1:
+        raise ValueError("generate_stream takes one prompt: a 1-D tensor of token ids")
+    choose_args = dict(exclude_classes=exclude_classes, temperature=temperature, top_k=top_k, top_p=top_p,
+                       min_p=min_p, repetition_penalty=repetition_penalty, generator=generator)
+    training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            prompts, _ = _prompts(x, _model_device(model))
+            steps = _token_steps(model, prompts, output_length, block_size, keep, choose_args, None, compile)
+        while True:
+            with torch.inference_mode():  # not held across yields: the caller's code runs in between
+                token = next(steps, None)
+                if token is None:
+                    return
+                token = int(token[0])
+            if token == eos_class:
+                return
+            yield token
+    finally:
+        model.train(training)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# beam search
+
+
+def beam_search(model: nn.Module, x: Prompts, beam_width: int, output_length: int, block_size: int,
+                eos_class: int | None = None, exclude_classes: Sequence[int] | None = None,
+                length_penalty: float = 0.0, *, context_keep: int | None = None) -> Tensor | list[Tensor]:
+    """Beam search for the most likely continuation of each prompt.
+
+    All beams of all prompts advance together in one batched forward per step. At each step the W×V
+    continuations of the W open beams of a prompt are ranked by their summed log-probability; those among the
+    best W that end in <eos> become finished hypotheses, scored `sum_log_prob / length ** length_penalty`
+    (length counts the generated tokens including <eos>), and the best W that do not end in <eos> stay open.
+    Beams still open after `output_length` tokens finish there. Search stops early once no open beam can beat
+    the best finished hypothesis. `beam_width=1` is greedy search (for `length_penalty <= 0`).
+
+    Args:
+        beam_width: W, open beams per prompt. length_penalty: > 0 favours longer outputs, < 0 shorter ones.
+        Other arguments as for `sample`.
+
+    Returns:
+        the best finished hypothesis (new ids without <eos>): a 1-D tensor for a 1-D `x`, else a list of them.
+    """
+    _check_positive("beam_width", beam_width)
+    _check_positive("output_length", output_length, allow_zero=True)
+    keep = _window(block_size, context_keep)
+    lp = float(length_penalty)
+    with _eval_mode(model):
+        prompts, batched = _prompts(x, _model_device(model))
+        outputs = _beam_search(model, prompts, beam_width, output_length, block_size, keep, eos_class,
+                               exclude_classes, lp) if output_length else [p[:0] for p in prompts]
+        outputs = [row.clone() for row in outputs]
+    return outputs if batched else outputs[0]
+
+
+def _beam_search(model, prompts, W, output_length, block_size, keep, eos_class, exclude_classes, lp):
+    n, device = len(prompts), prompts[0].device
+    rows = _Rows(model, prompts, block_size, keep, output_length)
+    logits = rows.prefill()  # n v: the W beams of a prompt start identical, so prefill each prompt once
+    V = logits.shape[-1]
+    excluded = _excluded(exclude_classes, V, device)
+    expand = torch.arange(n, device=device).repeat_interleave(W)
+    rows.reorder(expand)
+    logits = logits[expand]
+    scores = torch.full((n, W), -math.inf, device=device)  # summed log-probs of the open beams
+    scores[:, 0] = 0.0  # one live beam at first, so the first step does not pick the same token W times
+    beams = torch.zeros(n, W, output_length, dtype=torch.long, device=device)  # tokens of the open beams
+    best = torch.full((n,), -math.inf, device=device)  # best finished hypothesis per prompt: score,
+    best_len = torch.zeros(n, dtype=torch.long, device=device)  # length (without <eos>),
+    best_tokens = torch.zeros(n, output_length, dtype=torch.long, device=device)  # tokens
+    prompt_idx = torch.arange(n, device=device)
+    k = min(2 * W, W * V)  # W open beams remain even if W of the best 2W end in <eos>
+    for t in range(output_length):
+        logits = logits.float()
+        if excluded is not None:
+            logits = logits.index_fill(-1, excluded, -math.inf)
+        total = scores[:, :, None] + torch.log_softmax(logits, -1).view(n, W, V)  # n W V
+        top, index = total.view(n, W * V).topk(k)  # n k
+        beam, token = index // V, index % V
+        if eos_class is not None:
+            ends = (token == eos_class) & (torch.arange(k, device=device) < W)
+            ended = torch.where(ends, top / (t + 1) ** lp, -math.inf)
+            score, pick = ended.max(-1)
+            better = score > best
+            best = torch.where(better, score, best)
+            best_len = torch.where(better, t, best_len)
+            source = beams[prompt_idx, beam[prompt_idx, pick]]  # n L
+            best_tokens = torch.where(better[:, None], source, best_tokens)
+            # open beams: the best W continuations that do not end in <eos> (a stable sort keeps their order)
+            order = (token == eos_class).int().argsort(dim=-1, stable=True)[:, :W]
+            top, beam, token = top.gather(-1, order), beam.gather(-1, order), token.gather(-1, order)
+        else:
+            top, beam, token = top[:, :W], beam[:, :W], token[:, :W]
+        scores = top
+        beams = beams.gather(1, beam[:, :, None].expand(-1, -1, output_length))
+        beams[:, :, t] = token
+        if t + 1 == output_length:  # open beams end here
+            score, pick = (scores / output_length ** lp).max(-1)
+            better = score > best
+            best_len = torch.where(better, output_length, best_len)
+            best_tokens = torch.where(better[:, None], beams[prompt_idx, pick], best_tokens)
+            break
+        # the best any open beam can still reach: its log-prob only falls, its length is t+2..output_length
+        reach = scores / (output_length if lp > 0 else t + 2) ** lp
+        if bool((best >= reach.amax(-1)).all()):
+            break
+        rows.reorder((prompt_idx[:, None] * W + beam).view(-1))
+        logits = rows.step(token.view(-1))
+    return [best_tokens[i, :n_i] for i, n_i in enumerate(best_len.tolist())]
