@@ -1,0 +1,317 @@
+"""A perfectly reversible SentencePiece BPE tokenizer: ``decode(encode(s)) == s`` for every ``str``.
+
+SentencePiece with byte fallback, identity normalization and no whitespace collapsing or dummy prefix already
+round-trips every string except one whose text contains its meta symbol ``▁`` (U+2581): it uses ``▁`` for the
+space, so a literal ``▁`` comes back as a space. Tested here over all of Unicode: spaces (leading, trailing,
+repeated), tabs, newlines, ``\\r``, NUL and other control characters, emoji, CJK, combining marks, private-use
+and non-characters, the empty string. Characters outside the vocabulary become byte tokens, so ``<unk>`` is never
+produced.
+
+The tokenizer therefore escapes text before SentencePiece sees it, with an escape character ``ESCAPE`` (U+E000, a
+private-use character) and the per-character substitution
+
+    ESCAPE -> ESCAPE ESCAPE        ▁ -> ESCAPE "u"        any other character -> itself
+
+and unescapes decoded text with one left-to-right scan that replaces ``ESCAPE ESCAPE`` by ``ESCAPE`` and
+``ESCAPE "u"`` by ``▁``. The substitution maps characters to a prefix code (no image is a prefix of another, and
+both two-character images start with ESCAPE, which no other image does), so the left-to-right scan parses an
+escaped string back into exactly the images it was made of: unescape(escape(s)) == s for every s. Escaped text
+never contains ``▁``, which SentencePiece then round-trips. Text without ``ESCAPE`` and ``▁`` (nearly all real
+text) skips both steps; for an ASCII string the check costs O(1) in CPython.
+
+The escaped forms are visible in ``tokenize`` (pieces) and in the vocabulary, never in ``decode``'s output.
+Decoding an arbitrary id sequence (a sampled continuation) leaves a dangling ``ESCAPE`` as it is.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+
+import sentencepiece as spm
+
+__all__ = ["Tokenizer", "TokenizerTrainer", "escape", "unescape", "ESCAPE", "META"]
+
+ESCAPE = "\ue000"
+META = "\u2581"  # SentencePiece's whitespace meta symbol
+_ESCAPE_TABLE = {ord(ESCAPE): ESCAPE + ESCAPE, ord(META): ESCAPE + "u"}
+_UNESCAPE_TABLE = {ESCAPE + ESCAPE: ESCAPE, ESCAPE + "u": META}
+_UNESCAPE_RE = re.compile(f"{ESCAPE}[{ESCAPE}u]")
+
+_SPECIAL_TOKENS = ("<unk>", "<sos>", "<eos>", "<pad>")  # at ids 0, 1, 2, 3
+
+
+def escape(text: str) -> str:
+    """Map ``text`` to a string without ``▁`` (see the module docstring); the identity on most text."""
+    if ESCAPE in text or META in text:
+        return text.translate(_ESCAPE_TABLE)
+    return text
+
+
+def unescape(text: str) -> str:
+    """Inverse of ``escape``: one left-to-right scan."""
+    if ESCAPE in text:
+        return _UNESCAPE_RE.sub(lambda m: _UNESCAPE_TABLE[m.group()], text)
+    return text
+
+
+def _default_num_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class Tokenizer:
+    """A trained tokenizer. Build it with ``Tokenizer.load`` or ``TokenizerTrainer.train``.
+
+    Special tokens have fixed ids: ``<unk>`` 0, ``<sos>`` 1, ``<eos>`` 2, ``<pad>`` 3; all four decode to ''.
+
+    Attributes:
+        path: the model file it was loaded from or saved to (None when loaded from bytes).
+        model_proto: the serialized SentencePiece model (bytes), e.g. to hash for a cache key.
+        num_threads: threads used by the batch ``encode``/``decode`` (default: the CPUs this process may use).
+    """
+
+    unk_token = "<unk>"
+    sos_token = "<sos>"
+    eos_token = "<eos>"
+    pad_token = "<pad>"
+    unk_id, sos_id, eos_id, pad_id = 0, 1, 2, 3
+
+    def __init__(self, model_proto: bytes, path: str | None = None, num_threads: int | None = None):
+        self.path = None if path is None else os.fspath(path)
+        self.model_proto = bytes(model_proto)
+        self.num_threads = _default_num_threads() if num_threads is None else int(num_threads)
+        where = self.path if self.path is not None else "the given bytes"
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.LoadFromSerializedProto(self.model_proto)
+        except Exception as e:  # noqa: BLE001 - the binding raises RuntimeError/OSError for a bad proto
+            raise ValueError(f"{where} is not a valid SentencePiece model file ({e})") from None
+        found = tuple(self._sp.id_to_piece(i) for i in range(min(4, self._sp.get_piece_size())))
+        if found != _SPECIAL_TOKENS:
+            raise ValueError(f"{where} is not an XLab tokenizer: ids 0-3 hold {list(found)}, "
+                             f"expected {list(_SPECIAL_TOKENS)}")
+
+    @classmethod
+    def load(cls, path_or_bytes: str | os.PathLike | bytes, num_threads: int | None = None) -> Tokenizer:
+        """Load a tokenizer from a model file path or from the model's bytes.
+
+        Raises:
+            FileNotFoundError: the path does not exist.
+            ValueError: the file is not a SentencePiece model with XLab's special tokens (names the path).
+        """
+        if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+            return cls(bytes(path_or_bytes), num_threads=num_threads)
+        path = os.fspath(path_or_bytes)
+        try:
+            with open(path, "rb") as f:
+                proto = f.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"tokenizer model file not found: {path}") from None
+        except IsADirectoryError:
+            raise ValueError(f"tokenizer model path is a directory, expected a file: {path}") from None
+        return cls(proto, path=path, num_threads=num_threads)
+
+    def encode(self, text: str | Sequence[str]) -> list[int] | list[list[int]]:
+        """Token ids of one text, or of each text in a list (multi-threaded, ``num_threads``)."""
+        if isinstance(text, str):
+            return self._sp.encode(escape(text))
+        texts = [t.translate(_ESCAPE_TABLE) if (ESCAPE in t or META in t) else t for t in text]
+        return self._sp.encode(texts, num_threads=self.num_threads)
+
+    def decode(self, ids: Sequence[int] | Sequence[Sequence[int]]) -> str | list[str]:
+        """Text of one id sequence, or of each sequence in a list (multi-threaded). Special ids decode to ''.
+        Accepts lists, tuples, and arrays/tensors (via ``tolist``)."""
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        if len(ids) and not isinstance(ids[0], int) and isinstance(ids[0], Sequence | Iterable):
+            batch = [i.tolist() if hasattr(i, "tolist") else list(i) for i in ids]
+            try:
+                texts = self._sp.decode(batch, num_threads=self.num_threads)
+            except IndexError:
+                self._check_ids([i for seq in batch for i in seq])
+                raise
+            return [unescape(t) for t in texts]
+        ids = list(ids)
+        try:
+            return unescape(self._sp.decode(ids))
+        except IndexError:
+            self._check_ids(ids)
+            raise
+
+    def tokenize(self, text: str) -> list[str]:
+        """The pieces ``encode`` would give, as strings (in escaped form: a space shows as ``▁``)."""
+        return self._sp.encode(escape(text), out_type=str)
+
+    def __getitem__(self, token: str) -> int:
+        """Id of a vocabulary piece, e.g. ``tokenizer[tokenizer.eos_token]``; KeyError if it is not one."""
+        index = self._sp.piece_to_id(token)
+        if index == self.unk_id and token != self.unk_token:
+            raise KeyError(f"{token!r} is not in the vocabulary")
+        return index
+
+    def __contains__(self, token: str) -> bool:
+        return self._sp.piece_to_id(token) != self.unk_id or token == self.unk_token
+
+    def get_token(self, index: int) -> str:
+        """The vocabulary piece with id ``index``."""
+        self._check_ids([index])
+        return self._sp.id_to_piece(index)
+
+    def __len__(self) -> int:
+        return self._sp.get_piece_size()
+
+    def _check_ids(self, ids: Iterable[int]) -> None:
+        n = len(self)
+        for i in ids:
+            if not 0 <= i < n:
+                raise IndexError(f"token id {i} is out of range: expected 0 <= id < {n}")
+
+    # Pickle the model bytes, not the processor: datamodule workers and datasets' fingerprinting pickle the
+    # tokenizer, and the bytes make a stable hash.
+    def __getstate__(self) -> dict:
+        return {"model_proto": self.model_proto, "path": self.path, "num_threads": self.num_threads}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["model_proto"], path=state["path"], num_threads=state["num_threads"])
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(path={self.path!r}, num_tokens={len(self)})"
+
+
+class TokenizerTrainer:
+    """Trains a reversible SentencePiece tokenizer.
+
+    Args:
+        train_args: SentencePiece trainer options (see ``spm_train --help``) applied on top of ``DEFAULT_ARGS``,
+            e.g. ``{"model_type": "char"}``, ``{"character_coverage": 1.0}``, ``{"num_threads": 4}``,
+            ``{"input_sentence_size": 1_000_000}`` (sample that many sentences from a large corpus).
+            The special-token options, ``vocab_size`` and the input/output options are owned by ``train`` and
+            cannot be set here. Changing ``byte_fallback``, the normalization or the whitespace options gives up
+            the round-trip guarantee.
+
+    With ``model_type: char`` the vocabulary holds the special tokens, the 256 byte tokens and the corpus'
+    most frequent characters, and ``num_tokens`` is an upper bound: a corpus with fewer distinct characters
+    gives a smaller vocabulary (``len(tokenizer)``); a model sized by ``num_tokens`` just has unused rows.
+    """
+
+    DEFAULT_ARGS = {
+        "model_type": "bpe",
+        "byte_fallback": True,  # any character outside the vocabulary becomes byte tokens: no <unk>
+        "normalization_rule_name": "identity",
+        "remove_extra_whitespaces": False,
+        "add_dummy_prefix": False,
+        "split_by_whitespace": True,  # pieces do not cross spaces (they may end with a newline)
+        "allow_whitespace_only_pieces": True,  # runs of spaces (code indentation) become single pieces
+        "max_sentence_length": 4192,  # bytes; longer texts are split by `train`, not dropped
+        "minloglevel": 2,  # quiet: errors still raise
+    }
+    _OWNED_ARGS = frozenset({
+        "vocab_size", "input", "input_format", "model_prefix", "model_writer", "sentence_iterator",
+        "sentence_reader", "unk_id", "bos_id", "eos_id", "pad_id", "unk_piece", "bos_piece", "eos_piece",
+        "pad_piece", "unk_surface", "control_symbols",
+    })
+
+    def __init__(self, train_args: dict | None = None):
+        train_args = dict(train_args or {})
+        owned = sorted(set(train_args) & self._OWNED_ARGS)
+        if owned:
+            raise ValueError(f"train_args may not set {owned}: the trainer fixes the vocabulary size (num_tokens), "
+                             f"the input/output and the special tokens (ids 0-3: {list(_SPECIAL_TOKENS)})")
+        self.train_args = train_args
+
+    def train(self, texts: Iterable[str], num_tokens: int, save_path: str | os.PathLike) -> Tokenizer:
+        """Train on ``texts`` (streamed once, e.g. a generator over a dataset) and save the model to ``save_path``.
+
+        Texts longer than ``max_sentence_length`` bytes are split, preferably after a newline or before a space,
+        so SentencePiece sees every character. Newlines inside a text are kept (they become tokens).
+
+        Returns:
+            the trained Tokenizer (its ``path`` is ``save_path``).
+        Raises:
+            FileExistsError: ``save_path`` exists (nothing is overwritten).
+            ValueError: ``num_tokens`` is too small for the special, byte and required character tokens, or more
+                than the texts can fill, or the texts are empty.
+        """
+        save_path = os.fspath(save_path)
+        if os.path.exists(save_path):
+            raise FileExistsError(f"tokenizer file already exists, refusing to overwrite it: {save_path}")
+        if not isinstance(num_tokens, int) or num_tokens <= len(_SPECIAL_TOKENS):
+            raise ValueError(f"num_tokens must be an int > {len(_SPECIAL_TOKENS)}, got {num_tokens!r}")
+        args = {**self.DEFAULT_ARGS, "num_threads": _default_num_threads(), **self.train_args}
+        max_bytes = int(args["max_sentence_length"])
+        stats = {"texts": 0}
+        writer = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=self._sentences(texts, max_bytes, stats),
+                model_writer=writer,
+                vocab_size=num_tokens,
+                unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+                unk_piece=_SPECIAL_TOKENS[0], bos_piece=_SPECIAL_TOKENS[1],
+                eos_piece=_SPECIAL_TOKENS[2], pad_piece=_SPECIAL_TOKENS[3],
+                unk_surface="",
+                **args,
+            )
+        except RuntimeError as e:
+            raise self._explain(e, num_tokens, stats) from None
+        os.makedirs(os.path.dirname(os.path.abspath(save_path)), exist_ok=True)
+        with open(save_path, "xb") as f:  # "x": fail rather than overwrite a file created meanwhile
+            f.write(writer.getvalue())
+        return Tokenizer(writer.getvalue(), path=save_path)
+
+    @staticmethod
+    def _sentences(texts: Iterable[str], max_bytes: int, stats: dict) -> Iterator[str]:
+        for text in texts:
+            if not isinstance(text, str):
+                raise TypeError(f"training texts must be str, got {type(text).__name__}")
+            stats["texts"] += 1
+            if text:
+                yield from split_text(escape(text), max_bytes)
+
+    @staticmethod
+    def _explain(error: RuntimeError, num_tokens: int, stats: dict) -> Exception:
+        message = str(error)
+        if stats["texts"] == 0:
+            return ValueError("no training texts: the iterable of texts was empty")
+        if "Vocabulary size too high" in message:
+            bound = re.search(r"<= (\d+)", message)
+            limit = f" (at most {bound.group(1)})" if bound else ""
+            return ValueError(f"num_tokens={num_tokens} is more than the training texts can fill{limit}: "
+                              f"use a smaller vocabulary or more text [SentencePiece: {message}]")
+        if "Vocabulary size is smaller than required_chars" in message:
+            return ValueError(f"num_tokens={num_tokens} is too small: it must hold the 4 special tokens, the 256 "
+                              f"byte tokens and the required characters [SentencePiece: {message}]")
+        return ValueError(f"tokenizer training failed: {message}")
+
+
+def split_text(text: str, max_bytes: int) -> Iterator[str]:
+    """Split ``text`` into pieces of at most ``max_bytes`` UTF-8 bytes whose concatenation is ``text``.
+
+    A piece ends after the last newline, else before the last space, found in the second half of its window;
+    otherwise at the last character boundary that fits.
+    """
+    if len(text) * 4 <= max_bytes:  # cheap: a character takes at most 4 bytes
+        yield text
+        return
+    data = text.encode("utf-8")
+    start, end = 0, len(data)
+    while end - start > max_bytes:
+        cut = start + max_bytes
+        while data[cut] & 0xC0 == 0x80:  # never cut inside a character
+            cut -= 1
+        half = start + max_bytes // 2
+        newline = data.rfind(b"\n", half, cut)
+        space = data.rfind(b" ", half, cut)
+        if newline >= 0:
+            cut = newline + 1
+        elif space > half:
+            cut = space
+        yield data[start:cut].decode("utf-8")
+        start = cut
+    if start < end:
+        yield data[start:].decode("utf-8")
