@@ -1,6 +1,351 @@
-"""Placeholder entry point: the command lands with its issue."""
+"""The ``xlab`` command (``./xlab.py``): LightningCLI with XLab's data subcommands, its default config and
+one-line errors.
+
+Configuration precedence, lowest first: the constructors' defaults < ``conf/defaults.yaml`` (always loaded)
+< each ``-c FILE`` in order < command-line flags. The data module's vocabulary size, sequence length and pad
+index are linked to the model, so they are set in one place (the ``data:`` section).
+"""
+from __future__ import annotations
+
+import importlib.resources
+import math
+import os
+import re
 import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+import xlabml
+
+PROG = "xlab"
+DEBUG_ENV = "XLAB_DEBUG"
+RESUME_ENV = "XLAB_RESUME_CKPT"  # the checkpoint "last" resolved to, inherited by DDP's re-executed ranks
+DATA_SUBCOMMANDS = ("train_tokenizer", "compute_stats", "validate_data")
+LINKS = (("data.num_tokens", "model.n_vocab"), ("data.seq_len", "model.max_len"), ("data.pad_index", "model.pad_index"))
 
 
-def main() -> None:
-    sys.exit(f"{sys.argv[0]}: not yet available in this version of xlabml")
+def config_dir() -> Path:
+    """The ``conf/`` directory: next to ``xlab.py`` in a checkout, else the copy packaged as ``xlabml.conf``."""
+    checkout = Path(xlabml.__file__).resolve().parent.parent / "conf"
+    if (checkout / "defaults.yaml").is_file():
+        return checkout
+    return Path(str(importlib.resources.files("xlabml.conf")))
+
+
+def default_config_file() -> Path:
+    return config_dir() / "defaults.yaml"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data subcommands: they need the data module only, never a model or a trainer.
+
+
+def train_tokenizer(datamodule: LightningDataModule) -> None:
+    path = getattr(datamodule, "tokenizer_path", None)
+    if not path:
+        raise ValueError("data.tokenizer_path is not set: train_tokenizer needs a path to save the tokenizer to")
+    if Path(path).exists():
+        raise FileExistsError(f"tokenizer {path} already exists; remove it or set another --data.tokenizer_path")
+    tokenizer = datamodule.train_tokenizer()
+    print(f"tokenizer: {len(tokenizer)} tokens saved to {path}")
+
+
+def compute_stats(datamodule: LightningDataModule) -> None:
+    stats = datamodule.compute_stats()
+    for split, values in stats.items():
+        if isinstance(values, dict):
+            print(f"{split}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
+        else:
+            print(f"{split}: {_fmt(values)}")
+
+
+def validate_data(datamodule: LightningDataModule) -> None:
+    problems = datamodule.validate_data()
+    if problems:
+        for problem in problems:
+            print(problem)
+        raise ValueError(f"data validation found {len(problems)} problem(s), listed above")
+    print("data OK")
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+DATA_COMMANDS: dict[str, Callable[[LightningDataModule], None]] = {
+    "train_tokenizer": train_tokenizer,
+    "compute_stats": compute_stats,
+    "validate_data": validate_data,
+}
+
+
+class XLabTrainer(Trainer):
+    """Lightning's Trainer plus XLab's data subcommands (their docstrings are the subcommands' help)."""
+
+    def train_tokenizer(
+        self, model: Optional[LightningModule] = None, datamodule: Optional[LightningDataModule] = None
+    ) -> None:
+        """Train the tokenizer on the training split and save it at data.tokenizer_path (never overwrites)."""
+        train_tokenizer(datamodule)
+
+    def compute_stats(
+        self, model: Optional[LightningModule] = None, datamodule: Optional[LightningDataModule] = None
+    ) -> None:
+        """Print document, token and sequence counts per split and the unigram entropy of the training split."""
+        compute_stats(datamodule)
+
+    def validate_data(
+        self, model: Optional[LightningModule] = None, datamodule: Optional[LightningDataModule] = None
+    ) -> None:
+        """Check the data end to end (tokenizer, splits, windows) and exit non-zero on any problem."""
+        validate_data(datamodule)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Callbacks added to every run.
+
+
+class StepSeed(Callback):
+    """Reseeds the global RNGs from (seed, rank, epoch, batch index) before every training batch.
+
+    Dropout then draws the same numbers for a batch whether the run was resumed or not, so ``fit --ckpt_path``
+    reproduces an uninterrupted run exactly without storing RNG states (and validation, logging or a sanity check
+    between two batches cannot shift the stream).
+    """
+
+    def __init__(self, seed: Optional[int] = None) -> None:
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        step_seed = hash((seed, trainer.global_rank, trainer.current_epoch, batch_idx)) % 2**31
+        pl.seed_everything(step_seed, workers=True, verbose=False)
+
+
+class FitSummary(Callback):
+    """At the end of fit, prints the final validation loss next to the unigram entropy of the training split.
+
+    A model that learned anything beyond token frequencies has a validation loss below the unigram entropy.
+    """
+
+    def __init__(self) -> None:
+        self.val_loss: Optional[float] = None
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking and "val_loss" in trainer.callback_metrics:
+            self.val_loss = float(trainer.callback_metrics["val_loss"])
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        datamodule = trainer.datamodule
+        entropy = unigram_entropy(datamodule) if datamodule is not None else None
+        parts = []
+        if self.val_loss is not None:
+            parts.append(f"val_loss {self.val_loss:.3f} nats/token")
+        if entropy is not None:
+            parts.append(f"unigram entropy {entropy:.3f} nats/token")
+        if parts:
+            print("\n" + ", ".join(parts), flush=True)
+        for callback in trainer.checkpoint_callbacks:
+            last = getattr(callback, "last_model_path", "")
+            if last:
+                print(f"last checkpoint: {last}", flush=True)
+                break
+
+
+def unigram_entropy(datamodule: Any) -> Optional[float]:
+    """Entropy in nats/token of the token frequencies of the training split (None if the data cannot tell)."""
+    counts = None
+    if hasattr(datamodule, "token_counts"):
+        counts = datamodule.token_counts("train")
+    if counts is None:
+        return None
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log()).sum())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The CLI.
+
+
+class XLabCLI(LightningCLI):
+    """LightningCLI for XLab: fit/validate/test/predict plus train_tokenizer/compute_stats/validate_data."""
+
+    def __init__(
+        self,
+        model_class: Optional[type] = None,
+        datamodule_class: Optional[type] = None,
+        args: Any = None,
+        run: bool = True,
+        default_config_files: Optional[list[str]] = None,
+    ) -> None:
+        if model_class is None:
+            from xlabml.models import XLabModel as model_class
+        if datamodule_class is None:
+            from xlabml.datamodules import XLabDataModule as datamodule_class
+        if default_config_files is None:
+            default_config_files = [str(default_config_file())]
+        parser_kwargs: dict[str, Any] = {"prog": PROG, "exit_on_error": False}
+        for subcommand in self.subcommands():
+            parser_kwargs[subcommand] = {"default_config_files": default_config_files, "exit_on_error": False}
+        super().__init__(
+            model_class,
+            datamodule_class,
+            trainer_class=XLabTrainer,
+            trainer_defaults={"callbacks": [StepSeed(), FitSummary()]},
+            seed_everything_default=42,
+            parser_kwargs=parser_kwargs,
+            auto_configure_optimizers=False,  # the model builds its own optimizer and per-step schedule
+            args=args,
+            run=run,
+        )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), **{name: {"model", "datamodule"} for name in DATA_SUBCOMMANDS}}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for source, target in LINKS:
+            parser.link_arguments(source, target, apply_on="instantiate")
+
+    # -- checkpoint path: "last" and missing files ----------------------------------------------------------------
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if not subcommand or subcommand in DATA_SUBCOMMANDS:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if not ckpt_path:
+            return
+        if ckpt_path == "last":
+            ckpt_path = resolve_last_checkpoint(self._logs_dir(self.config[subcommand]))
+        elif ckpt_path not in ("best", "hpc") and not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"checkpoint {ckpt_path} not found (--ckpt_path expects a .ckpt file or 'last')")
+        self.config[subcommand]["ckpt_path"] = ckpt_path
+        if not Path(ckpt_path).is_file():
+            return
+        # The model's hyperparameters come from the checkpoint (its architecture must match the weights); values
+        # linked from the data module are checked against the data after instantiation instead.
+        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        hparams = dict(checkpoint.get("hyper_parameters", {}))
+        self.checkpoint_hparams = dict(hparams)
+        hparams.pop("_instantiator", None)
+        hparams.pop("_class_path", None)
+        for _, target in LINKS:
+            hparams.pop(target.split(".", 1)[1], None)
+        if hparams:
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+
+    @staticmethod
+    def _logs_dir(config: Any) -> Path:
+        logger = config.get("trainer", {}).get("logger")
+        save_dir = None
+        if isinstance(logger, dict) or hasattr(logger, "get"):
+            init_args = logger.get("init_args") or {}
+            save_dir = init_args.get("save_dir") if hasattr(init_args, "get") else None
+        return Path(save_dir or config.get("trainer", {}).get("default_root_dir") or "logs")
+
+    # -- instantiation --------------------------------------------------------------------------------------------
+
+    def instantiate_classes(self) -> None:
+        if self.subcommand in DATA_SUBCOMMANDS:
+            # Only the data module: the data subcommands never build a model or a trainer.
+            parser = self._parser(self.subcommand)
+            self.config_init = self.config.clone()
+            config = self.config_init[self.subcommand]
+            parser.groups["data"].instantiate_class(parser.groups["data"], config)
+            self.datamodule = config.data
+            self.model = None
+            self.trainer = None
+            return
+        super().instantiate_classes()
+        self._check_against_checkpoint()
+
+    def _check_against_checkpoint(self) -> None:
+        hparams = getattr(self, "checkpoint_hparams", None)
+        if not hparams:
+            return
+        data = self.datamodule
+        n_vocab, max_len = hparams.get("n_vocab"), hparams.get("max_len")
+        num_tokens, seq_len = getattr(data, "num_tokens", None), getattr(data, "seq_len", None)
+        if n_vocab is not None and num_tokens is not None and n_vocab != num_tokens:
+            raise ValueError(
+                f"the data's tokenizer has {num_tokens} tokens but the checkpoint's model has n_vocab={n_vocab}"
+            )
+        if max_len is not None and seq_len is not None and seq_len > max_len:
+            raise ValueError(f"data.seq_len={seq_len} exceeds the checkpoint's model max_len={max_len}")
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand in DATA_SUBCOMMANDS:
+            DATA_COMMANDS[subcommand](self.datamodule)
+            return
+        super()._run_subcommand(subcommand)
+
+
+def resolve_last_checkpoint(logs_dir: Path) -> str:
+    """The newest ``last*.ckpt`` under ``logs_dir`` (what ``--ckpt_path last`` means); every rank agrees."""
+    inherited = os.environ.get(RESUME_ENV)
+    if inherited:
+        return inherited
+    candidates = sorted(Path(logs_dir).glob("**/last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise FileNotFoundError(f"--ckpt_path last: no last.ckpt found under {logs_dir}/")
+    path = str(candidates[-1])
+    os.environ[RESUME_ENV] = path
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry point.
+
+
+def _one_line(error: BaseException) -> str:
+    message = str(error).strip() or type(error).__name__
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    text = " ".join(lines) if len(lines) <= 3 else lines[0]
+    text = re.sub(r"\s+", " ", text)
+    if isinstance(error, (KeyError,)) and not text.startswith(type(error).__name__):
+        text = f"{type(error).__name__}: {text}"
+    return text
+
+
+def _quiet_warnings() -> None:
+    for pattern in (
+        ".*does not have many workers.*",
+        ".*is smaller than the logging interval.*",
+        ".*Checkpoint directory .* exists and is not empty.*",
+        ".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def main(args: Any = None) -> None:
+    """Run the ``xlab`` command; ``--debug`` (anywhere) shows tracebacks instead of one-line errors."""
+    argv = sys.argv if args is None else args
+    debug = os.environ.get(DEBUG_ENV) == "1"
+    if "--debug" in argv:
+        debug = True
+        os.environ[DEBUG_ENV] = "1"  # DDP re-executes sys.argv: the ranks inherit the flag through the environment
+        argv[:] = [a for a in argv if a != "--debug"]
+    _quiet_warnings()
+    try:
+        XLabCLI(args=args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as error:  # noqa: BLE001 - every failure a user can cause ends in one line
+        if debug:
+            raise
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
