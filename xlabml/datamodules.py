@@ -1,0 +1,422 @@
+"""XLabDataModule: text sources → tokenizer → cached token ids → windows → resumable data loaders."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import re
+import shutil
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+
+from xlabml.datasets import (DEFAULT_SPLITS, SPLIT_NAMES, SequenceDataset, TokenDataset, format_split_report,
+                             load_splits, resolve_step, text_lengths)
+from xlabml.tokenizer import Tokenizer, TokenizerTrainer, escape, split_text
+
+# Splits each Lightning stage reads; stages may run without an optional split (e.g. fit without val).
+_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+class ResumableSampler(StatefulDistributedSampler):
+    """Shuffled (or sequential) sampler whose order is a pure function of ``(seed, epoch)``, sharded by rank.
+
+    Its state (``yielded`` samples of the current ``epoch``) travels in the StatefulDataLoader's state, so a
+    resumed run continues with exactly the remaining samples of the epoch, and the next epoch's order is the
+    same as in an uninterrupted run. Being a ``DistributedSampler``, Lightning keeps it under DDP instead of
+    wrapping it; the trainer calls ``set_epoch`` at each epoch start.
+    """
+
+    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 42,
+                 drop_last: bool = False):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.next_yielded = None  # a restored position belongs to the restored epoch only
+        super().set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"yielded": self.yielded, "epoch": self.epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.epoch = int(state_dict.get("epoch", self.epoch))
+
+
+class XLabDataModule(L.LightningDataModule):
+    """Data for XLab models: documents from `locations`, a SentencePiece tokenizer, cached token ids, windows.
+
+    Args:
+        locations: one data source or a list of them, concatenated. A source is a local file path/glob, a dict
+            of ``datasets.load_dataset`` arguments (``path``, ``name``, ``split``, ``data_files``, ``revision``,
+            ``trust_remote_code``, ``sample_by``, ...) plus ``column`` (the text column, default ``text``) and
+            ``drop_columns`` (default true), or ``{builtin: python-docs}``.
+        splits: split name (``train``/``val``/``test``/``predict``) → a float ratio or int count of the documents
+            of `locations` (shuffled with `seed`; ``0`` = the remainder, at most one), or a source / list of
+            sources of its own (e.g. a held-out file). Default ``{train: 0.9, val: 0.05, test: 0.025,
+            predict: 0}``. Documents left over are reported.
+        num_tokens: vocabulary size: trained tokenizers get this many tokens, a loaded one may not have more;
+            the CLI links it to the model's ``n_vocab``.
+        tokenizer_path: the tokenizer model file: loaded if it exists, else downloaded from `tokenizer_url`,
+            else trained on the train split and saved here.
+        tokenizer_url: where to download the tokenizer model from when `tokenizer_path` does not exist (saved to
+            `tokenizer_path`, or under `cache_dir` when that is not set).
+        tokenizer_train_args: SentencePiece trainer options (``TokenizerTrainer``), e.g. ``{model_type: char}``.
+        seq_len: tokens per training window (the model's ``max_len``).
+        step_size: window stride: a float is a fraction of `seq_len`, an int a token count.
+        packed: concatenate documents into full windows (with ``positions`` and ``doc_ids``) instead of one
+            padded document per window.
+        train_sos: in packed mode, train the model to predict the next document's ``<sos>`` after ``<eos>``.
+        dynamic_encode: do not store token ids; cache only document lengths and encode when a window is read.
+        batch_size, num_workers, pin_memory, persistent_workers: data loader settings.
+        num_proc: processes for encoding (``datasets.map``).
+        seed: seed of the document split and of the training shuffle (a pure function of seed and epoch).
+        cache_dir: where encoded splits are cached (default: ``<HF datasets cache>/xlabml``).
+    """
+
+    def __init__(
+        self,
+        locations: str | dict[str, Any] | list[str | dict[str, Any]] | None = None,
+        splits: dict[str, int | float | str | dict[str, Any] | list[str | dict[str, Any]]] | None = None,
+        num_tokens: int = 32768,
+        tokenizer_path: str | None = None,
+        tokenizer_url: str | None = None,
+        tokenizer_train_args: dict[str, Any] | None = None,
+        seq_len: int = 512,
+        step_size: int | float = 1.0,
+        packed: bool = False,
+        train_sos: bool = False,
+        dynamic_encode: bool = False,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        num_proc: int = 1,
+        seed: int = 42,
+        cache_dir: str | None = None,
+    ):
+        super().__init__()
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+            raise ValueError(f"seq_len={seq_len!r}: expected an int >= 1")
+        resolve_step(step_size, seq_len)
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens <= 4:
+            raise ValueError(f"num_tokens={num_tokens!r}: expected an int > 4 (the 4 special tokens and more)")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: expected an int >= 1")
+        if not isinstance(num_proc, int) or num_proc < 1:
+            raise ValueError(f"num_proc={num_proc!r}: expected an int >= 1")
+        unknown = sorted(set(splits or {}) - set(SPLIT_NAMES))
+        if unknown:
+            raise ValueError(f"splits {splits!r}: unknown split names {unknown}; expected some of {list(SPLIT_NAMES)}")
+        self.save_hyperparameters()
+        self._tokenizer: Tokenizer | None = None
+        self._texts = None
+        self.split_report: dict[str, int] | None = None
+        self.datasets: dict[str, SequenceDataset] = {}
+
+    # -------------------------------------------------------------------------------------- properties
+
+    @property
+    def tokenizer_path(self) -> str | None:
+        """The tokenizer model file (for a downloaded tokenizer without `tokenizer_path`: its cache path)."""
+        path, url = self.hparams.tokenizer_path, self.hparams.tokenizer_url
+        if path is None and url:
+            name = os.path.basename(urllib.parse.urlparse(url).path) or "tokenizer.model"
+            digest = hashlib.sha256(url.encode()).hexdigest()[:12]
+            path = os.path.join(self._cache_dir, "tokenizers", f"{digest}-{name}")
+        return None if path is None else os.path.expanduser(os.fspath(path))
+
+    @property
+    def num_tokens(self) -> int:
+        """Vocabulary size for the model (the configured `num_tokens`; checked against an existing tokenizer)."""
+        path = self.tokenizer_path
+        if self._tokenizer is None and path and os.path.isfile(path):
+            self._set_tokenizer(Tokenizer.load(path))
+        return self.hparams.num_tokens
+
+    @property
+    def seq_len(self) -> int:
+        return self.hparams.seq_len
+
+    @property
+    def pad_index(self) -> int:
+        return Tokenizer.pad_id if self._tokenizer is None else self._tokenizer[self._tokenizer.pad_token]
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer: loaded from `tokenizer_path`, downloaded, or trained (as in `prepare_data`)."""
+        if self._tokenizer is None:
+            self._prepare_tokenizer()
+        return self._tokenizer
+
+    @property
+    def _cache_dir(self) -> str:
+        import datasets
+        return os.path.expanduser(self.hparams.cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "xlabml"))
+
+    # ------------------------------------------------------------------------------------ preparation
+
+    def texts(self) -> dict:
+        """Documents of every configured split (``datasets.Dataset`` with a ``text`` column), loaded once."""
+        if self._texts is None:
+            self._texts, self.split_report = load_splits(self.hparams.locations, self.hparams.splits,
+                                                         self.hparams.seed)
+            rank_zero_info(format_split_report(self.split_report))
+        return self._texts
+
+    def prepare_data(self) -> None:
+        """Build the tokenizer if needed and encode every configured split into the cache (rank 0 only)."""
+        tokenizer = self.tokenizer
+        for name, texts in self.texts().items():
+            if len(texts):
+                self._token_dataset(name, texts, tokenizer)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the windows of the splits `stage` needs (fit: train, val; validate: val; test; predict)."""
+        names = _STAGE_SPLITS[stage] if stage in _STAGE_SPLITS else tuple(self.texts())
+        for name in names:
+            if name in self.datasets:
+                continue
+            if name not in self.texts():
+                if name == "val" and stage == "fit":
+                    continue  # training without validation
+                raise ValueError(f"split {name!r} is needed for {stage!r} but splits configures only "
+                                 f"{list(self.texts())}")
+            self.datasets[name] = self._sequence_dataset(name)
+
+    def _sequence_dataset(self, name: str) -> SequenceDataset:
+        texts = self.texts()[name]
+        if len(texts) == 0:
+            raise ValueError(f"split {name!r} is empty: splits={self.hparams.splits!r} gives it no documents "
+                             f"({self.split_report})")
+        tokenizer = self.tokenizer
+        tokens = self._token_dataset(name, texts, tokenizer)
+        return SequenceDataset(
+            tokens, self.hparams.seq_len, self.hparams.step_size, packed=self.hparams.packed,
+            train_sos=self.hparams.train_sos, sos_index=tokenizer[tokenizer.sos_token],
+            eos_index=tokenizer[tokenizer.eos_token], pad_index=tokenizer[tokenizer.pad_token])
+
+    def _token_dataset(self, name: str, texts, tokenizer) -> TokenDataset:
+        tokens = TokenDataset(texts, tokenizer, num_proc=self.hparams.num_proc, dynamic=self.hparams.dynamic_encode,
+                              cache_dir=self._cache_dir)
+        if not tokens.from_cache:
+            rank_zero_info(f"data: encoded {name} split: {len(tokens)} documents, {tokens.num_tokens} tokens")
+        return tokens
+
+    def _prepare_tokenizer(self) -> None:
+        path, url = self.tokenizer_path, self.hparams.tokenizer_url
+        if path and os.path.isfile(path):
+            tokenizer = Tokenizer.load(path)
+        elif url:
+            _download(url, path)
+            tokenizer = Tokenizer.load(path)
+        else:
+            if path is None:
+                raise ValueError("tokenizer_path is not set: set it to the tokenizer file to load, or to where the "
+                                 "tokenizer trained on the train split is saved (or set tokenizer_url)")
+            texts = self.texts()
+            if "train" not in texts or len(texts["train"]) == 0:
+                raise ValueError(f"cannot train the tokenizer: no train split in splits={self.hparams.splits!r}")
+            rank_zero_info(f"data: training a {self.hparams.num_tokens}-token tokenizer on the train split "
+                           f"({len(texts['train'])} documents), saving it to {path}")
+            trainer = TokenizerTrainer(self.hparams.tokenizer_train_args)
+            tokenizer = trainer.train(_iter_texts(texts["train"]), self.hparams.num_tokens, path)
+        self._set_tokenizer(tokenizer)
+
+    def _set_tokenizer(self, tokenizer: Tokenizer) -> None:
+        n, limit = len(tokenizer), self.hparams.num_tokens
+        if n > limit:
+            raise ValueError(f"tokenizer {tokenizer.path} has {n} tokens, more than num_tokens={limit}: set "
+                             f"num_tokens >= {n} or use a tokenizer made for this vocabulary size")
+        if n < limit:
+            rank_zero_warn(f"tokenizer {tokenizer.path} has {n} tokens, fewer than num_tokens={limit}: "
+                           f"{limit - n} embedding rows stay unused")
+        self._tokenizer = tokenizer
+
+    # ------------------------------------------------------------------------------------------ loaders
+
+    def _dataset(self, name: str) -> SequenceDataset:
+        if name not in self.datasets:
+            self.setup({"train": "fit", "val": "validate"}.get(name, name))
+        return self.datasets[name]
+
+    def _loader_args(self) -> dict:
+        workers = self.hparams.num_workers
+        return dict(batch_size=self.hparams.batch_size, num_workers=workers, pin_memory=self.hparams.pin_memory,
+                    persistent_workers=self.hparams.persistent_workers and workers > 0)
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        """Shuffled windows of the train split; resumable mid-epoch (state in Lightning's checkpoint)."""
+        dataset = self._dataset("train")
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed)
+        return StatefulDataLoader(dataset, sampler=sampler, **self._loader_args())
+
+    def _eval_loader(self, name: str):
+        if name not in self.texts():
+            return []
+        return DataLoader(self._dataset(name), shuffle=False, **self._loader_args())
+
+    def val_dataloader(self):
+        return self._eval_loader("val")
+
+    def test_dataloader(self):
+        return self._eval_loader("test")
+
+    def predict_dataloader(self):
+        return self._eval_loader("predict")
+
+    # ----------------------------------------------------------------------------- statistics, checks
+
+    def compute_stats(self, split: str = "train", sample_size: int = 1000) -> dict[str, Any]:
+        """Statistics of the vocabulary and of one split (the tokenizer is loaded or built as in prepare_data).
+
+        Args:
+            split: a configured split name.
+            sample_size: splits with more documents estimate token counts from this many random documents.
+        Returns: ``{"vocabulary": {"total", "special", "learned", "single_characters", "byte_tokens"},
+            "split": {"name", "documents", "characters", "tokens", "tokens_estimated", "sampled_documents",
+            "chars_per_token", "text_length": {"mean", "median", "std", "min", "max"}, "token_length": {...}}}``
+            (character counts and text lengths are exact; token figures come from the sample when
+            ``tokens_estimated``).
+        """
+        texts = self._split_texts(split)
+        tokenizer = self.tokenizer
+        vocabulary = {"total": len(tokenizer), "special": 0, "learned": 0, "single_characters": 0, "byte_tokens": 0}
+        for index in range(len(tokenizer)):
+            piece = tokenizer.get_token(index)
+            kind = ("special" if index < 4 else "byte_tokens" if _BYTE_TOKEN.fullmatch(piece)
+                    else "single_characters" if len(piece) == 1 else "learned")
+            vocabulary[kind] += 1
+        chars = text_lengths(texts)
+        n = len(texts)
+        estimated = n > sample_size
+        sample = (np.sort(np.random.default_rng(self.hparams.seed).choice(n, sample_size, replace=False))
+                  if estimated else np.arange(n))
+        token_lengths = np.fromiter(
+            (len(ids) for ids in tokenizer.encode(texts.select(sample)["text"] if estimated else texts["text"])),
+            dtype=np.int64)
+        sample_chars = int(chars[sample].sum())
+        chars_per_token = sample_chars / max(1, int(token_lengths.sum()))
+        tokens = int(token_lengths.sum()) if not estimated else round(int(chars.sum()) / chars_per_token)
+        return {
+            "vocabulary": vocabulary,
+            "split": {
+                "name": split, "documents": n, "characters": int(chars.sum()), "tokens": tokens,
+                "tokens_estimated": estimated, "sampled_documents": len(sample),
+                "chars_per_token": round(chars_per_token, 4),
+                "text_length": _describe(chars), "token_length": _describe(token_lengths),
+            },
+        }
+
+    def validate_data(self, split: str | None = None, dump_dir: str | None = None) -> str:
+        """Documents the tokenizer trainer cannot use as they are, as CSV text.
+
+        Reasons: ``empty`` (empty or missing text: the data pipeline skips it), ``hard_split`` (longer than the
+        trainer's ``max_sentence_length`` bytes with a stretch that has no newline or space to split at, so the
+        trainer cuts it inside a word).
+
+        Args:
+            split: check the documents of this configured split (``index`` = row in the split), or None to check
+                the raw sources: ``locations`` (all sources concatenated) and each split given as its own
+                source (``splits.<name>``), with ``index`` = row in that source.
+            dump_dir: if set, each listed document is written to ``dump_dir/<source>-<index>.txt`` (the directory
+                is created; an existing file is not overwritten).
+        Returns: CSV text with the header ``source,index,reason,characters,bytes,preview``.
+        """
+        from xlabml.datasets import load_locations
+        max_bytes = int({**TokenizerTrainer.DEFAULT_ARGS, **(self.hparams.tokenizer_train_args or {})}
+                        ["max_sentence_length"])
+        if split is not None:
+            sources = {split: self._split_texts(split)}
+        else:
+            sources = {}
+            if self.hparams.locations is not None:
+                sources["locations"] = load_locations(self.hparams.locations)
+            for name, value in (self.hparams.splits or DEFAULT_SPLITS).items():
+                if not isinstance(value, (int, float)):
+                    sources[f"splits.{name}"] = load_locations(value)
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["source", "index", "reason", "characters", "bytes", "preview"])
+        if dump_dir:
+            os.makedirs(dump_dir, exist_ok=True)
+        for name, dataset in sources.items():
+            for index, text in _find_unusable(dataset, max_bytes):
+                reason = "hard_split" if text else "empty"
+                text = text or ""
+                writer.writerow([name, index, reason, len(text), len(text.encode("utf-8")), text[:60]])
+                if dump_dir:
+                    with open(os.path.join(dump_dir, f"{name}-{index}.txt"), "x", encoding="utf-8") as f:
+                        f.write(text)
+        return out.getvalue()
+
+    def _split_texts(self, split: str):
+        texts = self.texts()
+        if split not in texts:
+            raise ValueError(f"split {split!r} is not configured: splits has {list(texts)}")
+        if len(texts[split]) == 0:
+            raise ValueError(f"split {split!r} is empty ({self.split_report})")
+        return texts[split]
+
+
+def _find_unusable(dataset, max_bytes: int):
+    """(index, text) of documents that are empty or that the trainer would cut inside a word."""
+    import pyarrow.compute as pc
+    offset = 0
+    for batch in dataset.with_format("arrow").iter(batch_size=4096):
+        column = batch["text"]
+        sizes = pc.fill_null(pc.binary_length(column), 0).to_numpy(zero_copy_only=False)
+        for i in np.flatnonzero((sizes == 0) | (sizes > max_bytes)):
+            text = column[int(i)].as_py()
+            if not text or _has_hard_split(text, max_bytes):
+                yield offset + int(i), text
+        offset += len(column)
+
+
+def _has_hard_split(text: str, max_bytes: int) -> bool:
+    pieces = list(split_text(escape(text), max_bytes))
+    return any(not a.endswith("\n") and not b.startswith(" ") for a, b in zip(pieces, pieces[1:]))
+
+
+def _describe(values: np.ndarray) -> dict[str, float]:
+    if len(values) == 0:
+        return {"mean": 0.0, "median": 0.0, "std": 0.0, "min": 0, "max": 0}
+    return {"mean": round(float(values.mean()), 2), "median": float(np.median(values)),
+            "std": round(float(values.std()), 2), "min": int(values.min()), "max": int(values.max())}
+
+
+def _iter_texts(dataset, batch_size: int = 1000):
+    for batch in dataset.iter(batch_size=batch_size):
+        yield from batch["text"]
+
+
+def _download(url: str, path: str) -> None:
+    """Download `url` to `path` (created atomically; never overwrites)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    partial = f"{path}.part"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as f:
+            shutil.copyfileobj(response, f)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise ConnectionError(f"could not download tokenizer_url={url!r} to {path}: {e}; check the network, "
+                              "or set tokenizer_path to a local tokenizer file") from e
+    if os.path.exists(path):
+        os.remove(partial)
+        raise FileExistsError(f"tokenizer file appeared while downloading, refusing to overwrite it: {path}")
+    os.replace(partial, path)

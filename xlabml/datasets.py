@@ -1,0 +1,576 @@
+"""Text sources → documents → token ids → training windows, on Hugging Face ``datasets``.
+
+Every stage is an Arrow dataset (memory-mapped, fingerprinted, cached); nothing here loads a corpus into
+Python lists. The stages:
+
+- :func:`load_locations` / :func:`load_splits`: data sources (``datasets.load_dataset`` arguments, a file
+  path, or ``{builtin: python-docs}``) become one ``datasets.Dataset`` of documents per split, with a single
+  ``text`` column.
+- :class:`TokenDataset`: the token ids of every document of a split (``Dataset.map`` into an ``ids`` column,
+  cached on disk under a key that includes a hash of the tokenizer model), or only their lengths when
+  encoding on the fly.
+- :class:`SequenceDataset`: training windows of ``seq_len + 1`` tokens over ``<sos> + ids + <eos>`` of each
+  document, padded (one document per window) or packed (documents concatenated, with position and
+  document ids so that attention stays inside a document).
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
+
+SPLIT_NAMES = ("train", "val", "test", "predict")
+DEFAULT_SPLITS = {"train": 0.9, "val": 0.05, "test": 0.025, "predict": 0}
+BUILDER_BY_EXTENSION = {
+    ".txt": "text", ".text": "text", ".md": "text", ".rst": "text",
+    ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow",
+}
+# Bump when the cached encoding's layout changes, so old caches are not reused.
+_CACHE_VERSION = "xlab-tokens-1"
+_ARROW_BATCH = 16384
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+def load_source(source: str | Mapping[str, Any]) -> datasets.Dataset:
+    """Load one data source as a dataset of documents with a single ``text`` column.
+
+    Args:
+        source: a local file path or glob (builder chosen by extension: text, json, parquet, csv, arrow), or
+            ``{"builtin": NAME}`` for a built-in corpus, or a dict of ``datasets.load_dataset`` keyword arguments
+            (``path``, ``name``, ``split``, ``data_files``, ``revision``, ``trust_remote_code``, ``sample_by``
+            for text files, ...) plus ``column`` (the text column, default ``"text"``, renamed to ``text``)
+            and ``drop_columns`` (default true: keep only the text column).
+    Returns: a ``datasets.Dataset``; a ``DatasetDict`` (no ``split`` given) is flattened by concatenating its
+        splits.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        source = {"data_files": os.fspath(source)}
+    if not isinstance(source, Mapping):
+        raise ValueError(f"data source {source!r}: expected a file path or a dict of datasets.load_dataset "
+                         "arguments (or {builtin: NAME})")
+    kwargs = dict(source)
+    column = kwargs.pop("column", "text")
+    drop_columns = kwargs.pop("drop_columns", True)
+    if "builtin" in kwargs:
+        name = kwargs.pop("builtin")
+        if kwargs:
+            raise ValueError(f"data source {dict(source)!r}: a built-in corpus takes only 'column' and "
+                             f"'drop_columns', not {sorted(kwargs)}")
+        from xlabml.corpus import BUILTIN_CORPORA, load_builtin_corpus
+        if name not in BUILTIN_CORPORA:
+            raise ValueError(f"data source {dict(source)!r}: unknown built-in corpus {name!r}; "
+                             f"expected one of {sorted(BUILTIN_CORPORA)}")
+        dataset = load_builtin_corpus(name)
+    else:
+        _resolve_local_files(kwargs, source)
+        try:
+            dataset = datasets.load_dataset(**kwargs)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"data source {dict(source)!r}: {e}") from e
+        except ConnectionError as e:
+            raise ConnectionError(f"data source {dict(source)!r} needs the network: {e}") from e
+    if isinstance(dataset, (datasets.IterableDataset, datasets.IterableDatasetDict)):
+        raise ValueError(f"data source {dict(source)!r}: streaming datasets are not supported; "
+                         "use dynamic_encode for corpora too large to encode up front")
+    if isinstance(dataset, datasets.DatasetDict):
+        if not dataset:
+            raise ValueError(f"data source {dict(source)!r} has no splits")
+        parts = list(dataset.values())
+        dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    if column not in dataset.column_names:
+        raise ValueError(f"data source {dict(source)!r}: text column {column!r} not found; "
+                         f"the source has columns {dataset.column_names} (set 'column')")
+    feature = dataset.features[column]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        raise ValueError(f"data source {dict(source)!r}: column {column!r} holds {feature}, expected text")
+    if drop_columns:
+        dataset = dataset.select_columns([column])
+    if column != "text":
+        if "text" in dataset.column_names:
+            dataset = dataset.remove_columns("text")
+        dataset = dataset.rename_column(column, "text")
+    if len(dataset) == 0:
+        raise ValueError(f"data source {dict(source)!r} has no documents")
+    return dataset
+
+
+def _resolve_local_files(kwargs: dict, source: Mapping) -> None:
+    """Turn a local file `path` into (builder, data_files); check that local data files exist."""
+    path = kwargs.get("path")
+    if path is not None:
+        expanded = os.path.expanduser(os.fspath(path))
+        if os.path.isfile(expanded):
+            if kwargs.get("data_files") is not None:
+                raise ValueError(f"data source {dict(source)!r}: 'path' is a file, so 'data_files' must not be set")
+            kwargs["path"], kwargs["data_files"] = _builder_for(expanded, source), expanded
+        elif not os.path.exists(expanded) and _looks_like_path(path):
+            raise FileNotFoundError(f"data source {dict(source)!r}: path {path!r} does not exist")
+    elif kwargs.get("data_files") is None:
+        raise ValueError(f"data source {dict(source)!r}: expected 'path', 'data_files' or 'builtin'")
+    data_files = kwargs.get("data_files")
+    if data_files is None or kwargs["path"] not in (None, *set(BUILDER_BY_EXTENSION.values())):
+        return  # hub dataset or directory: load_dataset resolves its own files
+    patterns = _flatten_patterns(data_files)
+    resolved = []
+    for pattern in patterns:
+        if "://" in pattern:
+            resolved.append(pattern)
+            continue
+        expanded = os.path.expanduser(pattern)
+        if glob.has_magic(expanded):
+            if not glob.glob(expanded, recursive=True):
+                raise FileNotFoundError(f"data source {dict(source)!r}: no file matches {pattern!r}")
+        elif not os.path.isfile(expanded):
+            raise FileNotFoundError(f"data source {dict(source)!r}: data file {pattern!r} does not exist")
+        resolved.append(expanded)
+    if kwargs.get("path") is None:
+        kwargs["path"] = _builder_for(resolved[0], source)
+    kwargs["data_files"] = _map_patterns(data_files, os.path.expanduser)
+
+
+def _flatten_patterns(data_files) -> list[str]:
+    if isinstance(data_files, (str, os.PathLike)):
+        return [os.fspath(data_files)]
+    if isinstance(data_files, Mapping):
+        return [p for v in data_files.values() for p in _flatten_patterns(v)]
+    return [p for v in data_files for p in _flatten_patterns(v)]
+
+
+def _map_patterns(data_files, fn):
+    if isinstance(data_files, (str, os.PathLike)):
+        return fn(os.fspath(data_files))
+    if isinstance(data_files, Mapping):
+        return {k: _map_patterns(v, fn) for k, v in data_files.items()}
+    return [_map_patterns(v, fn) for v in data_files]
+
+
+def _builder_for(path: str, source: Mapping) -> str:
+    name = path[:-3] if path.endswith(".gz") else path
+    extension = os.path.splitext(name)[1].lower()
+    if extension not in BUILDER_BY_EXTENSION:
+        raise ValueError(f"data source {dict(source)!r}: cannot tell the format of {path!r}; set 'path' to one of "
+                         f"{sorted(set(BUILDER_BY_EXTENSION.values()))}")
+    return BUILDER_BY_EXTENSION[extension]
+
+
+def _looks_like_path(path) -> bool:
+    path = os.fspath(path)
+    return (path.startswith(("/", "./", "../", "~")) or os.sep in path and os.path.splitext(path)[1] != ""
+            or os.path.splitext(path)[1].lower() in BUILDER_BY_EXTENSION)
+
+
+def _as_source_list(locations) -> list:
+    if locations is None:
+        return []
+    if isinstance(locations, (str, os.PathLike, Mapping)):
+        return [locations]
+    return list(locations)
+
+
+def load_locations(locations) -> datasets.Dataset:
+    """Load and concatenate one source or a list of sources (see :func:`load_source`)."""
+    sources = _as_source_list(locations)
+    if not sources:
+        raise ValueError(f"data locations {locations!r}: expected at least one data source")
+    parts = [load_source(source) for source in sources]
+    if len(parts) == 1:
+        return parts[0]
+    common = [c for c in parts[0].column_names if all(c in p.column_names for p in parts[1:])]
+    return datasets.concatenate_datasets([p.select_columns(common) for p in parts])
+
+
+def text_lengths(dataset: datasets.Dataset, column: str = "text") -> np.ndarray:
+    """Length in characters of every document, read column-wise from Arrow (int64 array)."""
+    chunks = [pc.fill_null(pc.utf8_length(batch[column]), 0).to_numpy(zero_copy_only=False)
+              for batch in dataset.with_format("arrow").iter(batch_size=_ARROW_BATCH)]
+    return np.concatenate(chunks).astype(np.int64) if chunks else np.zeros(0, np.int64)
+
+
+def _nonempty(dataset: datasets.Dataset) -> np.ndarray:
+    chunks = [pc.fill_null(pc.binary_length(batch["text"]), 0).to_numpy(zero_copy_only=False) > 0
+              for batch in dataset.with_format("arrow").iter(batch_size=_ARROW_BATCH)]
+    mask = np.concatenate(chunks) if chunks else np.zeros(0, bool)
+    return np.flatnonzero(mask)
+
+
+# ----------------------------------------------------------------------------------------------- splits
+
+def _is_count_or_ratio(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def load_splits(locations, splits: Mapping[str, Any] | None = None, seed: int = 42
+                ) -> tuple[dict[str, datasets.Dataset], dict[str, int]]:
+    """Documents of each split, and a report of how the documents were shared out.
+
+    Args:
+        locations: the sources that numeric splits share out (see :func:`load_locations`); may be ``None``
+            when every split names its own source.
+        splits: split name (``train``, ``val``, ``test``, ``predict``) → either a float ratio of the
+            documents of `locations`, an int count of them, ``0`` for "the remainder" (at most one split), or
+            its own source / list of sources (e.g. a held-out file for ``val``). Documents are shuffled with
+            `seed` before they are shared out; within a split they keep their source order. Splits not named
+            are absent. Default: ``{train: 0.9, val: 0.05, test: 0.025, predict: 0}``.
+    Returns: ``(datasets_by_split, report)``; the report counts ``documents`` (in `locations`), ``empty``
+        (empty documents, skipped), the documents of each split and ``unused`` ones.
+    """
+    splits = dict(DEFAULT_SPLITS if splits is None else splits)
+    unknown = sorted(set(splits) - set(SPLIT_NAMES))
+    if unknown:
+        raise ValueError(f"splits {splits!r}: unknown split names {unknown}; expected some of {list(SPLIT_NAMES)}")
+    numeric = {k: v for k, v in splits.items() if _is_count_or_ratio(v)}
+    explicit = {k: v for k, v in splits.items() if k not in numeric}
+    for name, value in numeric.items():
+        if value < 0 or isinstance(value, float) and value > 1:
+            raise ValueError(f"splits.{name}={value!r}: expected a ratio in [0, 1], a document count >= 0, "
+                             "or a data source")
+    zeros = [k for k, v in numeric.items() if v == 0]
+    if len(zeros) > 1:
+        raise ValueError(f"splits {splits!r}: only one split may be 0 (the remainder), got {zeros}")
+    ratio_sum = sum(v for v in numeric.values() if isinstance(v, float))
+    if ratio_sum > 1 + 1e-9:
+        ratios = {k: v for k, v in numeric.items() if isinstance(v, float)}
+        raise ValueError(f"splits {ratios!r}: ratios sum to {ratio_sum:.6g}, past 1")
+
+    result: dict[str, datasets.Dataset] = {}
+    report: dict[str, int] = {}
+    if numeric:
+        if not _as_source_list(locations):
+            raise ValueError(f"splits {splits!r}: numeric splits share out the documents of 'locations', "
+                             "but no locations are given")
+        documents = load_locations(locations)
+        kept = _nonempty(documents)
+        n = len(kept)
+        report.update(documents=len(documents), empty=len(documents) - n)
+        if n == 0:
+            raise ValueError(f"data locations {locations!r}: every document is empty")
+        counts = {k: (v if isinstance(v, int) else round(v * n)) for k, v in numeric.items() if v != 0}
+        excess = sum(counts.values()) - n
+        if excess > 0:
+            floats = [k for k in counts if isinstance(numeric[k], float)]
+            if any(isinstance(numeric[k], int) for k in counts) and (not floats or excess > len(floats)):
+                raise ValueError(f"splits {numeric!r} need {sum(counts.values())} documents, "
+                                 f"but the locations hold {n} non-empty documents")
+            for k in sorted(floats, key=lambda k: -counts[k])[:excess]:  # rounding overshoot: trim largest
+                counts[k] -= 1
+        remainder = n - sum(counts.values())
+        if zeros:
+            counts[zeros[0]] = remainder
+            remainder = 0
+        order = np.random.default_rng(seed).permutation(kept)
+        start = 0
+        for name in SPLIT_NAMES:
+            if name in counts:
+                indices = np.sort(order[start:start + counts[name]])
+                start += counts[name]
+                result[name] = documents.select(indices)
+                report[name] = counts[name]
+        report["unused"] = remainder
+    for name, source in explicit.items():
+        dataset = load_locations(source)
+        kept = _nonempty(dataset)
+        if len(kept) < len(dataset):
+            report["empty"] = report.get("empty", 0) + len(dataset) - len(kept)
+            dataset = dataset.select(kept)
+        result[name] = dataset
+        report[name] = len(dataset)
+    log.debug(format_split_report(report))
+    return {k: result[k] for k in SPLIT_NAMES if k in result}, report
+
+
+def format_split_report(report: Mapping[str, int]) -> str:
+    """One line describing a :func:`load_splits` report."""
+    shares = ", ".join(f"{k} {report[k]}" for k in SPLIT_NAMES if k in report)
+    message = f"data: documents per split: {shares}"
+    if "documents" in report:
+        message += (f" (of {report['documents']} documents in locations; {report['empty']} empty skipped; "
+                    f"{report['unused']} unused)")
+    elif report.get("empty"):
+        message += f" ({report['empty']} empty skipped)"
+    return message
+
+
+# --------------------------------------------------------------------------------------------- encoding
+
+def tokenizer_hash(tokenizer) -> str:
+    """Hash of the serialized tokenizer model: part of every cache key that depends on the tokenizer."""
+    return hashlib.sha256(tokenizer.model_proto).hexdigest()[:16]
+
+
+class _Encode:
+    """Picklable batch encoder (the tokenizer is rebuilt from its model bytes in each worker process)."""
+
+    def __init__(self, model_proto: bytes, lengths_only: bool = False):
+        self.model_proto = model_proto
+        self.lengths_only = lengths_only
+        self._tokenizer = None
+
+    def __getstate__(self):
+        return {"model_proto": self.model_proto, "lengths_only": self.lengths_only, "_tokenizer": None}
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from xlabml.tokenizer import Tokenizer
+            self._tokenizer = Tokenizer.load(self.model_proto)
+        return self._tokenizer
+
+    def __call__(self, texts: list[str]) -> dict:
+        ids = self.tokenizer.encode(list(texts))
+        if self.lengths_only:
+            return {"length": np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))}
+        return {"ids": ids}
+
+
+class TokenDataset(Dataset):
+    """Token ids of every document of a text dataset, encoded once and cached on disk.
+
+    ``Dataset.map(batched=True, num_proc=num_proc)`` writes an ``ids`` column (int32) to
+    ``cache_dir/tokens-<key>.arrow``, where the key hashes the text dataset's fingerprint and the tokenizer
+    model, so a second run with the same data and tokenizer reuses the file and a different tokenizer file
+    gets a new one. With ``dynamic=True`` only the token count of each document is cached (``length``
+    column, next to ``text``) and documents are encoded when a window needs them.
+
+    Attributes: ``data`` (the Arrow dataset), ``lengths`` (int64 array of token counts per document),
+    ``from_cache`` (whether the encoding was read from the cache).
+    Item ``i``: the token ids of document ``i`` (int64 numpy array).
+    """
+
+    def __init__(self, texts: datasets.Dataset, tokenizer, num_proc: int = 1, dynamic: bool = False,
+                 cache_dir: str | None = None, batch_size: int = 1000):
+        if "text" not in texts.column_names:
+            raise ValueError(f"TokenDataset: expected a 'text' column, got columns {texts.column_names}")
+        if len(texts) == 0:
+            raise ValueError("TokenDataset: the text dataset has no documents")
+        self.dynamic = dynamic
+        self.model_proto = tokenizer.model_proto
+        cache_dir = os.path.expanduser(cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "xlabml"))
+        os.makedirs(cache_dir, exist_ok=True)
+        kind = "lengths" if dynamic else "ids"
+        key = hashlib.sha256(f"{_CACHE_VERSION}:{kind}:{texts._fingerprint}:{tokenizer_hash(tokenizer)}"
+                             .encode()).hexdigest()[:24]
+        cache_file = os.path.join(cache_dir, f"{kind}-{key}.arrow")
+        num_proc = max(1, min(int(num_proc or 1), len(texts)))
+        if num_proc == 1:
+            self.from_cache = os.path.exists(cache_file)
+        else:
+            stem, ext = os.path.splitext(cache_file)
+            self.from_cache = all(os.path.exists(f"{stem}_{r:05d}_of_{num_proc:05d}{ext}") for r in range(num_proc))
+        if dynamic:
+            features = datasets.Features({**texts.features, "length": datasets.Value("int32")})
+            remove = None
+        else:
+            features = datasets.Features({"ids": datasets.List(datasets.Value("int32"))})
+            remove = texts.column_names
+        self.data = texts.map(
+            _Encode(tokenizer.model_proto, lengths_only=dynamic), input_columns="text", batched=True,
+            batch_size=batch_size, num_proc=num_proc if num_proc > 1 else None, remove_columns=remove,
+            features=features, cache_file_name=cache_file, new_fingerprint=key,
+            desc=f"Encoding {len(texts)} documents" + (" (lengths only)" if dynamic else ""),
+        )
+        self.lengths = self._read_lengths()
+        self._flat = None
+        self._encode = _Encode(tokenizer.model_proto) if dynamic else None
+        self._recent: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    @classmethod
+    def from_ids(cls, ids: Sequence[Sequence[int]] | datasets.Dataset) -> "TokenDataset":
+        """A TokenDataset over given token ids (a list of lists, or a dataset with an ``ids`` column)."""
+        self = cls.__new__(cls)
+        if not isinstance(ids, datasets.Dataset):
+            ids = datasets.Dataset.from_dict(
+                {"ids": [list(doc) for doc in ids]},
+                features=datasets.Features({"ids": datasets.List(datasets.Value("int32"))}))
+        self.data, self.dynamic, self.model_proto, self.from_cache = ids, False, None, False
+        self.lengths = self._read_lengths()
+        self._flat, self._encode, self._recent = None, None, OrderedDict()
+        return self
+
+    def _read_lengths(self) -> np.ndarray:
+        if self.dynamic:
+            chunks = [batch["length"].to_numpy(zero_copy_only=False)
+                      for batch in self.data.with_format("arrow").iter(batch_size=_ARROW_BATCH)]
+        else:
+            chunks = [pc.list_value_length(batch["ids"]).to_numpy(zero_copy_only=False)
+                      for batch in self.data.with_format("arrow").iter(batch_size=_ARROW_BATCH)]
+        return np.concatenate(chunks).astype(np.int64) if chunks else np.zeros(0, np.int64)
+
+    def __getstate__(self):  # worker processes rebuild their memory-mapped views
+        state = dict(self.__dict__)
+        state["_flat"], state["_recent"] = None, OrderedDict()
+        return state
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.ids(int(index), 0, int(self.lengths[index]))
+
+    @property
+    def num_tokens(self) -> int:
+        """Total number of token ids (without <sos>/<eos>)."""
+        return int(self.lengths.sum())
+
+    def ids(self, doc: int, start: int, stop: int) -> np.ndarray:
+        """Token ids ``start:stop`` of document `doc` (int64 array), read without copying the document."""
+        if self.dynamic:
+            return self._encoded(doc)[start:stop].astype(np.int64)
+        if self._flat is None:
+            self._flat = _FlatColumn(self.data, "ids")
+        return self._flat.slice(doc, start, stop)
+
+    def _encoded(self, doc: int) -> np.ndarray:
+        ids = self._recent.get(doc)
+        if ids is None:
+            ids = np.asarray(self._encode([self.data[doc]["text"]])["ids"].values, dtype=np.int32)
+            self._recent[doc] = ids
+            if len(self._recent) > 64:  # neighbouring windows of one document reuse its encoding
+                self._recent.popitem(last=False)
+        return ids
+
+
+class _FlatColumn:
+    """Zero-copy numpy views of a memory-mapped list column: row → (values array, offset)."""
+
+    def __init__(self, dataset: datasets.Dataset, column: str):
+        if dataset._indices is not None:
+            dataset = dataset.flatten_indices()
+        chunks = dataset.data.table.column(column).chunks
+        self.values, self.offsets, starts = [], [], [0]
+        for chunk in chunks:
+            offsets = np.asarray(chunk.offsets, dtype=np.int64)
+            self.values.append(chunk.values.to_numpy(zero_copy_only=False))
+            self.offsets.append(offsets)
+            starts.append(starts[-1] + len(chunk))
+        self.row_starts = np.asarray(starts, dtype=np.int64)
+
+    def slice(self, row: int, start: int, stop: int) -> np.ndarray:
+        chunk = int(np.searchsorted(self.row_starts, row, side="right")) - 1
+        base = self.offsets[chunk][row - self.row_starts[chunk]]
+        return self.values[chunk][base + start:base + stop].astype(np.int64)
+
+
+# -------------------------------------------------------------------------------------------- sequences
+
+def resolve_step(step_size: float | int, seq_len: int) -> int:
+    """Window step in tokens: a float is a fraction of `seq_len`, an int a token count."""
+    if isinstance(step_size, bool) or not isinstance(step_size, (int, float)):
+        raise ValueError(f"step_size={step_size!r}: expected a fraction of seq_len (float) or a token count (int)")
+    if isinstance(step_size, float):
+        if not 0 < step_size <= 1:
+            raise ValueError(f"step_size={step_size!r}: a float step is a fraction of seq_len, expected (0, 1]")
+        return max(1, round(step_size * seq_len))
+    if not 1 <= step_size <= seq_len:
+        raise ValueError(f"step_size={step_size!r}: an int step is a token count, expected 1..seq_len={seq_len}")
+    return step_size
+
+
+def _num_windows(num_targets: np.ndarray, seq_len: int, step: int) -> np.ndarray:
+    """Windows needed so that every one of `num_targets` targets is covered: 1 + ceil((n - seq_len) / step)."""
+    return 1 + np.maximum(0, -(-(num_targets - seq_len) // step))
+
+
+class SequenceDataset(Dataset):
+    """Windows of ``seq_len + 1`` tokens over ``<sos> + ids + <eos>`` of each document.
+
+    Item: a dict of LongTensors of shape ``(seq_len,)``: ``x`` (inputs) and ``y`` (targets, ``pad_index`` where
+    no loss is taken); packed mode adds ``positions`` and ``doc_ids``.
+
+    - padded (default): each window holds one document, starting at ``0, step, 2*step, ...`` until the
+      document's last target is covered; a short window is filled with ``pad_index``. The dataset is an index
+      of ``(document, start)`` pairs kept as two int64 arrays.
+    - packed: the documents form one stream, cut into windows starting every ``step`` tokens; only the last
+      window may be padded. ``doc_ids`` numbers the documents inside a window from 0 (padding is one more
+      document) and ``positions`` count from 0 at each document start and at the window start. The target
+      after a document's ``<eos>`` (the next document's ``<sos>``) is ``pad_index`` unless ``train_sos``.
+
+    With ``step == seq_len`` one pass shows every token of every document once as a target, plus one ``<eos>``
+    per document.
+    """
+
+    def __init__(self, tokens: TokenDataset, seq_len: int, step_size: float | int = 1.0, packed: bool = False,
+                 train_sos: bool = False, sos_index: int = 1, eos_index: int = 2, pad_index: int = 3):
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+            raise ValueError(f"seq_len={seq_len!r}: expected an int >= 1")
+        if len(tokens) == 0:
+            raise ValueError("SequenceDataset: no documents")
+        self.tokens, self.seq_len, self.step = tokens, seq_len, resolve_step(step_size, seq_len)
+        self.packed, self.train_sos = packed, train_sos
+        self.sos_index, self.eos_index, self.pad_index = sos_index, eos_index, pad_index
+        sizes = tokens.lengths + 2  # <sos> ids <eos>
+        if packed:
+            self.doc_starts = np.zeros(len(sizes) + 1, dtype=np.int64)
+            np.cumsum(sizes, out=self.doc_starts[1:])
+            self._len = int(_num_windows(np.int64(self.doc_starts[-1] - 1), seq_len, self.step))
+        else:
+            counts = _num_windows(sizes - 1, seq_len, self.step)
+            self.doc_index = np.repeat(np.arange(len(sizes), dtype=np.int64), counts)
+            first = np.cumsum(counts) - counts
+            self.starts = (np.arange(len(self.doc_index), dtype=np.int64) - np.repeat(first, counts)) * self.step
+            self._len = len(self.doc_index)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _document(self, doc: int, start: int, stop: int) -> np.ndarray:
+        """Tokens ``start:stop`` of ``<sos> + ids + <eos>`` of document `doc`."""
+        n = int(self.tokens.lengths[doc])
+        out = np.empty(stop - start, dtype=np.int64)
+        lo, hi = max(start, 1), min(stop, n + 1)
+        if hi > lo:
+            out[lo - start:hi - start] = self.tokens.ids(doc, lo - 1, hi - 1)
+        if start == 0:
+            out[0] = self.sos_index
+        if stop == n + 2:
+            out[-1] = self.eos_index
+        return out
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        index = int(index)
+        if not 0 <= index < self._len:
+            raise IndexError(f"window {index} out of range for {self._len} windows")
+        size = self.seq_len + 1
+        window = np.full(size, self.pad_index, dtype=np.int64)
+        if not self.packed:
+            doc, start = int(self.doc_index[index]), int(self.starts[index])
+            stop = min(start + size, int(self.tokens.lengths[doc]) + 2)
+            window[:stop - start] = self._document(doc, start, stop)
+            return {"x": torch.from_numpy(window[:-1].copy()), "y": torch.from_numpy(window[1:].copy())}
+
+        start = index * self.step
+        stop = min(start + size, int(self.doc_starts[-1]))
+        first = int(np.searchsorted(self.doc_starts, start, side="right")) - 1
+        last = int(np.searchsorted(self.doc_starts, stop - 1, side="right")) - 1
+        doc_ids = np.empty(size, dtype=np.int64)
+        positions = np.empty(size, dtype=np.int64)
+        is_sos = np.zeros(size, dtype=bool)
+        for doc in range(first, last + 1):
+            a = max(start, int(self.doc_starts[doc]))
+            b = min(stop, int(self.doc_starts[doc + 1]))
+            local = a - int(self.doc_starts[doc])
+            window[a - start:b - start] = self._document(doc, local, local + b - a)
+            doc_ids[a - start:b - start] = doc - first
+            positions[a - start:b - start] = np.arange(b - a)
+            is_sos[a - start] = local == 0
+        doc_ids[stop - start:] = last - first + 1
+        positions[stop - start:] = np.arange(size - (stop - start))
+        targets = window[1:].copy()
+        if not self.train_sos:
+            targets[is_sos[1:]] = self.pad_index
+        return {"x": torch.from_numpy(window[:-1].copy()), "y": torch.from_numpy(targets),
+                "positions": torch.from_numpy(positions[:-1].copy()),
+                "doc_ids": torch.from_numpy(doc_ids[:-1].copy())}
