@@ -1,0 +1,670 @@
+"""Decoder-only transformer parts, top to bottom: positions, norms, attention (with its KV cache),
+feed-forward, block, decoder.
+
+Every variant is a small class picked by name from a registry (``POSITIONS``, ``NORMS``, ``ATTENTIONS``,
+``FEED_FORWARDS``); an unknown name raises ``ValueError`` listing the valid ones. The model knows nothing of
+Lightning (see ``xlabml.models``).
+
+Attention rule (shared by every backend): the query in slot ``i`` may see the key in slot ``j`` iff ``j <= i``,
+the two document ids are equal (when given), and ``i - j < sliding_window`` (when set). A slot is a column of
+the input during training and a cache slot during cached inference. ALiBi uses the slot distance ``i - j``;
+sinusoidal, learned and rotary encodings use ``positions``, so a packed document (positions restarting at 0,
+its own doc id) gets exactly the logits it would get alone.
+
+Shapes: ``b`` batch, ``t`` new tokens, ``s`` key slots, ``h`` query heads, ``g`` key/value heads, ``d`` head
+size, ``c`` model width (d_model), ``v`` vocabulary.
+"""
+
+import math
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def pick(registry: dict, kind: str, name: str):
+    """Look ``name`` up in ``registry``; unknown names raise a ValueError listing the valid ones."""
+    try:
+        return registry[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown {kind} {name!r}; expected one of: {', '.join(sorted(registry))}") from None
+
+
+def _dropout(p: float, enabled: bool) -> nn.Module:
+    # an Identity costs nothing at decode time, an inactive Dropout still costs a Python call per layer
+    return nn.Dropout(p) if enabled and p > 0 else nn.Identity()
+
+
+# ---------------------------------------------------------------------------------------------- positions
+
+class Position(nn.Module):
+    """Base class of position schemes. A scheme contributes through any of three hooks, all called once per
+    forward (not per layer): ``embed`` (added to the token embeddings), ``rotary`` (applied to queries and
+    keys) and ``bias`` (added to attention scores)."""
+
+    def embed(self, positions):  # b t -> b t c, or None
+        return None
+
+    def rotary(self, positions):  # b t -> (cos, sin), each b 1 t r/2, or None
+        return None
+
+    def bias(self, q_slots, k_slots):  # (t,), (s,) -> h t s, or None
+        return None
+
+
+class NoPosition(Position):
+    """No position information at all (causal attention alone still orders the tokens)."""
+
+    def __init__(self, **_):
+        super().__init__()
+
+
+class SinusoidalPosition(Position):
+    """Fixed sin/cos encoding (Vaswani et al.), computed from ``positions`` on the fly, so any position
+    (packed restarts, cache slots past ``max_len``) works and there is no table to keep in sync."""
+
+    def __init__(self, d_model: int, **_):
+        super().__init__()
+        if d_model % 2:
+            raise ValueError(f"position='sinusoidal' needs an even d_model, got {d_model}")
+        inv_freq = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float32) / d_model)
+        self.register_buffer('inv_freq', inv_freq, persistent=False)  # c/2
+
+    def embed(self, positions):
+        angles = positions[..., None].float() * self.inv_freq  # b t c/2
+        return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # b t c (sin, cos interleaved)
+
+
+class LearnedPosition(Position):
+    """A learned embedding per position, ``0 <= position < max_len``."""
+
+    def __init__(self, d_model: int, max_len: int, **_):
+        super().__init__()
+        self.embedding = nn.Embedding(max_len, d_model)
+
+    def embed(self, positions):
+        return self.embedding(positions)  # b t c
+
+
+class RotaryPosition(Position):
+    """RoPE (Su et al.), rotate-half layout, on the first ``rope_fraction`` of each head's dimensions
+    (partial rotary as in GPT-NeoX); ``rope_base`` sets the wavelengths."""
+
+    def __init__(self, head_dim: int, rope_base: float = 10000.0, rope_fraction: float = 1.0, **_):
+        super().__init__()
+        if not 0.0 < rope_fraction <= 1.0:
+            raise ValueError(f"rope_fraction must be in (0, 1], got {rope_fraction}")
+        if rope_base <= 1.0:
+            raise ValueError(f"rope_base must be > 1, got {rope_base}")
+        rotated = int(head_dim * rope_fraction) // 2 * 2
+        if rotated == 0:
+            raise ValueError(f"rope_fraction={rope_fraction} rotates no dimension of heads of size {head_dim}")
+        inv_freq = rope_base ** (-torch.arange(0, rotated, 2, dtype=torch.float32) / rotated)
+        self.register_buffer('inv_freq', inv_freq, persistent=False)  # r/2
+
+    def rotary(self, positions):
+        angles = positions[:, None, :, None].float() * self.inv_freq  # b 1 t r/2
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate the first ``2 * cos.size(-1)`` dims of ``x`` (b h t d) by the angles in cos/sin (b 1 t r/2)."""
+    half = cos.size(-1)
+    x1, x2, rest = x[..., :half].float(), x[..., half:2 * half].float(), x[..., 2 * half:]
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    return torch.cat((rotated, rest), dim=-1) if rest.size(-1) else rotated
+
+
+class ALiBiPosition(Position):
+    """ALiBi (Press et al.): a per-head linear penalty ``-slope * (i - j)`` on the slot distance."""
+
+    def __init__(self, n_heads: int, **_):
+        super().__init__()
+        self.register_buffer('slopes', self.make_slopes(n_heads), persistent=False)  # h
+
+    @staticmethod
+    def make_slopes(n_heads):
+        # geometric slopes 2^(-8/n), 2^(-16/n), ...; a non-power-of-two count interleaves those of the
+        # next power of two, as in the paper's reference
+        def power_of_two(n):
+            return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+        closest = 2 ** math.floor(math.log2(n_heads))
+        slopes = power_of_two(closest) + power_of_two(2 * closest)[0::2][:n_heads - closest]
+        return torch.tensor(slopes, dtype=torch.float32)
+
+    def bias(self, q_slots, k_slots):
+        distance = (q_slots[:, None] - k_slots[None, :]).float()  # t s
+        return -self.slopes[:, None, None] * distance  # h t s
+
+
+POSITIONS = {
+    'sinusoidal': SinusoidalPosition,
+    'learned': LearnedPosition,
+    'rope': RotaryPosition,
+    'alibi': ALiBiPosition,
+    'none': NoPosition,
+}
+
+
+# -------------------------------------------------------------------------------------------------- norms
+
+class LayerNorm(nn.LayerNorm):
+    def __init__(self, dim: int, bias: bool = True):
+        super().__init__(dim, eps=1e-5, bias=bias)
+
+
+class RMSNorm(nn.RMSNorm):
+    def __init__(self, dim: int, bias: bool = True):  # RMSNorm has no bias; the keyword keeps one signature
+        super().__init__(dim, eps=1e-5)
+
+
+NORMS = {'layernorm': LayerNorm, 'rmsnorm': RMSNorm}
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+class AttentionContext:
+    """What every layer's attention needs for one forward, built once by the Decoder (not per layer).
+
+    ``mask(dtype)`` builds the explicit mask lazily and once: a boolean ``b|1 1 t s`` (True = may attend) or,
+    with ALiBi, an additive ``b|1 h t s`` float mask; it returns ``(None, True)`` on the plain-causal fast
+    path and ``(None, False)`` when every key is visible (one new token over the filled cache prefix)."""
+
+    def __init__(self, *, kind, q_slots, k_slots, q_docs=None, k_docs=None, window=None, position=None,
+                 rope=None, input_pos=None, lo=0, hi=None, doc_ids=None):
+        self.kind = kind  # 'causal' | 'all' | 'explicit'
+        self.q_slots, self.k_slots = q_slots, k_slots  # t, s
+        self.q_docs, self.k_docs = q_docs, k_docs  # b t, b s (or None)
+        self.window, self.position, self.rope = window, position, rope
+        self.input_pos, self.lo, self.hi = input_pos, lo, hi  # cache slots written, key range read
+        self.doc_ids = doc_ids  # b t, for the flash varlen path
+        self._masks = {}
+        self._varlen = None
+
+    @property
+    def cached(self):
+        return self.input_pos is not None
+
+    def mask(self, dtype):
+        if self.kind == 'causal':
+            return None, True
+        if self.kind == 'all':
+            return None, False
+        if dtype not in self._masks:
+            self._masks[dtype] = self._build(dtype)
+        return self._masks[dtype], False
+
+    def _build(self, dtype):
+        q, k = self.q_slots[:, None], self.k_slots[None, :]
+        allowed = k <= q  # t s
+        if self.window is not None:
+            allowed = allowed & (q - k < self.window)
+        allowed = allowed[None]  # 1 t s
+        if self.q_docs is not None:
+            allowed = allowed & (self.q_docs[:, :, None] == self.k_docs[:, None, :])  # b t s
+        bias = self.position.bias(self.q_slots, self.k_slots) if self.position is not None else None
+        if bias is None:
+            return allowed[:, None]  # b|1 1 t s
+        return bias.masked_fill(~allowed[:, None], float('-inf')).to(dtype)  # b|1 h t s
+
+    def varlen(self):
+        """(cu_seqlens int32 (n+1,), longest document) of the flattened batch, for flash_attn_varlen_func:
+        a new segment starts at each row start and at each doc id change."""
+        if self._varlen is None:
+            b, t = self.doc_ids.shape
+            flat = self.doc_ids.flatten()  # b*t
+            starts = torch.ones_like(flat, dtype=torch.bool)
+            starts[1:] = flat[1:] != flat[:-1]
+            starts[::t] = True
+            idx = starts.nonzero().flatten()
+            cu = torch.cat((idx, idx.new_tensor([b * t]))).to(torch.int32)
+            self._varlen = cu, int((cu[1:] - cu[:-1]).max())
+        return self._varlen
+
+
+class SDPAKernel:
+    """``F.scaled_dot_product_attention``: flash/memory-efficient kernels on GPU, fused kernel on CPU.
+    GQA via ``enable_gqa`` (no copies of the key/value heads)."""
+
+    def __call__(self, q, k, v, ctx, dropout_p):  # q: b h t d; k, v: b g s d
+        mask, is_causal = ctx.mask(q.dtype)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                           enable_gqa=k.size(1) != q.size(1))
+        return y, None  # b h t d
+
+
+class NaiveKernel:
+    """Explicit softmax(q k^T / sqrt(d)) v; slow, but returns the attention weights (b h t s)."""
+
+    def __call__(self, q, k, v, ctx, dropout_p):
+        if k.size(1) != q.size(1):
+            k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)  # b h s d
+            v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
+        scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.size(-1))  # b h t s
+        mask, is_causal = ctx.mask(torch.float32)
+        if is_causal:
+            mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float('-inf')) if mask.dtype == torch.bool else scores + mask
+        weights = scores.softmax(dim=-1)
+        dropped = F.dropout(weights, dropout_p) if dropout_p > 0 else weights
+        return dropped.to(v.dtype) @ v, weights  # b h t d
+
+
+class FlashKernel:
+    """The ``flash_attn`` package (GPU, fp16/bf16): causal, sliding window and ALiBi natively, and packed
+    documents through ``flash_attn_varlen_func`` without any dense mask. Inputs it cannot take (fp32, CPU, the
+    KV cache) go through SDPA, which computes the same function."""
+
+    def __init__(self):
+        try:
+            import flash_attn
+        except ImportError:
+            raise ValueError("attention='flash' needs the flash_attn package (pip install 'xlabml[flash]', "
+                             "CUDA only); use attention='sdpa' instead") from None
+        self.flash_attn = flash_attn
+        self.fallback = SDPAKernel()
+
+    def __call__(self, q, k, v, ctx, dropout_p):
+        if ctx.cached or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+            return self.fallback(q, k, v, ctx, dropout_p)
+        window = (ctx.window - 1, 0) if ctx.window is not None else (-1, -1)
+        slopes = getattr(ctx.position, 'slopes', None)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # b t h d
+        b, t, h, d = q.shape
+        if ctx.doc_ids is None:
+            y = self.flash_attn.flash_attn_func(q, k, v, dropout_p, causal=True, window_size=window,
+                                                alibi_slopes=slopes)
+        else:
+            cu_seqlens, max_len = ctx.varlen()
+            y = self.flash_attn.flash_attn_varlen_func(
+                q.reshape(b * t, h, d), k.reshape(b * t, -1, d), v.reshape(b * t, -1, d), cu_seqlens, cu_seqlens,
+                max_len, max_len, dropout_p, causal=True, window_size=window, alibi_slopes=slopes,
+            ).view(b, t, h, d)
+        return y.transpose(1, 2), None  # b h t d
+
+
+ATTENTIONS = {'sdpa': SDPAKernel, 'flash': FlashKernel, 'naive': NaiveKernel}
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention with ``n_kv_heads`` key/value heads (GQA; 1 = MQA), optional
+    QK-norm and rotary encoding, and an optional per-layer KV cache for inference.
+
+    With ``keep_weights = True`` and the naive backend, the last attention weights stay in ``self.weights``."""
+
+    def __init__(self, d_model, n_heads, n_kv_heads, *, backend='sdpa', dropout=0.0, qk_norm=False,
+                 norm=LayerNorm, bias=True):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d_model // n_heads
+        self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
+        self.proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+        self.q_norm = norm(self.head_dim, bias=bias) if qk_norm else None
+        self.k_norm = norm(self.head_dim, bias=bias) if qk_norm else None
+        self.kernel = pick(ATTENTIONS, 'attention', backend)()
+        self.dropout = dropout
+        self.keep_weights, self.weights = False, None
+
+    def forward(self, x, ctx: AttentionContext, kv_cache=None):  # x: b t c
+        b, t, _ = x.shape
+        h, g, d = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split((h * d, g * d, g * d), dim=-1)  # b t h*d, b t g*d, b t g*d
+        q = q.view(b, t, h, d).transpose(1, 2)  # b h t d
+        k = k.view(b, t, g, d).transpose(1, 2)  # b g t d
+        v = v.view(b, t, g, d).transpose(1, 2)  # b g t d
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if ctx.rope is not None:
+            q, k = apply_rotary(q, *ctx.rope), apply_rotary(k, *ctx.rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(ctx.input_pos, k, v, ctx.lo, ctx.hi)  # b g s d
+        y, weights = self.kernel(q, k, v, ctx, self.dropout if self.training else 0.0)  # b h t d
+        if self.keep_weights:
+            self.weights = weights
+        return self.proj(y.transpose(1, 2).reshape(b, t, h * d))  # b t c
+
+
+class LayerKVCache(nn.Module):
+    """One layer's preallocated keys and values (b g s d), written in place at the given slots."""
+
+    def __init__(self, batch_size, n_kv_heads, max_len, head_dim, device=None, dtype=None):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.register_buffer('k', torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer('v', torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, input_pos, k, v, lo, hi):  # k, v: b g t d -> b g s d (slots lo..hi-1, views)
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k[:, :, lo:hi], self.v[:, :, lo:hi]
+
+
+class KVCache(nn.Module):
+    """The KV cache of a whole decoder: one ``LayerKVCache`` per block plus each slot's document id (so a
+    left-padded batch works: pads get doc id -1, real tokens 0, and real tokens never see pads).
+
+    ``static=False`` (default) attends only over the written prefix of the cache (slots up to the largest
+    ``input_pos``; with a sliding window, only the window): cheapest on CPU, but it reads ``input_pos`` on the
+    host each forward. ``static=True`` always attends over all slots with a mask: fixed shapes and no host
+    syncs, for ``torch.compile``/CUDA graphs."""
+
+    def __init__(self, n_layers, batch_size, n_kv_heads, max_len, head_dim, device=None, dtype=None,
+                 static=False):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            LayerKVCache(batch_size, n_kv_heads, max_len, head_dim, device, dtype) for _ in range(n_layers))
+        self.register_buffer('doc_ids', torch.zeros(batch_size, max_len, dtype=torch.long, device=device),
+                             persistent=False)  # b s
+        self.static = static
+        self.has_docs = False  # whether any forward gave doc ids; until then the doc mask is skipped
+
+    @property
+    def batch_size(self):
+        return self.doc_ids.size(0)
+
+    @property
+    def max_len(self):
+        return self.doc_ids.size(1)
+
+    def reset(self):
+        """Empty the cache (zeros everywhere), keeping its buffers."""
+        for layer in self.layers:
+            layer.k.zero_()
+            layer.v.zero_()
+        self.doc_ids.zero_()
+        self.has_docs = False
+
+    @torch.no_grad()
+    def reorder(self, index):
+        """Keep rows ``index`` (LongTensor (b',)) of every buffer, in that order; rows may repeat or vanish,
+        so the batch size may change (beam search)."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.doc_ids.device)
+        for layer in self.layers:
+            layer.k = layer.k.index_select(0, index)
+            layer.v = layer.v.index_select(0, index)
+        self.doc_ids = self.doc_ids.index_select(0, index)
+
+
+# ------------------------------------------------------------------------------------------- feed-forward
+
+class MLP(nn.Module):
+    """Linear -> activation -> (dropout) -> linear, hidden size ``d_ff``."""
+    activation = staticmethod(F.gelu)
+
+    def __init__(self, d_model, d_ff, *, dropout=0.0, bias=True):
+        super().__init__()
+        self.fc = nn.Linear(d_model, d_ff, bias=bias)
+        self.dropout = _dropout(dropout, True)
+        self.proj = nn.Linear(d_ff, d_model, bias=bias)
+
+    def forward(self, x):  # b t c
+        return self.proj(self.dropout(self.activation(self.fc(x))))  # b t c (hidden b t f)
+
+
+class GELUMLP(MLP):
+    activation = staticmethod(F.gelu)
+
+
+class ReLUMLP(MLP):
+    activation = staticmethod(F.relu)
+
+
+def swiglu_hidden(d_ff: int) -> int:
+    """SwiGLU hidden size: 2/3 of ``d_ff`` (three matrices instead of two keep the parameter count about
+    equal), rounded up to a multiple of 8 for friendlier matmul shapes."""
+    return 8 * math.ceil(2 * d_ff / 3 / 8)
+
+
+class SwiGLU(nn.Module):
+    """SiLU(x W) * (x V) -> (dropout) -> linear (Shazeer 2020); W and V are one fused matrix."""
+
+    def __init__(self, d_model, d_ff, *, dropout=0.0, bias=True):
+        super().__init__()
+        self.hidden = swiglu_hidden(d_ff)
+        self.fc = nn.Linear(d_model, 2 * self.hidden, bias=bias)
+        self.dropout = _dropout(dropout, True)
+        self.proj = nn.Linear(self.hidden, d_model, bias=bias)
+
+    def forward(self, x):  # b t c
+        gate, up = self.fc(x).chunk(2, dim=-1)  # b t f', b t f'
+        return self.proj(self.dropout(F.silu(gate) * up))  # b t c
+
+
+FEED_FORWARDS = {'gelu': GELUMLP, 'relu': ReLUMLP, 'swiglu': SwiGLU}
+
+
+# -------------------------------------------------------------------------------------------------- block
+
+class Block(nn.Module):
+    """Pre-norm block: ``x + attn(norm1(x))``, then ``x + ffn(norm2(x))``."""
+
+    def __init__(self, attention, ffn, norm, d_model, *, dropout_residual=0.0, bias=True):
+        super().__init__()
+        self.norm1 = norm(d_model, bias=bias)
+        self.attn = attention
+        self.norm2 = norm(d_model, bias=bias)
+        self.ffn = ffn
+        self.dropout = _dropout(dropout_residual, True)
+
+    def forward(self, x, ctx, kv_cache=None):  # b t c -> b t c
+        x = x + self.dropout(self.attn(self.norm1(x), ctx, kv_cache))
+        return x + self.dropout(self.ffn(self.norm2(x)))
+
+
+class PostNormBlock(Block):
+    """Post-norm block (original Transformer): ``norm1(x + attn(x))``, then ``norm2(x + ffn(x))``."""
+
+    def forward(self, x, ctx, kv_cache=None):
+        x = self.norm1(x + self.dropout(self.attn(x, ctx, kv_cache)))
+        return self.norm2(x + self.dropout(self.ffn(x)))
+
+
+class ParallelBlock(Block):
+    """GPT-J parallel residual, one shared norm: ``x + attn(norm(x)) + ffn(norm(x))``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        del self.norm2
+
+    def forward(self, x, ctx, kv_cache=None):
+        h = self.norm1(x)
+        return x + self.dropout(self.attn(h, ctx, kv_cache)) + self.dropout(self.ffn(h))
+
+
+class PostNormParallelBlock(ParallelBlock):
+    """Parallel residual with the norm after the sum: ``norm(x + attn(x) + ffn(x))``."""
+
+    def forward(self, x, ctx, kv_cache=None):
+        return self.norm1(x + self.dropout(self.attn(x, ctx, kv_cache)) + self.dropout(self.ffn(x)))
+
+
+BLOCKS = {  # (prenorm, parallel_residual)
+    (True, False): Block, (False, False): PostNormBlock,
+    (True, True): ParallelBlock, (False, True): PostNormParallelBlock,
+}
+
+
+# ------------------------------------------------------------------------------------------------ decoder
+
+class Decoder(nn.Module):
+    """GPT-style decoder: token embedding (+ absolute positions) -> blocks -> optional final norm -> head.
+
+    Defaults are the release model: pre-norm with a final norm, GELU, sinusoidal positions, dropout on the
+    attention probabilities and the feed-forward hidden activations only.
+
+    Initialisation (``reset_parameters``): every linear and embedding weight ~ N(0, 0.02); the two residual
+    output projections of each block (attention ``proj``, feed-forward ``proj``) ~ N(0, 0.02 / sqrt(2 *
+    n_layers)) so the residual stream's variance does not grow with depth (GPT-2); biases zero; norms at
+    identity. Token embeddings are multiplied by sqrt(d_model) (as in the seed and Vaswani et al.), which puts
+    them on the scale of the unit-amplitude sinusoidal encoding.
+    """
+
+    def __init__(self, n_vocab: int, max_len: int, d_model: int = 512, n_layers: int = 6, n_heads: int = 8,
+                 d_ff: int = 2048, dropout: float = 0.1, *, n_kv_heads: int | None = None,
+                 position: str = 'sinusoidal', rope_base: float = 10000.0, rope_fraction: float = 1.0,
+                 norm: str = 'layernorm', prenorm: bool = True, final_norm: bool = True, ffn: str = 'gelu',
+                 attention: str = 'sdpa', sliding_window: int | None = None, qk_norm: bool = False,
+                 dropout_attn: bool = True, dropout_ffn: bool = True, dropout_residual: bool = False,
+                 dropout_embedding: bool = False, tie_embeddings: bool = False, parallel_residual: bool = False,
+                 bias: bool = True, activation_checkpointing: bool = False):
+        super().__init__()
+        for name, value in (('n_vocab', n_vocab), ('max_len', max_len), ('d_model', d_model),
+                            ('n_layers', n_layers), ('n_heads', n_heads), ('d_ff', d_ff)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if n_kv_heads < 1 or n_heads % n_kv_heads:
+            raise ValueError(f"n_kv_heads={n_kv_heads} must be a positive divisor of n_heads={n_heads}")
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be None or >= 1, got {sliding_window}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.n_vocab, self.max_len, self.d_model, self.n_layers = n_vocab, max_len, d_model, n_layers
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d_model // n_heads
+        self.sliding_window = sliding_window
+        self.activation_checkpointing = activation_checkpointing
+
+        self.embedding = nn.Embedding(n_vocab, d_model)
+        self.position = pick(POSITIONS, 'position', position)(
+            d_model=d_model, max_len=max_len, n_heads=n_heads, head_dim=self.head_dim,
+            rope_base=rope_base, rope_fraction=rope_fraction)
+        self.uses_bias = isinstance(self.position, ALiBiPosition)
+        self.embedding_dropout = _dropout(dropout, dropout_embedding)
+        norm_cls = pick(NORMS, 'norm', norm)
+        ffn_cls = pick(FEED_FORWARDS, 'ffn', ffn)
+        pick(ATTENTIONS, 'attention', attention)
+        block_cls = BLOCKS[bool(prenorm), bool(parallel_residual)]
+        self.blocks = nn.ModuleList(
+            block_cls(
+                Attention(d_model, n_heads, n_kv_heads, backend=attention, dropout=dropout * dropout_attn,
+                          qk_norm=qk_norm, norm=norm_cls, bias=bias),
+                ffn_cls(d_model, d_ff, dropout=dropout * dropout_ffn, bias=bias),
+                norm_cls, d_model, dropout_residual=dropout * dropout_residual, bias=bias,
+            ) for _ in range(n_layers))
+        self.norm = norm_cls(d_model, bias=bias) if final_norm else nn.Identity()
+        self.head = nn.Linear(d_model, n_vocab, bias=bias)
+        self.embedding_scale = math.sqrt(d_model)
+        self.reset_parameters()
+        if tie_embeddings:
+            self.head.weight = self.embedding.weight
+
+    def reset_parameters(self):
+        std = 0.02
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                module.reset_parameters()
+        for block in self.blocks:
+            for proj in (block.attn.proj, block.ffn.proj):
+                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.n_layers))
+
+    def init_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None, *,
+                   static: bool = False) -> KVCache:
+        """A fresh, zeroed KV cache for ``batch_size`` rows and ``max_len`` slots (default: the model's
+        ``max_len``), on the model's device and dtype unless given. See ``KVCache`` for ``static``."""
+        weight = self.head.weight
+        return KVCache(self.n_layers, batch_size, self.n_kv_heads, max_len or self.max_len, self.head_dim,
+                       device=device or weight.device, dtype=dtype or weight.dtype, static=static)
+
+    def forward(self, x, positions=None, doc_ids=None, cache: KVCache | None = None, input_pos=None, *,
+                last_only: bool = False):
+        """Next-token logits.
+
+        Args:
+            x: token ids, LongTensor (b, t).
+            positions: position ids (b, t); default ``0..t-1``, or ``input_pos`` with a cache.
+            doc_ids: document id of each token (b, t); tokens attend only to equal ids. Default: one document.
+            cache: a ``KVCache`` from ``init_cache`` (inference only).
+            input_pos: LongTensor (t,), strictly increasing cache slots written by these tokens (same for all
+                rows); required with a cache.
+            last_only: compute logits for the last position only (b, 1, v): cheaper prefill/decode.
+        Returns:
+            logits (b, t, v), or (b, 1, v) with ``last_only``; float of the model's dtype.
+        """
+        b, t = x.shape
+        if cache is None:
+            ctx, positions = self._context(x, positions, doc_ids)
+        else:
+            ctx, positions = self._cached_context(x, positions, doc_ids, cache, input_pos)
+        h = self.embedding(x) * self.embedding_scale  # b t c
+        pos = self.position.embed(positions)
+        if pos is not None:
+            h = h + pos
+        h = self.embedding_dropout(h)
+        ctx.rope = self.position.rotary(positions)
+        if cache is not None:
+            for block, kv in zip(self.blocks, cache.layers):
+                h = block(h, ctx, kv)
+        elif self.activation_checkpointing and self.training:
+            for block in self.blocks:
+                h = checkpoint(block, h, ctx, use_reentrant=False)
+        else:
+            for block in self.blocks:
+                h = block(h, ctx)
+        if last_only:
+            h = h[:, -1:]  # b 1 c
+        return self.head(self.norm(h))  # b t v
+
+    def _context(self, x, positions, doc_ids):
+        b, t = x.shape
+        slots = torch.arange(t, device=x.device)  # t
+        if positions is None:
+            positions = slots.expand(b, t)
+        window = self.sliding_window if self.sliding_window is not None and self.sliding_window < t else None
+        plain = doc_ids is None and window is None and not self.uses_bias
+        ctx = AttentionContext(kind='causal' if plain else 'explicit', q_slots=slots, k_slots=slots,
+                               q_docs=doc_ids, k_docs=doc_ids, window=window, position=self.position,
+                               doc_ids=doc_ids)
+        return ctx, positions
+
+    def _cached_context(self, x, positions, doc_ids, cache, input_pos):
+        b, t = x.shape
+        if input_pos is None:
+            raise ValueError("a forward with a cache needs input_pos, the cache slots of the new tokens")
+        if b != cache.batch_size:
+            raise ValueError(f"batch of {b} rows but the cache holds {cache.batch_size}; use cache.reorder()")
+        if positions is None:
+            positions = input_pos.expand(b, t)
+        if doc_ids is not None:
+            cache.doc_ids[:, input_pos] = doc_ids
+            cache.has_docs = True
+        elif cache.has_docs:
+            cache.doc_ids[:, input_pos] = 0
+        window = self.sliding_window
+        if cache.static:
+            lo, hi, kind = 0, cache.max_len, 'explicit'
+        else:
+            first, last = input_pos[[0, -1]].tolist()  # one host read per forward, not per layer
+            if last >= cache.max_len:
+                raise ValueError(f"cache slot {last} is past the cache's max_len={cache.max_len}")
+            hi = last + 1
+            lo = max(0, first - window + 1) if window is not None else 0
+            if window is not None and window >= hi:
+                window = None
+            if cache.has_docs or self.uses_bias:
+                kind = 'explicit'
+            elif t == 1:
+                kind = 'all'  # one token sees every key in lo..hi-1: the prefix, or exactly its window
+            elif first == 0 and hi == t and window is None:
+                kind = 'causal'
+            else:
+                kind = 'explicit'
+        q_docs = k_docs = None
+        if cache.has_docs:
+            q_docs = doc_ids if doc_ids is not None else torch.zeros_like(x)
+            k_docs = cache.doc_ids[:, lo:hi]
+        ctx = AttentionContext(kind=kind, q_slots=input_pos, k_slots=torch.arange(lo, hi, device=x.device),
+                               q_docs=q_docs, k_docs=k_docs, window=window, position=self.position,
+                               input_pos=input_pos, lo=lo, hi=hi)
+        return ctx, positions
+
+    def num_parameters(self) -> int:
+        """Number of distinct parameters (a tied head counts once)."""
+        return sum(p.numel() for p in self.parameters())
