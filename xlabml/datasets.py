@@ -83,6 +83,8 @@ def load_source(source: str | Mapping[str, Any]) -> datasets.Dataset:
             raise FileNotFoundError(f"data source {dict(source)!r}: {e}") from e
         except ConnectionError as e:
             raise ConnectionError(f"data source {dict(source)!r} needs the network: {e}") from e
+        except datasets.exceptions.DatasetGenerationError as e:
+            raise ValueError(f"data source {dict(source)!r} could not be read: {e.__cause__ or e}") from e
     if isinstance(dataset, (datasets.IterableDataset, datasets.IterableDatasetDict)):
         raise ValueError(f"data source {dict(source)!r}: streaming datasets are not supported; "
                          "use dynamic_encode for corpora too large to encode up front")
@@ -122,7 +124,7 @@ def _resolve_local_files(kwargs: dict, source: Mapping) -> None:
     elif kwargs.get("data_files") is None:
         raise ValueError(f"data source {dict(source)!r}: expected 'path', 'data_files' or 'builtin'")
     data_files = kwargs.get("data_files")
-    if data_files is None or kwargs["path"] not in (None, *set(BUILDER_BY_EXTENSION.values())):
+    if data_files is None or kwargs.get("path") not in (None, *set(BUILDER_BY_EXTENSION.values())):
         return  # hub dataset or directory: load_dataset resolves its own files
     patterns = _flatten_patterns(data_files)
     resolved = []
@@ -137,6 +139,9 @@ def _resolve_local_files(kwargs: dict, source: Mapping) -> None:
         elif not os.path.isfile(expanded):
             raise FileNotFoundError(f"data source {dict(source)!r}: data file {pattern!r} does not exist")
         resolved.append(expanded)
+    local = [f for p in resolved if "://" not in p for f in glob.glob(p, recursive=True)]
+    if local and len(local) == len(resolved) and all(os.path.getsize(f) == 0 for f in local):
+        raise ValueError(f"data source {dict(source)!r} has no documents: its files are empty")
     if kwargs.get("path") is None:
         kwargs["path"] = _builder_for(resolved[0], source)
     kwargs["data_files"] = _map_patterns(data_files, os.path.expanduser)
