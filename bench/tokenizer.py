@@ -1,0 +1,136 @@
+#!/usr/bin/env python
+"""Cost of the tokenizer's escaping layer over raw SentencePiece, on a batch of real text lines.
+
+Trains (or loads) a tokenizer on the built-in corpus, then times the multi-threaded batch encode and decode of
+the corpus' non-empty lines with the raw SentencePiece processor of the same model (the reference) and with
+``xlabml.tokenizer.Tokenizer``: same lines, same threads, runs paired back to back, best of ``--repeats`` (and the median of the paired ratios). Prints MB/s for
+both, the ratio and the overhead, and ends with one JSON line. Target: encode overhead <= 10%.
+
+    python bench/tokenizer.py [--corpus python-docs|PATH] [--num-tokens 4096] [--tokenizer MODEL] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import sentencepiece as spm  # noqa: E402
+
+from xlabml.corpus import BUILTIN_CORPORA, iter_builtin_texts  # noqa: E402
+from xlabml.tokenizer import ESCAPE, META, Tokenizer, TokenizerTrainer  # noqa: E402
+
+
+def load_texts(corpus: str) -> list[str]:
+    if corpus in BUILTIN_CORPORA:
+        return list(iter_builtin_texts(corpus))
+    with open(corpus, encoding="utf-8") as f:
+        return [f.read()]
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def compare(raw_fn, ours_fn, repeats: int) -> tuple[float, float, float]:
+    """Best time of each and the median of the paired ratios ours/raw. The two run back to back in each repeat
+    (order alternating), so load changes on the machine hit both alike."""
+    raw, ours, ratios = [], [], []
+    for i in range(repeats):
+        if i % 2:
+            o, r = timed(ours_fn), timed(raw_fn)
+        else:
+            r, o = timed(raw_fn), timed(ours_fn)
+        raw.append(r)
+        ours.append(o)
+        ratios.append(o / r)
+    return min(raw), min(ours), statistics.median(ratios)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", default="python-docs", help="built-in corpus name or a UTF-8 text file")
+    parser.add_argument("--num-tokens", type=int, default=4096)
+    parser.add_argument("--tokenizer", help="an existing tokenizer model (default: train one in a temp dir)")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--copies", type=int, default=1, help="the line batch holds this many copies of the corpus")
+    args = parser.parse_args()
+
+    texts = load_texts(args.corpus)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        if args.tokenizer:
+            tokenizer = Tokenizer.load(args.tokenizer, num_threads=args.threads)
+        else:
+            tokenizer = TokenizerTrainer().train(iter(texts), args.num_tokens, os.path.join(tmp, "bench.model"))
+            tokenizer.num_threads = args.threads
+        train_s = time.perf_counter() - start
+
+    lines = [line for text in texts for line in text.split("\n") if line.strip()] * args.copies
+    n_bytes = sum(len(line.encode("utf-8")) for line in lines)
+    n_special = sum(1 for line in lines if ESCAPE in line or META in line)
+    raw = spm.SentencePieceProcessor(model_proto=tokenizer.model_proto)
+
+    raw_ids = raw.encode(lines, num_threads=args.threads)
+    our_ids = tokenizer.encode(lines)
+    n_tokens = sum(map(len, our_ids))
+    if n_special == 0:
+        assert our_ids == raw_ids, "without special characters both must give the same ids"
+    assert tokenizer.decode(our_ids) == lines
+
+    enc_raw, enc_ours, enc_median = compare(lambda: raw.encode(lines, num_threads=args.threads),
+                                lambda: tokenizer.encode(lines), args.repeats)
+    dec_raw, dec_ours, dec_median = compare(lambda: raw.decode(raw_ids, num_threads=args.threads),
+                                lambda: tokenizer.decode(our_ids), args.repeats)
+
+    # Worst case for the escaping layer: every line holds the meta symbol, so every line takes the slow path.
+    worst = [f"{line} {META}" for line in lines]
+    worst_ids = tokenizer.encode(worst)
+    worst_raw_s, worst_ours_s, _ = compare(lambda: raw.encode(worst, num_threads=args.threads),
+                                        lambda: tokenizer.encode(worst), max(3, args.repeats // 3))
+    assert tokenizer.decode(worst_ids) == worst
+
+    mb = n_bytes / 1e6
+    result = {
+        "corpus": args.corpus, "num_tokens": len(tokenizer), "threads": args.threads, "lines": len(lines),
+        "mb": round(mb, 3), "tokens": n_tokens, "bytes_per_token": round(n_bytes / n_tokens, 3),
+        "lines_with_special_chars": n_special, "train_s": round(train_s, 2),
+        "encode_mb_s_raw": round(mb / enc_raw, 2), "encode_mb_s_xlab": round(mb / enc_ours, 2),
+        "encode_ratio": round(enc_ours / enc_raw, 4), "encode_overhead_pct": round(100 * (enc_ours / enc_raw - 1), 2),
+        "encode_overhead_pct_median_paired": round(100 * (enc_median - 1), 2),
+        "decode_mb_s_raw": round(mb / dec_raw, 2), "decode_mb_s_xlab": round(mb / dec_ours, 2),
+        "decode_overhead_pct": round(100 * (dec_ours / dec_raw - 1), 2),
+        "decode_overhead_pct_median_paired": round(100 * (dec_median - 1), 2),
+        "worst_case_encode_overhead_pct": round(100 * (worst_ours_s / worst_raw_s - 1), 2),
+        "target_encode_overhead_pct": 10.0,
+        "reference": "raw sentencepiece.SentencePieceProcessor batch encode/decode of the same model and lines",
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+                   f"sentencepiece {spm.__version__}",
+    }
+    print(f"machine: {result['machine']}")
+    print(f"corpus: {args.corpus}, {len(lines)} lines, {mb:.2f} MB, {n_tokens} tokens "
+          f"({result['bytes_per_token']} bytes/token), vocabulary {len(tokenizer)}, {args.threads} threads, "
+          f"best of {args.repeats}")
+    print(f"encode: raw SentencePiece {mb / enc_raw:8.2f} MB/s | xlabml Tokenizer {mb / enc_ours:8.2f} MB/s | "
+          f"ratio {enc_ours / enc_raw:.3f} | overhead {result['encode_overhead_pct']:+.1f}% "
+          f"(median of paired runs {result['encode_overhead_pct_median_paired']:+.1f}%; target <= 10%)")
+    print(f"decode: raw SentencePiece {mb / dec_raw:8.2f} MB/s | xlabml Tokenizer {mb / dec_ours:8.2f} MB/s | "
+          f"ratio {dec_ours / dec_raw:.3f} | overhead {result['decode_overhead_pct']:+.1f}% "
+          f"(median of paired runs {result['decode_overhead_pct_median_paired']:+.1f}%)")
+    print(f"worst case (a {META} in every line, all lines escaped): encode overhead "
+          f"{result['worst_case_encode_overhead_pct']:+.1f}%")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
