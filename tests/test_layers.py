@@ -1,0 +1,302 @@
+import math
+
+import pytest
+import torch
+
+from xlabml.layers import (
+    ALiBiPosition, ATTENTIONS, Decoder, FEED_FORWARDS, NORMS, POSITIONS, RotaryPosition, apply_rotary,
+    swiglu_hidden,
+)
+
+V, L = 53, 48
+POSITION_TYPES = ['sinusoidal', 'learned', 'rope', 'alibi', 'none']
+
+VARIANTS = {
+    **{f'position={p}': dict(position=p) for p in POSITION_TYPES},
+    'rope-partial': dict(position='rope', rope_fraction=0.5, rope_base=500.0),
+    'rmsnorm-swiglu-gqa': dict(position='rope', norm='rmsnorm', ffn='swiglu', n_kv_heads=2),
+    'mqa-relu': dict(n_kv_heads=1, ffn='relu'),
+    'postnorm': dict(prenorm=False, final_norm=False),
+    'parallel': dict(parallel_residual=True),
+    'postnorm-parallel': dict(prenorm=False, parallel_residual=True),
+    'window': dict(sliding_window=4),
+    'window-alibi': dict(sliding_window=5, position='alibi'),
+    'qk-norm-nobias-tied': dict(qk_norm=True, bias=False, tie_embeddings=True),
+    'naive': dict(attention='naive', position='alibi', n_kv_heads=2),
+}
+
+
+def make(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    config = dict(d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.0) | kwargs
+    return Decoder(V, L, **config).eval()
+
+
+def tokens(*shape, seed=1):
+    return torch.randint(0, V, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_causal(variant):
+    model = make(**VARIANTS[variant])
+    x = tokens(2, 16)
+    logits = model(x)
+    for t in (0, 5, 11):
+        changed = x.clone()
+        changed[:, t + 1:] = (changed[:, t + 1:] + 1) % V
+        assert torch.allclose(model(changed)[:, :t + 1], logits[:, :t + 1], atol=1e-6)
+        assert not torch.allclose(model(changed)[:, t + 1:], logits[:, t + 1:], atol=1e-3)
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_packed_equals_alone(variant):
+    model = make(**VARIANTS[variant])
+    lengths = [5, 9, 2, 8]
+    docs = [tokens(1, n, seed=10 + i) for i, n in enumerate(lengths)]
+    x = torch.cat(docs, dim=1)  # 1 x 24
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    doc_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
+    packed = model(x, positions=positions, doc_ids=doc_ids)
+    start = 0
+    for doc, n in zip(docs, lengths):
+        alone = model(doc)
+        assert (packed[:, start:start + n] - alone).abs().max() <= 1e-5
+        start += n
+
+
+def decode_in_steps(model, x, prompt_len, **cache_kwargs):
+    cache = model.init_cache(x.size(0), **cache_kwargs)
+    outputs = [model(x[:, :prompt_len], cache=cache, input_pos=torch.arange(prompt_len))]
+    for i in range(prompt_len, x.size(1)):
+        outputs.append(model(x[:, i:i + 1], cache=cache, input_pos=torch.tensor([i])))
+    return torch.cat(outputs, dim=1)
+
+
+CACHE_VARIANTS = {
+    **{f'{p}-{kv}': dict(position=p, n_kv_heads=kv) for p in POSITION_TYPES[:4] for kv in (4, 2, 1)},
+    **{f'{p}-window': dict(position=p, sliding_window=3, n_kv_heads=2) for p in POSITION_TYPES[:4]},
+    'rope-partial-qknorm': dict(position='rope', rope_fraction=0.25, qk_norm=True),
+    'postnorm-parallel-naive': dict(prenorm=False, parallel_residual=True, attention='naive'),
+}
+
+
+@pytest.mark.parametrize('static', [False, True], ids=['dynamic', 'static'])
+@pytest.mark.parametrize('variant', CACHE_VARIANTS)
+def test_cache_prefill_decode_equals_full_forward(variant, static):
+    model = make(**CACHE_VARIANTS[variant])
+    x = tokens(3, 20)
+    full = model(x)
+    stepped = decode_in_steps(model, x, prompt_len=7, static=static)  # prompt longer than the window
+    assert (stepped - full).abs().max() <= 1e-4
+
+
+def test_cache_chunked_prefill_and_last_only():
+    model = make(position='rope', sliding_window=6, n_kv_heads=2)
+    x = tokens(2, 20)
+    full = model(x)
+    cache = model.init_cache(2, max_len=32)
+    first = model(x[:, :8], cache=cache, input_pos=torch.arange(8))
+    second = model(x[:, 8:15], cache=cache, input_pos=torch.arange(8, 15))  # a chunk after a chunk
+    last = model(x[:, 15:16], cache=cache, input_pos=torch.tensor([15]), last_only=True)
+    assert (torch.cat([first, second, last], 1) - full[:, :16]).abs().max() <= 1e-4
+    assert last.shape == (2, 1, V)
+    assert torch.allclose(model(x, last_only=True), full[:, -1:], atol=1e-6)
+
+
+@pytest.mark.parametrize('position', POSITION_TYPES[:4])
+def test_cache_left_padded_batch_equals_each_row_alone(position):
+    model = make(position=position, n_kv_heads=2)
+    prompts = [tokens(1, n, seed=20 + n)[0] for n in (3, 7, 5)]
+    width, steps = 7, 4
+    x = torch.zeros(3, width, dtype=torch.long)
+    doc_ids = torch.full((3, width), -1)
+    positions = torch.zeros(3, width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        n = len(prompt)
+        x[row, width - n:] = prompt
+        doc_ids[row, width - n:] = 0
+        positions[row, width - n:] = torch.arange(n)
+    continuation = tokens(3, steps, seed=5)
+    cache = model.init_cache(3)
+    outputs = [model(x, positions=positions, doc_ids=doc_ids, cache=cache, input_pos=torch.arange(width))[:, -1:]]
+    lengths = torch.tensor([len(p) for p in prompts])
+    for i in range(steps):
+        slot = width + i
+        outputs.append(model(continuation[:, i:i + 1], positions=(lengths + i)[:, None],
+                             doc_ids=torch.zeros(3, 1, dtype=torch.long), cache=cache,
+                             input_pos=torch.tensor([slot])))
+    batched = torch.cat(outputs, dim=1)  # 3 x (1 + steps) x V
+    for row, prompt in enumerate(prompts):
+        alone = model(torch.cat([prompt, continuation[row]])[None])[0, len(prompt) - 1:]
+        assert (batched[row] - alone).abs().max() <= 1e-4
+
+
+def test_cache_reorder_and_reset():
+    model = make(position='rope', n_kv_heads=2)
+    x = tokens(2, 10)
+    cache = model.init_cache(2)
+    model(x[:, :6], cache=cache, input_pos=torch.arange(6))
+    cache.reorder(torch.tensor([1, 1, 0]))  # beam search: rows may repeat, the batch may grow
+    assert cache.batch_size == 3 and cache.layers[0].k.shape[0] == 3
+    rows = x[[1, 1, 0]]
+    step = model(rows[:, 6:7], cache=cache, input_pos=torch.tensor([6]))
+    assert (step - model(rows[:, :7])[:, -1:]).abs().max() <= 1e-4
+    cache.reset()
+    assert all(layer.k.abs().sum() == 0 for layer in cache.layers)
+    assert 'k' not in model.state_dict() and not any('cache' in k for k in model.state_dict())
+    assert cache.state_dict() == {}  # non-persistent buffers: never in a checkpoint
+
+
+def test_cache_errors_name_the_problem():
+    model = make()
+    cache = model.init_cache(2, max_len=8)
+    with pytest.raises(ValueError, match='input_pos'):
+        model(tokens(2, 3), cache=cache)
+    with pytest.raises(ValueError, match='cache holds 2'):
+        model(tokens(3, 3), cache=cache, input_pos=torch.arange(3))
+    with pytest.raises(ValueError, match='max_len=8'):
+        model(tokens(2, 3), cache=cache, input_pos=torch.arange(7, 10))
+
+
+def test_gqa_with_all_heads_is_mha_and_grouping_repeats_kv_heads():
+    mha = make(n_kv_heads=None)
+    same = make(n_kv_heads=4)
+    same.load_state_dict(mha.state_dict())
+    x = tokens(2, 12)
+    assert torch.equal(mha(x), same(x))
+    # a GQA model equals the MHA model whose key/value heads are copies of the shared ones
+    gqa = make(n_kv_heads=2, seed=3)
+    expanded = make(n_kv_heads=4)
+    state = gqa.state_dict()
+    d = 8
+    for name in [k for k in state if k.endswith('attn.qkv.weight') or k.endswith('attn.qkv.bias')]:
+        q, k, v = state[name].split([32, 16, 16])
+        k = k.unflatten(0, (2, d)).repeat_interleave(2, 0).flatten(0, 1)
+        v = v.unflatten(0, (2, d)).repeat_interleave(2, 0).flatten(0, 1)
+        state[name] = torch.cat([q, k, v])
+    expanded.load_state_dict(state)
+    assert (gqa(x) - expanded(x)).abs().max() <= 1e-5
+
+
+def test_rope_is_relative():
+    rope = RotaryPosition(head_dim=16, rope_fraction=0.5)
+    q, k = torch.randn(2, 4, 10, 16), torch.randn(2, 4, 10, 16)
+    positions = torch.arange(10).expand(2, 10)
+    scores = []
+    for shift in (0, 37):
+        cos, sin = rope.rotary(positions + shift)
+        scores.append(apply_rotary(q, cos, sin) @ apply_rotary(k, cos, sin).transpose(-2, -1))
+    assert (scores[0] - scores[1]).abs().max() <= 1e-4
+    assert torch.equal(apply_rotary(q, cos, sin)[..., 8:], q[..., 8:])  # partial: last half untouched
+    model = make(position='rope', attention='naive')
+    for block in model.blocks:
+        block.attn.keep_weights = True
+    x = tokens(1, 12)
+    model(x)
+    weights = [b.attn.weights for b in model.blocks]
+    shifted = model(x, positions=torch.arange(12)[None] + 100)
+    assert (shifted - model(x)).abs().max() <= 1e-4
+    assert all((w - b.attn.weights).abs().max() <= 1e-5 for w, b in zip(weights, model.blocks))
+
+
+def test_naive_weights_and_backends_agree():
+    for config in (dict(), dict(position='alibi', sliding_window=4, n_kv_heads=2)):
+        naive, sdpa = make(attention='naive', **config), make(attention='sdpa', **config)
+        sdpa.load_state_dict(naive.state_dict())
+        x = tokens(2, 14)
+        doc_ids = torch.tensor([[0] * 6 + [1] * 8, [0] * 14])
+        naive.blocks[0].attn.keep_weights = True
+        assert (naive(x, doc_ids=doc_ids) - sdpa(x, doc_ids=doc_ids)).abs().max() <= 1e-5
+        w = naive.blocks[0].attn.weights  # b h t t
+        assert w.shape == (2, 4, 14, 14)
+        assert torch.allclose(w.sum(-1), torch.ones(2, 4, 14))
+        assert w.triu(1).abs().max() == 0  # causal
+        assert w[0, :, 6:, :6].abs().max() == 0  # document 1 never sees document 0
+
+
+def test_alibi_slopes():
+    assert torch.allclose(ALiBiPosition.make_slopes(8), 2.0 ** -torch.arange(1, 9.0))
+    assert torch.allclose(ALiBiPosition.make_slopes(6)[:4], 2.0 ** -(2 * torch.arange(1, 5.0)))
+
+
+def expected_parameters(d=32, n_layers=2, h=4, kv=4, f=64, ffn='gelu', norm='layernorm', bias=True,
+                        position='sinusoidal', tied=False, qk_norm=False, final_norm=True):
+    hd = d // h
+    norm_params = (lambda n: 2 * n if bias else n) if norm == 'layernorm' else (lambda n: n)
+    attn = d * (h + 2 * kv) * hd + h * hd * d + bias * ((h + 2 * kv) * hd + d) + qk_norm * 2 * norm_params(hd)
+    hidden = swiglu_hidden(f) if ffn == 'swiglu' else f
+    mlp = d * hidden * (2 if ffn == 'swiglu' else 1) + hidden * d + bias * (hidden * (2 if ffn == 'swiglu' else 1) + d)
+    block = attn + mlp + 2 * norm_params(d)
+    total = V * d + n_layers * block + final_norm * norm_params(d) + (0 if tied else V * d) + bias * V
+    return total + (L * d if position == 'learned' else 0)
+
+
+@pytest.mark.parametrize('config', [
+    dict(),
+    dict(position='learned', kv=2),
+    dict(ffn='swiglu', norm='rmsnorm', bias=False, kv=1, tied=True),
+    dict(qk_norm=True, final_norm=False, position='rope'),
+], ids=str)
+def test_parameter_count_matches_formula(config):
+    kwargs = dict(n_kv_heads=config.get('kv'), ffn=config.get('ffn', 'gelu'), norm=config.get('norm', 'layernorm'),
+                  bias=config.get('bias', True), position=config.get('position', 'sinusoidal'),
+                  tie_embeddings=config.get('tied', False), qk_norm=config.get('qk_norm', False),
+                  final_norm=config.get('final_norm', True))
+    assert make(**kwargs).num_parameters() == expected_parameters(**config)
+    assert swiglu_hidden(64) == 48 and swiglu_hidden(2048) == 1368
+
+
+def test_init_is_scaled():
+    torch.manual_seed(0)
+    model = Decoder(V, L, d_model=256, n_layers=8, n_heads=4, d_ff=1024, dropout=0.0)
+    block = model.blocks[3]
+    assert abs(block.attn.qkv.weight.std().item() - 0.02) < 0.001
+    assert abs(block.ffn.proj.weight.std().item() - 0.02 / 4) < 0.0003  # 0.02 / sqrt(2 * 8)
+    assert abs(block.attn.proj.weight.std().item() - 0.02 / 4) < 0.0003
+    assert block.ffn.fc.bias.abs().max() == 0 and model.head.bias.abs().max() == 0
+    tied = Decoder(V, L, d_model=32, n_layers=1, n_heads=4, d_ff=64, tie_embeddings=True)
+    assert tied.head.weight is tied.embedding.weight
+
+
+def test_unknown_names_list_valid_ones():
+    for key, registry in (('position', POSITIONS), ('norm', NORMS), ('ffn', FEED_FORWARDS),
+                          ('attention', ATTENTIONS)):
+        with pytest.raises(ValueError, match=f"unknown {key} 'bogus'.*" + ', '.join(sorted(registry))):
+            make(**{key: 'bogus'})
+    with pytest.raises(ValueError, match='n_kv_heads=3'):
+        make(n_kv_heads=3)
+    with pytest.raises(ValueError, match='d_model=30'):
+        make(d_model=30)
+
+
+def test_flash_backend_missing_is_a_clear_error():
+    pytest.importorskip('torch')
+    try:
+        import flash_attn  # noqa: F401
+        pytest.skip('flash_attn is installed')
+    except ImportError:
+        pass
+    with pytest.raises(ValueError, match="flash_attn"):
+        make(attention='flash')
+
+
+def test_activation_checkpointing_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        model = make(activation_checkpointing=ckpt, position='rope').train()
+        x = tokens(2, 12)
+        model(x, doc_ids=torch.tensor([[0] * 5 + [1] * 7] * 2)).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_dropout_placement_defaults():
+    model = Decoder(V, L, d_model=32, n_layers=1, n_heads=4, d_ff=64, dropout=0.1)
+    block = model.blocks[0]
+    assert block.attn.dropout == pytest.approx(0.1)  # attention probabilities
+    assert isinstance(block.ffn.dropout, torch.nn.Dropout)  # feed-forward hidden
+    assert isinstance(block.dropout, torch.nn.Identity)  # residual branches: off by default
+    assert isinstance(model.embedding_dropout, torch.nn.Identity)
+    x = tokens(2, 8)
+    assert torch.equal(model.eval()(x), model(x))  # eval is deterministic
+    assert math.isclose(model.embedding_scale, math.sqrt(32))
