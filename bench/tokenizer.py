@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sentencepiece as spm  # noqa: E402
 
 from xlabml.corpus import BUILTIN_CORPORA, iter_builtin_texts  # noqa: E402
-from xlabml.tokenizer import ESCAPE, META, Tokenizer, TokenizerTrainer  # noqa: E402
+from xlabml.tokenizer import ESCAPE, META, Tokenizer, TokenizerTrainer, _default_num_threads  # noqa: E402
 
 
 def load_texts(corpus: str) -> list[str]:
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--corpus", default="python-docs", help="built-in corpus name or a UTF-8 text file")
     parser.add_argument("--num-tokens", type=int, default=4096)
     parser.add_argument("--tokenizer", help="an existing tokenizer model (default: train one in a temp dir)")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--threads", type=int, default=_default_num_threads())
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--copies", type=int, default=1, help="the line batch holds this many copies of the corpus")
     args = parser.parse_args()

@@ -5,7 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xlabml.corpus import iter_builtin_texts
-from xlabml.tokenizer import ESCAPE, META, Tokenizer, TokenizerTrainer, escape, split_text, unescape
+from xlabml.tokenizer import (_ESCAPE_TABLE, ESCAPE, META, Tokenizer, TokenizerTrainer, escape, split_text,
+                              unescape)
 
 E, M = ESCAPE, META
 
@@ -30,7 +31,9 @@ TARGETED = [
 def tokenizer(tmp_path_factory):
     texts = [SPECIAL_TEXT, *list(iter_builtin_texts("python-topics"))[:20]]
     path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-    return TokenizerTrainer({"num_threads": 2}).train(iter(texts), 700, path)
+    tokenizer = TokenizerTrainer({"num_threads": 2}).train(iter(texts), 700, path)
+    tokenizer.num_threads = 2  # batch encode/decode threads
+    return tokenizer
 
 
 def test_special_pieces_get_merged(tokenizer):
@@ -65,7 +68,7 @@ def test_escape_is_a_bijection(text):
     escaped = escape(text)
     assert M not in escaped
     assert unescape(escaped) == text
-    assert escaped == "".join(escape(c) for c in text)  # a per-character substitution
+    assert escaped == "".join(escape(c) for c in text) == text.translate(_ESCAPE_TABLE)  # per character
 
 
 def test_escaped_forms():
@@ -122,6 +125,8 @@ def test_load_save_pickle(tokenizer, tmp_path):
     text = f"pickle {M} me"
     assert loaded.encode(text) == from_bytes.encode(text) == clone.encode(text) == tokenizer.encode(text)
     assert pickle.dumps(tokenizer) == pickle.dumps(clone)  # stable bytes, for datasets' fingerprints
+    assert tokenizer.num_threads == 2 and clone.num_threads == 2  # the fixture set it; kept when pickled
+    assert from_bytes.num_threads >= 1 and pickle.loads(pickle.dumps(from_bytes))._num_threads is None
 
 
 def test_refuses_to_overwrite(tmp_path):

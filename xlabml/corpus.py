@@ -105,10 +105,14 @@ def _stdlib_docstrings() -> Iterator[str]:
     """Run this file in an isolated interpreter and read back its documents (see the module docstring)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "docs.json")
-        subprocess.run(
+        proc = subprocess.run(
             [sys.executable, "-I", "-S", os.path.abspath(__file__), out],
-            check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600,
         )
+        if proc.returncode != 0:
+            error = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no message"]
+            raise RuntimeError(f"collecting standard-library docstrings with {sys.executable} failed "
+                               f"(exit {proc.returncode}): {error[0]}")
         with open(out, encoding="utf-8") as f:
             docs = json.load(f)
     yield from docs

@@ -79,7 +79,8 @@ class Tokenizer:
     Attributes:
         path: the model file it was loaded from or saved to (None when loaded from bytes).
         model_proto: the serialized SentencePiece model (bytes), e.g. to hash for a cache key.
-        num_threads: threads used by the batch ``encode``/``decode`` (default: the CPUs this process may use).
+        num_threads: threads used by the batch ``encode``/``decode`` (default, or set to None: the CPUs this
+            process may use).
     """
 
     unk_token = "<unk>"
@@ -91,7 +92,7 @@ class Tokenizer:
     def __init__(self, model_proto: bytes, path: str | None = None, num_threads: int | None = None):
         self.path = None if path is None else os.fspath(path)
         self.model_proto = bytes(model_proto)
-        self.num_threads = _default_num_threads() if num_threads is None else int(num_threads)
+        self.num_threads = num_threads
         where = self.path if self.path is not None else "the given bytes"
         self._sp = spm.SentencePieceProcessor()
         try:
@@ -122,6 +123,14 @@ class Tokenizer:
         except IsADirectoryError:
             raise ValueError(f"tokenizer model path is a directory, expected a file: {path}") from None
         return cls(proto, path=path, num_threads=num_threads)
+
+    @property
+    def num_threads(self) -> int:
+        return _default_num_threads() if self._num_threads is None else self._num_threads
+
+    @num_threads.setter
+    def num_threads(self, value: int | None) -> None:
+        self._num_threads = None if value is None else int(value)
 
     def encode(self, text: str | Sequence[str]) -> list[int] | list[list[int]]:
         """Token ids of one text, or of each text in a list (multi-threaded, ``num_threads``)."""
@@ -185,9 +194,9 @@ class Tokenizer:
                 raise IndexError(f"token id {i} is out of range: expected 0 <= id < {n}")
 
     # Pickle the model bytes, not the processor: datamodule workers and datasets' fingerprinting pickle the
-    # tokenizer, and the bytes make a stable hash.
+    # tokenizer, and the bytes make a stable hash (the thread count only when set, not the machine's CPU count).
     def __getstate__(self) -> dict:
-        return {"model_proto": self.model_proto, "path": self.path, "num_threads": self.num_threads}
+        return {"model_proto": self.model_proto, "path": self.path, "num_threads": self._num_threads}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["model_proto"], path=state["path"], num_threads=state["num_threads"])
