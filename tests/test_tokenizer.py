@@ -190,7 +190,9 @@ def test_split_text():
     no_newline = list(split_text("word " * 100, 64))
     assert "".join(no_newline) == "word " * 100 and all(p.startswith(" ") for p in no_newline[1:])
     assert list(split_text("short", 100)) == ["short"]
-    assert "".join(split_text("😀" * 50, 6)) == "😀" * 50  # hard cuts only between characters
+    assert list(split_text("😀" * 50, 6)) == ["😀"] * 50  # hard cuts only between characters
+    with pytest.raises(ValueError, match="max_bytes"):
+        list(split_text("abc", 3))
 
 
 def test_char_model(tmp_path):

@@ -317,6 +317,8 @@ def split_text(text: str, max_bytes: int) -> Iterator[str]:
     A piece ends after the last newline, else before the last space, found in the second half of its window;
     otherwise at the last character boundary that fits.
     """
+    if max_bytes < 4:
+        raise ValueError(f"max_bytes must be >= 4 (the longest UTF-8 character), got {max_bytes}")
     if len(text) * 4 <= max_bytes:  # cheap: a character takes at most 4 bytes
         yield text
         return
