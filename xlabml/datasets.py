@@ -441,7 +441,7 @@ class TokenDataset(Dataset):
     def _encoded(self, doc: int) -> np.ndarray:
         ids = self._recent.get(doc)
         if ids is None:
-            ids = np.asarray(self._encode([self.data[doc]["text"]])["ids"].values, dtype=np.int32)
+            ids = np.asarray(self._encode([self.data[doc]["text"]])["ids"][0], dtype=np.int32)
             self._recent[doc] = ids
             if len(self._recent) > 64:  # neighbouring windows of one document reuse its encoding
                 self._recent.popitem(last=False)
