@@ -11,6 +11,16 @@ from xlabml.layers import (
 V, L = 53, 48
 POSITION_TYPES = ['sinusoidal', 'learned', 'rope', 'alibi', 'none']
 
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    # tiny models gain nothing from a second thread, and on a loaded 2-core machine an OpenMP barrier
+    # waiting for a descheduled thread makes every small op take milliseconds
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 VARIANTS = {
     **{f'position={p}': dict(position=p) for p in POSITION_TYPES},
     'rope-partial': dict(position='rope', rope_fraction=0.5, rope_base=500.0),
