@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
-__all__ = ["Tokenizer", "TokenizerTrainer", "escape", "unescape", "ESCAPE", "META"]
+__all__ = ["Tokenizer", "TokenizerTrainer", "escape", "unescape", "split_text", "ESCAPE", "META"]
 
 ESCAPE = "\ue000"
 META = "\u2581"  # SentencePiece's whitespace meta symbol
