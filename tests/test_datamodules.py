@@ -148,7 +148,10 @@ def test_num_proc_and_dynamic_encode_give_the_same_windows(tmp_path, corpus, tok
     parallel.setup("fit")
     dynamic = make(tmp_path, corpus, tokenizer_file, packed=True, dynamic_encode=True, cache_dir=str(tmp_path / "c3"))
     dynamic.setup("fit")
-    assert "ids" not in dynamic.datasets["train"].tokens.data.column_names
+    assert dynamic.datasets["train"].tokens.data.column_names == ["length"]  # no ids, no second copy of the text
+    reuse = make(tmp_path, corpus, tokenizer_file, packed=True, num_proc=1, cache_dir=str(tmp_path / "c2"))
+    reuse.setup("fit")
+    assert reuse.datasets["train"].tokens.from_cache  # the cache key does not depend on num_proc
     a, b, c = (dm.datasets["train"] for dm in (base, parallel, dynamic))
     assert len(a) == len(b) == len(c) > 20
     for i in range(len(a)):

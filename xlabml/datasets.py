@@ -282,7 +282,8 @@ def load_splits(locations, splits: Mapping[str, Any] | None = None, seed: int = 
             if name in counts:
                 indices = np.sort(order[start:start + counts[name]])
                 start += counts[name]
-                result[name] = documents.select(indices)
+                whole = len(indices) == len(documents)  # every document, in order: keep the fingerprint
+                result[name] = documents if whole else documents.select(indices)
                 report[name] = counts[name]
         report["unused"] = remainder
     for name, source in explicit.items():
@@ -311,27 +312,39 @@ def format_split_report(report: Mapping[str, int]) -> str:
 
 # --------------------------------------------------------------------------------------------- encoding
 
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def tokenizer_hash(tokenizer) -> str:
     """Hash of the serialized tokenizer model: part of every cache key that depends on the tokenizer."""
     return hashlib.sha256(tokenizer.model_proto).hexdigest()[:16]
 
 
 class _Encode:
-    """Picklable batch encoder (the tokenizer is rebuilt from its model bytes in each worker process)."""
+    """Picklable batch encoder (the tokenizer is rebuilt from its model bytes in each worker process).
 
-    def __init__(self, model_proto: bytes, lengths_only: bool = False):
+    `num_threads` caps SentencePiece's batch threads, so that `num_proc` processes share the CPUs instead of
+    each starting one thread per CPU.
+    """
+
+    def __init__(self, model_proto: bytes, lengths_only: bool = False, num_threads: int | None = None):
         self.model_proto = model_proto
         self.lengths_only = lengths_only
+        self.num_threads = num_threads
         self._tokenizer = None
 
     def __getstate__(self):
-        return {"model_proto": self.model_proto, "lengths_only": self.lengths_only, "_tokenizer": None}
+        return {**self.__dict__, "_tokenizer": None}
 
     @property
     def tokenizer(self):
         if self._tokenizer is None:
             from xlabml.tokenizer import Tokenizer
-            self._tokenizer = Tokenizer.load(self.model_proto)
+            self._tokenizer = Tokenizer.load(self.model_proto, num_threads=self.num_threads)
         return self._tokenizer
 
     def __call__(self, texts: list[str]) -> dict:
@@ -345,10 +358,10 @@ class TokenDataset(Dataset):
     """Token ids of every document of a text dataset, encoded once and cached on disk.
 
     ``Dataset.map(batched=True, num_proc=num_proc)`` writes an ``ids`` column (int32) to
-    ``cache_dir/tokens-<key>.arrow``, where the key hashes the text dataset's fingerprint and the tokenizer
+    ``cache_dir/ids-<key>.arrow``, where the key hashes the text dataset's fingerprint and the tokenizer
     model, so a second run with the same data and tokenizer reuses the file and a different tokenizer file
-    gets a new one. With ``dynamic=True`` only the token count of each document is cached (``length``
-    column, next to ``text``) and documents are encoded when a window needs them.
+    gets a new one (the key does not depend on ``num_proc``). With ``dynamic=True`` only the token count of each
+    document is cached (a ``length`` column) and documents are encoded from ``texts`` when a window needs them.
 
     Attributes: ``data`` (the Arrow dataset), ``lengths`` (int64 array of token counts per document),
     ``from_cache`` (whether the encoding was read from the cache).
@@ -363,6 +376,7 @@ class TokenDataset(Dataset):
             raise ValueError("TokenDataset: the text dataset has no documents")
         self.dynamic = dynamic
         self.model_proto = tokenizer.model_proto
+        self.texts = texts if dynamic else None
         cache_dir = os.path.expanduser(cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "xlabml"))
         os.makedirs(cache_dir, exist_ok=True)
         kind = "lengths" if dynamic else "ids"
@@ -370,23 +384,24 @@ class TokenDataset(Dataset):
                              .encode()).hexdigest()[:24]
         cache_file = os.path.join(cache_dir, f"{kind}-{key}.arrow")
         num_proc = max(1, min(int(num_proc or 1), len(texts)))
-        if num_proc == 1:
-            self.from_cache = os.path.exists(cache_file)
+        cached = _cached_files(cache_file)
+        self.from_cache = cached is not None
+        if cached is not None:  # written by any earlier num_proc
+            parts = [datasets.Dataset.from_file(f) for f in cached]
+            self.data = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
         else:
-            stem, ext = os.path.splitext(cache_file)
-            self.from_cache = all(os.path.exists(f"{stem}_{r:05d}_of_{num_proc:05d}{ext}") for r in range(num_proc))
-        if dynamic:
-            features = datasets.Features({**texts.features, "length": datasets.Value("int32")})
-            remove = None
-        else:
-            features = datasets.Features({"ids": datasets.List(datasets.Value("int32"))})
-            remove = texts.column_names
-        self.data = texts.map(
-            _Encode(tokenizer.model_proto, lengths_only=dynamic), input_columns="text", batched=True,
-            batch_size=batch_size, num_proc=num_proc if num_proc > 1 else None, remove_columns=remove,
-            features=features, cache_file_name=cache_file, new_fingerprint=key,
-            desc=f"Encoding {len(texts)} documents" + (" (lengths only)" if dynamic else ""),
-        )
+            features = datasets.Features({"length": datasets.Value("int32")} if dynamic else
+                                         {"ids": datasets.List(datasets.Value("int32"))})
+            threads = max(1, _available_cpus() // num_proc)
+            self.data = texts.map(
+                _Encode(tokenizer.model_proto, lengths_only=dynamic, num_threads=threads), input_columns="text",
+                batched=True, batch_size=batch_size, num_proc=num_proc if num_proc > 1 else None,
+                remove_columns=texts.column_names, features=features, cache_file_name=cache_file, new_fingerprint=key,
+                desc=f"Encoding {len(texts)} documents" + (" (lengths only)" if dynamic else ""),
+            )
+        if len(self.data) != len(texts):
+            raise RuntimeError(f"cached encoding {cache_file} has {len(self.data)} rows for {len(texts)} documents; "
+                               "delete it to encode again")
         self.lengths = self._read_lengths()
         self._flat = None
         self._encode = _Encode(tokenizer.model_proto) if dynamic else None
@@ -400,7 +415,7 @@ class TokenDataset(Dataset):
             ids = datasets.Dataset.from_dict(
                 {"ids": [list(doc) for doc in ids]},
                 features=datasets.Features({"ids": datasets.List(datasets.Value("int32"))}))
-        self.data, self.dynamic, self.model_proto, self.from_cache = ids, False, None, False
+        self.data, self.dynamic, self.model_proto, self.from_cache, self.texts = ids, False, None, False, None
         self.lengths = self._read_lengths()
         self._flat, self._encode, self._recent = None, None, OrderedDict()
         return self
@@ -441,11 +456,25 @@ class TokenDataset(Dataset):
     def _encoded(self, doc: int) -> np.ndarray:
         ids = self._recent.get(doc)
         if ids is None:
-            ids = np.asarray(self._encode([self.data[doc]["text"]])["ids"][0], dtype=np.int32)
+            ids = np.asarray(self._encode([self.texts[doc]["text"]])["ids"][0], dtype=np.int32)
             self._recent[doc] = ids
             if len(self._recent) > 64:  # neighbouring windows of one document reuse its encoding
                 self._recent.popitem(last=False)
         return ids
+
+
+def _cached_files(cache_file: str) -> list[str] | None:
+    """The files of a finished encoding: one file, or every shard of a ``num_proc`` run (any ``num_proc``)."""
+    if os.path.exists(cache_file):
+        return [cache_file]
+    stem, ext = os.path.splitext(cache_file)
+    for first in sorted(glob.glob(f"{glob.escape(stem)}_00000_of_*{ext}")):
+        count = first[len(stem) + len("_00000_of_"):-len(ext)]
+        if count.isdigit():
+            shards = [f"{stem}_{r:05d}_of_{int(count):05d}{ext}" for r in range(int(count))]
+            if all(os.path.exists(f) for f in shards):
+                return shards
+    return None
 
 
 class _FlatColumn:
