@@ -1,0 +1,539 @@
+#!/usr/bin/env python3
+"""Tiny Shakespeare quality benchmark: held-out bits per character against nanoGPT's reference runs.
+
+Splits the corpus at 90% of its characters into a train file and a held-out file, trains with
+``./xlab.py fit`` and scores the checkpoint with ``./xlab.py validate --ckpt_path`` -- only the public CLI
+and configuration surface, so this script doubles as an end-to-end test of the lab.
+
+Bits per character are taken over the whole held-out part as one document, cut into non-overlapping windows
+(``step_size == seq_len``, each window starting with fresh context):
+
+    bpc = (loss summed over every held-out target token) / (held-out characters) / ln 2
+
+which does not depend on the tokenizer, so character and BPE models compare directly. The held-out document
+is ``<sos> ids <eos>``: its targets are every token id plus the one ``<eos>`` (``<sos>`` is never a target).
+The ``<eos>`` term is counted in the sum (one token in ~110K characters; it changes bpc by < 1e-4).
+
+Examples::
+
+    bench/shakespeare.py                                  # nanoGPT CPU configuration, classic seed model
+    bench/shakespeare.py -c conf/extra/shakespeare.yaml   # the shipped best configuration, same budget
+    bench/shakespeare.py --arch modern --tokenizer bpe --vocab 1024 --lr 2e-3
+    bench/shakespeare.py --ablation [--seeds 3]           # table + plot under bench/results/
+    bench/shakespeare.py -- --model.qk_norm=true          # anything after -- goes to `xlab.py fit` verbatim
+
+Every run prints the figures, the configuration and nanoGPT's reference, then one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+WORK = REPO / "bench" / "out" / "shakespeare"
+RESULTS = REPO / "bench" / "results"
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # the tokenizer for counting held-out targets, from this checkout
+BEST_CONFIG = REPO / "conf" / "extra" / "shakespeare.yaml"
+TRAIN_FRACTION = 0.9
+
+# nanoGPT's published/reproduced figures for the two configurations (validation loss in nats per character).
+REFERENCES = {
+    "nanogpt-cpu": {"nats_per_char": 1.886, "bpc": 1.886 / math.log(2), "wall_s": 85.0,
+                    "where": "nanoGPT train.py, reproduced on these 2-core CPU machines"},
+    "nanogpt-gpu": {"nats_per_char": 1.4697, "bpc": 1.4697 / math.log(2), "wall_s": 180.0,
+                    "where": "nanoGPT README, one A100"},
+}
+
+# Budget and training recipe of each preset (the model dims, steps and batch define "the same budget").
+PRESETS = {
+    "nanogpt-cpu": dict(n_layers=4, d_model=128, n_heads=4, d_ff=512, seq_len=64, batch_size=12, steps=2000,
+                        lr=1e-3, min_lr=1e-4, warmup=100, beta2=0.99, weight_decay=0.1, dropout=0.0,
+                        tokenizer="char", vocab=None, step_size=1, precision="32-true"),
+    "nanogpt-gpu": dict(n_layers=6, d_model=384, n_heads=6, d_ff=1536, seq_len=256, batch_size=64, steps=5000,
+                        lr=1e-3, min_lr=1e-4, warmup=100, beta2=0.99, weight_decay=0.1, dropout=0.2,
+                        tokenizer="char", vocab=None, step_size=1, precision="bf16-mixed"),
+}
+
+# Architecture variants, as XLabModel keywords on top of the classic seed model (its defaults: sinusoidal
+# positions, LayerNorm, GELU, multi-head attention, untied head).
+ARCHS = {
+    "classic": {},
+    "rope": {"position": "rope"},
+    "rmsnorm": {"norm": "rmsnorm"},
+    "swiglu": {"ffn": "swiglu"},
+    "gqa": {"n_kv_heads": 2},
+    "tied": {"tie_embeddings": True},
+    "modern": {"position": "rope", "norm": "rmsnorm", "ffn": "swiglu"},
+}
+
+# Ablation rows: (label, preset overrides); each row changes one thing against the classic seed model,
+# except the modern preset and the shipped configuration.
+ABLATION = [
+    ("classic seed (char)", {}),
+    ("+ RoPE", {"arch": "rope"}),
+    ("+ RMSNorm", {"arch": "rmsnorm"}),
+    ("+ SwiGLU", {"arch": "swiglu"}),
+    ("+ GQA (2 KV heads)", {"arch": "gqa"}),
+    ("+ tied embeddings", {"arch": "tied"}),
+    ("modern preset (RoPE+RMSNorm+SwiGLU)", {"arch": "modern"}),
+    ("BPE 1K tokenizer", {"tokenizer": "bpe", "vocab": 1024}),
+    ("BPE 4K tokenizer", {"tokenizer": "bpe", "vocab": 4096}),
+    ("conf/extra/shakespeare.yaml (best)", {"config": "best"}),
+]
+# Execution order (the table keeps ABLATION's order): the most telling rows first, so a sweep cut short by
+# time still has them.
+ABLATION_ORDER = [0, 9, 6, 7, 1, 2, 3, 4, 5, 8]
+
+CHAR_VOCAB_BOUND = 1024  # upper bound for the char tokenizer (specials + 256 bytes + the corpus' characters)
+
+
+# ------------------------------------------------------------------------------------------------ corpus
+
+def split_corpus(corpus: Path, workdir: Path) -> dict:
+    """Write the first 90% of the corpus' characters to ``train.txt`` and the rest to ``heldout.txt``.
+
+    Files are rewritten only when their content would change (their mtimes then key nothing stale).
+    Returns paths, character counts and a short hash of the corpus.
+    """
+    if not corpus.is_file():
+        raise FileNotFoundError(f"corpus {corpus} not found: pass --corpus PATH (e.g. Tiny Shakespeare)")
+    text = corpus.read_text(encoding="utf-8")
+    if len(text) < 1000:
+        raise ValueError(f"corpus {corpus} has {len(text)} characters; expected a real corpus (>= 1000)")
+    cut = int(len(text) * TRAIN_FRACTION)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    data = workdir / "data"  # fixed paths: conf/extra/shakespeare.yaml names them
+    data.mkdir(parents=True, exist_ok=True)
+    parts = {"train": text[:cut], "heldout": text[cut:]}
+    paths = {}
+    for name, part in parts.items():
+        path = data / f"{name}.txt"
+        if not path.is_file() or path.read_text(encoding="utf-8") != part:
+            path.write_text(part, encoding="utf-8")
+        paths[name] = path
+    return {"train": paths["train"], "heldout": paths["heldout"], "train_chars": cut,
+            "heldout_chars": len(text) - cut, "digest": digest, "corpus": str(corpus)}
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+def load_best_config() -> dict:
+    if not BEST_CONFIG.is_file():
+        raise FileNotFoundError(f"{BEST_CONFIG} not found (the shipped configuration of --config best)")
+    return yaml.safe_load(BEST_CONFIG.read_text()) or {}
+
+
+def resolve_settings(args: argparse.Namespace, overrides: dict | None = None) -> dict:
+    """The run's settings: preset budget, then --config best's values, then command-line options."""
+    s = dict(PRESETS[args.preset])
+    s.update(arch="classic", config=None)
+    for key, value in (overrides or {}).items():
+        s[key] = value
+    for key in ("arch", "tokenizer", "vocab", "steps", "lr", "min_lr", "warmup", "beta2", "weight_decay",
+                "dropout", "precision", "batch_size", "seq_len"):
+        value = getattr(args, key, None)
+        if value is not None:
+            s[key] = value
+    if getattr(args, "config", None):
+        s["config"] = args.config
+    if s["config"] == "best":
+        # The shipped file is the source of truth for its run: report what it sets.
+        best = load_best_config()
+        data, model = best.get("data", {}), best.get("model", {})
+        train_args = data.get("tokenizer_train_args") or {}
+        s["tokenizer"] = train_args.get("model_type", "bpe")
+        s["vocab"] = data.get("num_tokens") if s["tokenizer"] != "char" else None
+        s["arch"] = "best"
+        s["steps"] = best.get("trainer", {}).get("max_steps", s["steps"])
+        s["seq_len"] = data.get("seq_len", s["seq_len"])
+        s["batch_size"] = data.get("batch_size", s["batch_size"])
+        opt = (model.get("optimizer") or {}).get("init_args", {})
+        s["lr"] = opt.get("lr", s["lr"])
+    if s["tokenizer"] not in ("char", "bpe"):
+        raise ValueError(f"--tokenizer {s['tokenizer']!r}: expected 'char' or 'bpe'")
+    if s["tokenizer"] == "bpe" and not s["vocab"]:
+        s["vocab"] = 1024
+    if s["arch"] not in ARCHS and s["arch"] != "best":
+        raise ValueError(f"--arch {s['arch']!r}: expected one of {sorted(ARCHS)}")
+    s["seed"] = args.seed
+    return s
+
+
+def tokenizer_file(s: dict, split: dict) -> tuple[Path, dict, int]:
+    """Where this run's tokenizer lives (shared by runs with the same corpus split and tokenizer)."""
+    if s["tokenizer"] == "char":
+        name, train_args, bound = "char", {"model_type": "char"}, CHAR_VOCAB_BOUND
+    else:
+        name, train_args, bound = f"bpe-{s['vocab']}", {"model_type": "bpe"}, int(s["vocab"])
+    return WORK / "tokenizers" / split["digest"] / f"{name}.model", train_args, bound
+
+
+def run_config(s: dict, split: dict, run_dir: Path, tok_path: Path, train_args: dict, num_tokens: int) -> dict:
+    """The YAML for ``xlab.py fit -c``: the whole experiment (data, model, optimizer, schedule, trainer)."""
+    steps = int(s["steps"])
+    config = {
+        "seed_everything": s["seed"],
+        "trainer": {
+            "max_steps": steps,
+            "precision": s["precision"],
+            "limit_val_batches": 0,  # the held-out score comes from `validate` on the checkpoint
+            "num_sanity_val_steps": 0,
+            "log_every_n_steps": 10,
+            "enable_progress_bar": False,
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                       "init_args": {"save_dir": str(run_dir / "logs"), "name": "", "version": "fit"}},
+            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                           "init_args": {"dirpath": str(run_dir / "checkpoints"), "filename": "final",
+                                         "every_n_train_steps": steps, "save_top_k": 1,
+                                         "enable_version_counter": False}}],
+        },
+        "data": {
+            "locations": None,
+            "splits": {"train": {"path": str(split["train"]), "sample_by": "document"},
+                       "val": {"path": str(split["heldout"]), "sample_by": "document"}},
+            "num_tokens": num_tokens,
+            "tokenizer_path": str(tok_path),
+            "tokenizer_train_args": train_args,
+            "seq_len": int(s["seq_len"]),
+            "step_size": int(s["step_size"]),
+            "batch_size": int(s["batch_size"]),
+            "num_workers": 0,
+            "num_proc": 1,
+            "seed": s["seed"],
+            "cache_dir": str(WORK / "cache"),
+        },
+    }
+    if s["config"] != "best":
+        config["trainer"]["gradient_clip_val"] = 1.0
+        config["model"] = {
+            "d_model": s["d_model"], "n_layers": s["n_layers"], "n_heads": s["n_heads"], "d_ff": s["d_ff"],
+            "dropout": s["dropout"], **ARCHS[s["arch"]],
+            "optimizer": {"class_path": "torch.optim.AdamW",
+                          "init_args": {"lr": s["lr"], "betas": [0.9, s["beta2"]],
+                                        "weight_decay": s["weight_decay"]}},
+            "scheduler": {"class_path": "xlabml.schedules.WarmupCosine",
+                          "init_args": {"warmup_steps": s["warmup"], "total_steps": steps,
+                                        "min_lr_ratio": s["min_lr"] / s["lr"]}},
+        }
+    return config
+
+
+def run_name(s: dict, extra: list[str], args_threads: int | None = None) -> str:
+    tok = "char" if s["tokenizer"] == "char" else f"bpe{s['vocab']}"
+    key = json.dumps({k: s[k] for k in sorted(s)}, sort_keys=True, default=str) + " ".join(extra)
+    if args_threads:
+        key += f" threads={args_threads}"
+    if s["config"] == "best":
+        key += BEST_CONFIG.read_text()
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+    return f"{s['arch']}-{tok}-s{s['seed']}-{digest}"
+
+
+# ------------------------------------------------------------------------------------------- subprocesses
+
+def xlab(args: list[str], log: Path, env: dict) -> tuple[float, str]:
+    """Run ``./xlab.py ARGS`` from the repository root; returns (wall seconds, output). Raises on failure."""
+    cmd = [sys.executable, str(REPO / "xlab.py"), *args]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wall = time.perf_counter() - start
+    log.write_text(" ".join(cmd) + "\n\n" + proc.stdout)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
+        raise RuntimeError(f"`xlab.py {args[0]}` failed (exit {proc.returncode}); log {log}:\n{tail}")
+    return wall, proc.stdout
+
+
+def parse_metric(output: str, name: str) -> float:
+    """A metric from Lightning's results table (``name  │  value``) printed by validate/test."""
+    match = None
+    for match in re.finditer(rf"\b{re.escape(name)}\b\s*[│|┃]\s*([-+0-9.eE]+|nan|inf)", output):
+        pass
+    if match is None:
+        raise ValueError(f"no {name} in the validate output")
+    return float(match.group(1))
+
+
+def heldout_targets(tok_path: Path, heldout: Path) -> int:
+    """Target tokens of the held-out document: its token ids plus the one ``<eos>`` (``<sos>`` is input only)."""
+    from xlabml.tokenizer import Tokenizer
+    return len(Tokenizer.load(str(tok_path)).encode(heldout.read_text(encoding="utf-8"))) + 1
+
+
+def train_curve(run_dir: Path) -> list[tuple[int, float, float]]:
+    """(step, train_loss, wall_time) points from the fit run's TensorBoard event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    logs = run_dir / "logs" / "fit"
+    if not logs.is_dir():
+        return []
+    acc = EventAccumulator(str(logs), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = acc.Tags().get("scalars", [])
+    tag = next((t for t in ("train_loss", "train_loss_step") if t in tags), None)
+    if tag is None:
+        return []
+    return [(e.step, e.value, e.wall_time) for e in acc.Scalars(tag)]
+
+
+# ---------------------------------------------------------------------------------------------- one run
+
+def run_one(args: argparse.Namespace, s: dict, split: dict, extra: list[str], quiet: bool = False) -> dict:
+    """Train and score one configuration; returns its result (also saved as result.json in its run dir)."""
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    if args.threads:  # torch's intra-op threads in the xlab processes (1 wins on an oversubscribed machine)
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    name = run_name(s, extra, args.threads)
+    run_dir = WORK / "runs" / name
+    result_path = run_dir / "result.json"
+    if result_path.is_file() and not args.force:
+        result = json.loads(result_path.read_text())
+        if not quiet:
+            print(f"[{name}] cached result ({result_path})")
+        return result
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # an interrupted run: start it over
+    run_dir.mkdir(parents=True)
+
+    # 1. Tokenizer (shared between runs): trained by `xlab.py train_tokenizer`, timed apart from training.
+    tok_path, train_args, bound = tokenizer_file(s, split)
+    prep_s = 0.0
+    best_args = ["-c", str(BEST_CONFIG)] if s["config"] == "best" else []
+    if not tok_path.is_file():
+        config = run_config(s, split, run_dir, tok_path, train_args, bound)
+        (run_dir / "tokenizer.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        wall, _ = xlab(["train_tokenizer", *best_args, "-c", str(run_dir / "tokenizer.yaml")],
+                       run_dir / "train_tokenizer.log", env)
+        prep_s += wall
+    from xlabml.tokenizer import Tokenizer
+    num_tokens = len(Tokenizer.load(str(tok_path)))  # char: the actual vocabulary, so no unused rows
+
+    config = run_config(s, split, run_dir, tok_path, train_args, num_tokens)
+    config_path = run_dir / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    base = [*best_args, "-c", str(config_path)]
+
+    # 2. Encode the splits into the cache (`compute_stats` prepares the data), so fit times training only.
+    wall, _ = xlab(["compute_stats", *base], run_dir / "compute_stats.log", env)
+    prep_s += wall
+
+    # 3. Train.
+    fit_s, fit_out = xlab(["fit", *base, *extra], run_dir / "fit.log", env)
+    ckpt = run_dir / "checkpoints" / "final.ckpt"
+    if not ckpt.is_file():
+        raise RuntimeError(f"fit wrote no checkpoint at {ckpt}; see {run_dir / 'fit.log'}")
+
+    # 4. Score the whole held-out part: one document, non-overlapping windows.
+    val_args = ["validate", *base, f"--data.step_size={int(s['seq_len'])}", "--trainer.logger=false",
+                "--trainer.limit_val_batches=1.0", f"--ckpt_path={ckpt}"]
+    val_s, val_out = xlab(val_args, run_dir / "validate.log", env)
+    val_loss = parse_metric(val_out, "val_loss")  # token-weighted mean over the held-out targets
+    targets = heldout_targets(tok_path, split["heldout"])
+    nats_per_char = val_loss * targets / split["heldout_chars"]
+    bpc = nats_per_char / math.log(2)
+
+    curve = train_curve(run_dir)
+    loop_s = None
+    if len(curve) >= 2:  # training-loop time from the event timestamps, extrapolated over the first 10 steps
+        (s0, _, t0), (s1, _, t1) = curve[0], curve[-1]
+        loop_s = (t1 - t0) * s["steps"] / max(1, s1 - s0)
+    train_tokens = int(s["steps"]) * int(s["batch_size"]) * int(s["seq_len"])
+    chars_per_token = split["heldout_chars"] / targets
+    result = {
+        "preset": args.preset, "config": s["config"], "arch": s["arch"], "tokenizer": s["tokenizer"],
+        "vocab": num_tokens, "seed": s["seed"], "steps": s["steps"], "lr": s["lr"],
+        "bpc": round(bpc, 4), "nats_per_char": round(nats_per_char, 4), "val_loss_per_token": round(val_loss, 4),
+        "heldout_targets": targets, "heldout_chars": split["heldout_chars"],
+        "chars_per_token": round(chars_per_token, 3),
+        "wall_s": round(fit_s, 1), "loop_s": round(loop_s, 1) if loop_s else None, "prep_s": round(prep_s, 1),
+        "validate_s": round(val_s, 1),
+        "tokens_per_s": round(train_tokens / fit_s), "train_tokens": train_tokens,
+        "extra_args": extra, "run": name, "load_avg": round(os.getloadavg()[0], 2), "threads": args.threads,
+        "reference": REFERENCES[args.preset],
+    }
+    (run_dir / "curve.json").write_text(json.dumps([(st, v) for st, v, _ in curve]))
+    result_path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def print_report(s: dict, result: dict, split: dict) -> None:
+    ref = REFERENCES[result["preset"]]
+    print(f"\nTiny Shakespeare held-out ({split['heldout_chars']} chars, last 10% of {split['corpus']})")
+    print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"load average {result['load_avg']}")
+    conf = {k: s[k] for k in ("arch", "tokenizer", "n_layers", "d_model", "n_heads", "d_ff", "seq_len",
+                              "batch_size", "steps", "lr", "min_lr", "warmup", "beta2", "weight_decay",
+                              "dropout", "precision", "seed") if k in s}
+    if s["config"] == "best":
+        conf["config"] = str(BEST_CONFIG.relative_to(REPO))
+    print("configuration:", ", ".join(f"{k}={v}" for k, v in conf.items()),
+          "| extra:", " ".join(result["extra_args"]) or "-")
+    print(f"held-out: {result['bpc']:.4f} bits/char = {result['nats_per_char']:.4f} nats/char "
+          f"({result['val_loss_per_token']:.4f} nats/token over {result['heldout_targets']} targets incl. one "
+          f"<eos>, {result['chars_per_token']} chars/token, vocab {result['vocab']})")
+    loop = f", training loop ~{result['loop_s']} s" if result.get("loop_s") else ""
+    print(f"fit wall time: {result['wall_s']} s ({result['tokens_per_s']} tokens/s over {result['train_tokens']} "
+          f"tokens{loop}); tokenizer + encoding: {result['prep_s']} s; validate: {result['validate_s']} s")
+    print(f"reference ({ref['where']}): {ref['nats_per_char']} nats/char = {ref['bpc']:.2f} bits/char "
+          f"in ~{ref['wall_s']:.0f} s -> ratio bpc {result['bpc'] / ref['bpc']:.3f}, "
+          f"wall {result['wall_s'] / ref['wall_s']:.2f}")
+
+
+# -------------------------------------------------------------------------------------------- ablation
+
+def ablation(args: argparse.Namespace, split: dict, extra: list[str]) -> dict:
+    """Every ABLATION row for every seed (seed-major, so an interrupted sweep covers all rows evenly)."""
+    done: dict[str, list[dict]] = {label: [] for label, _ in ABLATION}
+    for seed in range(1, args.seeds + 1):
+        for label, overrides in (ABLATION[i] for i in ABLATION_ORDER):
+            run_args = copy.copy(args)
+            run_args.seed = seed
+            s = resolve_settings(run_args, overrides)
+            try:
+                result = run_one(run_args, s, split, extra, quiet=True)
+            except Exception as error:  # noqa: BLE001 - one failed variant must not stop the sweep
+                print(f"[ablation] {label} seed {seed}: FAILED: {error}", flush=True)
+                continue
+            done[label].append(result)
+            print(f"[ablation] {label} seed {seed}: bpc {result['bpc']:.4f} wall {result['wall_s']} s "
+                  f"{result['tokens_per_s']} tok/s", flush=True)
+            write_ablation(done, split)
+    return done
+
+
+def write_ablation(done: dict[str, list[dict]], split: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    ref = REFERENCES["nanogpt-cpu"]
+    lines = [
+        "| variant | bits/char | nats/char | tokens/s | wall s | seeds |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        f"| nanoGPT reference (char, 4L/128d) | {ref['bpc']:.3f} | {ref['nats_per_char']:.3f} | ~20-26K | "
+        f"~{ref['wall_s']:.0f} | - |",
+    ]
+    rows = {}
+    for label, results in done.items():
+        if not results:
+            continue
+        med = {k: statistics.median(r[k] for r in results) for k in ("bpc", "nats_per_char", "tokens_per_s",
+                                                                       "wall_s")}
+        rows[label] = med
+        spread = f" ± {(max(r['bpc'] for r in results) - min(r['bpc'] for r in results)) / 2:.3f}" \
+            if len(results) > 1 else ""
+        lines.append(f"| {label} | {med['bpc']:.3f}{spread} | {med['nats_per_char']:.3f} | "
+                     f"{med['tokens_per_s']:,.0f} | {med['wall_s']:.0f} | {len(results)} |")
+    loads = [r["load_avg"] for results in done.values() for r in results]
+    note = (f"\nMedian of the seeds run (± half the range). Budget: 2,000 steps of 12 x 64 tokens, 4 layers, "
+            f"d_model 128, 4 heads, d_ff 512, AdamW (beta2 0.99, wd 0.1), warmup 100 + cosine 1e-3 -> 1e-4, "
+            f"no dropout; held-out = last 10% of Tiny Shakespeare ({split['heldout_chars']:,} chars) scored as "
+            f"one document in non-overlapping windows. Machine: {platform.node()}, {os.cpu_count()} cores "
+            f"(load average during runs {min(loads):.1f}-{max(loads):.1f}; wall times include process start "
+            f"and are only comparable at equal load). Command: `bench/shakespeare.py --ablation --seeds N`.\n")
+    (RESULTS / "ablation.md").write_text("\n".join(lines) + "\n" + note)
+    (RESULTS / "ablation.json").write_text(json.dumps(done, indent=1))
+    plot_ablation(done)
+
+
+def plot_ablation(done: dict[str, list[dict]]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for label, results in done.items():
+        if not results:
+            continue
+        result = sorted(results, key=lambda r: r["bpc"])[len(results) // 2]  # the median seed's curve
+        curve_path = WORK / "runs" / result["run"] / "curve.json"
+        if not curve_path.is_file():
+            continue
+        curve = json.loads(curve_path.read_text())
+        if not curve:
+            continue
+        steps = [p[0] for p in curve]
+        # Loss per token -> bits per character (train data's chars/token), so tokenizers share one axis.
+        scale = 1.0 / (result["chars_per_token"] * math.log(2))
+        values = [p[1] * scale for p in curve]
+        smooth = [sum(values[max(0, i - 4):i + 1]) / len(values[max(0, i - 4):i + 1]) for i in range(len(values))]
+        ax.plot(steps, smooth, label=f"{label} ({result['bpc']:.3f})", linewidth=1.2)
+    ax.axhline(REFERENCES["nanogpt-cpu"]["bpc"], color="gray", linestyle="--", linewidth=0.8,
+               label="nanoGPT held-out 2.72")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss, bits/char (per-token loss / chars per token / ln 2)")
+    ax.set_ylim(1.8, 4.0)
+    ax.set_title("Tiny Shakespeare, nanoGPT CPU budget: training loss (legend: held-out bits/char)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "ablation.png", dpi=110)
+    plt.close(fig)
+
+
+# -------------------------------------------------------------------------------------------------- main
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="text file (default: %(default)s)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="nanogpt-cpu", help="budget and recipe")
+    p.add_argument("-c", "--config", choices=["best"], default=None, nargs="?", const="best",
+                   help="train with conf/extra/shakespeare.yaml (the shipped best configuration)")
+    p.add_argument("--arch", choices=sorted(ARCHS), help="architecture variant (default: classic seed model)")
+    p.add_argument("--tokenizer", choices=["char", "bpe"], help="tokenizer type (default: char)")
+    p.add_argument("--vocab", type=int, help="BPE vocabulary size (default 1024)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--min-lr", dest="min_lr", type=float, help="final learning rate of the cosine")
+    p.add_argument("--warmup", type=int, help="warmup steps")
+    p.add_argument("--beta2", type=float)
+    p.add_argument("--weight-decay", dest="weight_decay", type=float)
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--precision", help="Lightning precision, e.g. 32-true or bf16-mixed")
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--seq-len", dest="seq_len", type=int)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--threads", type=int, help="torch threads per xlab process (OMP_NUM_THREADS; default: torch's)")
+    p.add_argument("--ablation", action="store_true", help="run every ABLATION row (resumable)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per ablation row (default 3)")
+    p.add_argument("--force", action="store_true", help="rerun even if a result exists")
+    args, unknown = p.parse_known_args(argv)
+    return args, unknown + extra  # unknown flags (e.g. --model.qk_norm=true) pass through to `xlab.py fit`
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, extra = parse_args(sys.argv[1:] if argv is None else argv)
+    split = split_corpus(args.corpus.expanduser().resolve(), WORK)
+    if args.ablation:
+        done = ablation(args, split, extra)
+        print((RESULTS / "ablation.md").read_text() if (RESULTS / "ablation.md").is_file() else "no results")
+        summary = {label: statistics.median(r["bpc"] for r in rs) for label, rs in done.items() if rs}
+        print(json.dumps({"preset": "nanogpt-cpu", "ablation_bpc": summary,
+                          "table": str((RESULTS / "ablation.md").relative_to(REPO))}))
+        return
+    s = resolve_settings(args)
+    result = run_one(args, s, split, extra)
+    print_report(s, result, split)
+    print(json.dumps({k: result[k] for k in ("bpc", "nats_per_char", "wall_s", "tokens_per_s", "prep_s",
+                                               "loop_s", "preset", "config", "arch", "tokenizer", "vocab", "seed",
+                                               "reference")}))
+
+
+if __name__ == "__main__":
+    main()
