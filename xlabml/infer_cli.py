@@ -1,6 +1,277 @@
-"""Placeholder entry point: the command lands with its issue."""
+"""The ``xlab-infer`` command (``./infer.py CHECKPOINT PROMPT``): generate text from a trained model.
+
+Loads a training checkpoint or an export (``.ckpt``, or ``.safetensors`` with its ``.json``), the tokenizer
+named by the checkpoint's data settings (or ``-t``), and samples, greedy-searches or beam-searches a continuation
+of the prompt with ``xlabml.inference``. The prompt is a string, ``FILE:path`` for a file's text, or ``-`` for
+standard input. Output is the prompt followed by the continuation, with control characters other than tab and
+newline escaped; it streams token by token when writing to a terminal (``--stream``/``--no-stream``).
+"""
+from __future__ import annotations
+
+import argparse
+import re
 import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PROG = "xlab-infer"
+SEPARATOR = "\n" + "-" * 40
 
 
-def main() -> None:
-    sys.exit(f"{sys.argv[0]}: not yet available in this version of xlabml")
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + error
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return value
+
+
+def _number(low: float, high: float | None = None, low_open: bool = False):
+    def parse(text: str) -> float:
+        value = float(text)
+        ok = (value > low if low_open else value >= low) and (high is None or value <= high)
+        if not ok or value != value:
+            bounds = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number {bounds}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Generate text with an XLab model: sampling (default), greedy search "
+                "or beam search.")
+    p.add_argument("checkpoint", help="training checkpoint or export (.ckpt, or .safetensors beside its .json)")
+    p.add_argument("prompt", nargs="?", default="",
+                   help="text to continue; FILE:path reads a file, '-' reads standard input (default: empty)")
+    p.add_argument("-t", "--tokenizer", help="tokenizer model file (default: the one in the checkpoint's data "
+                   "settings)")
+    p.add_argument("-c", "--continued", action="store_true",
+                   help="continue the prompt as a document already under way: no <sos> before it")
+    p.add_argument("-d", "--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="where to run (default: auto = cuda if available)")
+    p.add_argument("-n", "--runs", type=_positive_int, default=1, help="generate this many times (default 1)")
+    p.add_argument("-l", "--limit", type=_positive_int, default=100, help="most tokens to generate (default 100)")
+    p.add_argument("-T", "--temperature", type=_number(0.0), default=1.0,
+                   help="sampling temperature, 0 = greedy (default 1.0)")
+    p.add_argument("-k", "--top-k", type=_positive_int, help="sample among the k most likely tokens")
+    p.add_argument("-p", "--top-p", type=_number(0.0, 1.0, low_open=True),
+                   help="sample among the most likely tokens whose probability mass reaches p (nucleus)")
+    p.add_argument("--min-p", type=_number(0.0, 1.0),
+                   help="drop tokens less likely than min-p times the most likely one")
+    p.add_argument("--repetition-penalty", type=_number(0.0, low_open=True), default=1.0,
+                   help="> 1 makes tokens already in the prompt or output less likely (default 1.0)")
+    p.add_argument("-s", "--seed", type=int, help="random seed: the same seed gives the same text")
+    p.add_argument("-g", "--greedy-search", action="store_true", help="greedy search instead of sampling")
+    p.add_argument("-b", "--beam-search", action="store_true", help="beam search instead of sampling")
+    p.add_argument("-w", "--beam-width", type=_positive_int, default=4, help="beams for -b (default 4)")
+    p.add_argument("-z", "--length-penalty", type=float, default=0.0,
+                   help="beam score = log-prob / length**z: > 0 favours longer outputs (default 0)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="print tokens as they are generated (default: when stdout is a terminal)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays off on GPU)")
+    p.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors; timings on stderr")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def load_checkpoint(path: str, device: str = "cpu") -> tuple[Any, dict]:
+    """Loads an ``XLabModel`` from a training checkpoint or an export, on `device`, in eval mode; returns it with
+    the checkpoint's data-module hyperparameters (empty if it has none)."""
+    import torch
+
+    from .models import XLabModel
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    if file.suffix == ".safetensors":
+        from .manage import load_safetensors_export
+
+        checkpoint = load_safetensors_export(file)
+    else:
+        try:
+            checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:  # noqa: BLE001 - any unpickling failure means the same to the user
+            raise ValueError(f"{path} is not a loadable checkpoint ({type(error).__name__}: {error})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise ValueError(f"{path} is not an XLab checkpoint: expected 'state_dict' and 'hyper_parameters'")
+    hparams = dict(checkpoint["hyper_parameters"])
+    hparams.pop("_instantiator", None)
+    hparams.pop("_class_path", None)
+    hparams["compile"] = False  # compiling the whole model is for training; inference compiles its decode step
+    model = XLabModel(**hparams)
+    model.load_state_dict(checkpoint["state_dict"])
+    model = model.to(device).eval().requires_grad_(False)
+    return model, dict(checkpoint.get("datamodule_hyper_parameters") or {})
+
+
+def tokenizer_path_of(data_hparams: dict, checkpoint: str) -> str:
+    """The tokenizer file named by a checkpoint's data settings (a relative path is tried from the current
+    directory, then from the checkpoint's directory)."""
+    path = data_hparams.get("tokenizer_path")
+    if path is None and data_hparams.get("tokenizer_url"):
+        from .datamodules import XLabDataModule
+
+        try:  # a downloaded tokenizer lives in the data module's cache
+            path = XLabDataModule(**data_hparams).tokenizer_path
+        except Exception:  # noqa: BLE001 - fall through to the message below
+            path = None
+    if not path:
+        raise ValueError(f"checkpoint {checkpoint} names no tokenizer; give one with -t/--tokenizer")
+    path = Path(path).expanduser()
+    if not path.is_absolute() and not path.exists() and (Path(checkpoint).parent / path).exists():
+        path = Path(checkpoint).parent / path
+    return str(path)
+
+
+def read_prompt(prompt: str) -> str:
+    if prompt == "-":
+        return sys.stdin.read()
+    if prompt.startswith("FILE:"):
+        name = prompt[len("FILE:"):]
+        try:
+            return Path(name).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"prompt file {name} not found") from None
+        except (IsADirectoryError, UnicodeDecodeError) as error:
+            raise ValueError(f"prompt file {name} is not a UTF-8 text file ({error})") from None
+    return prompt
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def escape_control(text: str) -> str:
+    """Control characters other than tab and newline as Python escapes (e.g. ESC -> \\x1b, CR -> \\r)."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# running
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA device is available; use -d cpu or -d auto")
+    return name
+
+
+class _StreamPrinter:
+    """Prints a growing id sequence's text: only what is settled (no trailing half character)."""
+
+    def __init__(self, tokenizer, ids: list[int], out):
+        self.tokenizer, self.ids, self.out = tokenizer, list(ids), out
+        self.printed = tokenizer.decode(self.ids)
+        out.write(escape_control(self.printed))
+        out.flush()
+
+    def add(self, token: int, final: bool = False) -> None:
+        if token is not None:
+            self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        settled = text if final else text.rstrip("\ufffd\ue000")  # bytes of a character yet to come
+        if settled.startswith(self.printed) and len(settled) > len(self.printed):
+            self.out.write(escape_control(settled[len(self.printed):]))
+            self.out.flush()
+            self.printed = settled
+
+
+def run(args: argparse.Namespace, out=None) -> None:
+    out = out or sys.stdout
+    if args.greedy_search and args.beam_search:
+        raise ValueError("-g/--greedy-search and -b/--beam-search exclude each other; choose one")
+    if not Path(args.checkpoint).is_file():  # before the slow imports of loading
+        raise FileNotFoundError(f"checkpoint {args.checkpoint} not found")
+    prompt = read_prompt(args.prompt)
+    import torch
+
+    from . import inference
+    from .tokenizer import Tokenizer
+
+    device = _device(args.device)
+    started = time.perf_counter()
+    model, data_hparams = load_checkpoint(args.checkpoint, device)
+    tokenizer_path = args.tokenizer or tokenizer_path_of(data_hparams, args.checkpoint)
+    tokenizer = Tokenizer.load(tokenizer_path)
+    n_vocab, block_size = model.hparams["n_vocab"], model.hparams["max_len"]
+    if len(tokenizer) > n_vocab:
+        raise ValueError(f"tokenizer {tokenizer_path} has {len(tokenizer)} tokens but the model's vocabulary "
+                         f"has {n_vocab}: it is not the model's tokenizer")
+    if len(tokenizer) <= 4:
+        raise ValueError(f"tokenizer {tokenizer_path} has an empty vocabulary (only the 4 special tokens)")
+    ids = ([] if args.continued else [tokenizer[tokenizer.sos_token]]) + tokenizer.encode(prompt)
+    if not ids:
+        raise ValueError("empty prompt with -c/--continued: nothing to continue")
+    x = torch.tensor(ids, device=device)
+    eos = tokenizer[tokenizer.eos_token]
+    # never generate what cannot be decoded or cannot follow: <sos>, <pad>, classes past the tokenizer
+    excluded = [tokenizer[tokenizer.sos_token], tokenizer[tokenizer.pad_token], *range(len(tokenizer), n_vocab)]
+    generator = None
+    if args.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                    repetition_penalty=args.repetition_penalty, generator=generator)
+    if args.greedy_search:
+        sampling = dict(temperature=0.0, repetition_penalty=args.repetition_penalty)
+    stream = out.isatty() if args.stream is None else args.stream
+    loaded = time.perf_counter()
+    generated = 0
+    for run_index in range(args.runs):
+        if run_index:
+            out.write(SEPARATOR + "\n")
+        if args.beam_search:
+            new = inference.beam_search(model, x, args.beam_width, args.limit, block_size, eos_class=eos,
+                                        exclude_classes=excluded, length_penalty=args.length_penalty).tolist()
+        elif stream:
+            printer = _StreamPrinter(tokenizer, ids, out)
+            new = []
+            for token in inference.generate_stream(model, x, args.limit, block_size, eos_class=eos,
+                                                   exclude_classes=excluded, compile=args.compile, **sampling):
+                new.append(token)
+                printer.add(token)
+            printer.add(None, final=True)
+            out.write("\n")
+            generated += len(new)
+            continue
+        else:
+            new = inference.sample(model, x, args.limit, block_size, eos_class=eos, exclude_classes=excluded,
+                                   compile=args.compile, **sampling).tolist()
+        generated += len(new)
+        out.write(escape_control(tokenizer.decode(ids + new)) + "\n")
+        out.flush()
+    if args.debug:
+        seconds = time.perf_counter() - loaded
+        print(f"{PROG}: loaded in {loaded - started:.2f} s; {generated} tokens in {seconds:.2f} s "
+              f"({generated / max(seconds, 1e-9):.1f} tokens/s) on {device}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:  # e.g. piped into head
+        sys.exit(0)
+    except Exception as error:  # noqa: BLE001 - one line, non-zero exit
+        if args.debug:
+            raise
+        print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

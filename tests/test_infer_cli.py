@@ -1,0 +1,161 @@
+"""The xlab-infer command on a tiny checkpoint built here: outputs equal the library's, errors are one line."""
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from xlabml import infer_cli, inference
+from xlabml.manage import export_checkpoint
+from xlabml.models import XLabModel
+from xlabml.tokenizer import Tokenizer, TokenizerTrainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N_VOCAB, MAX_LEN = 300, 24
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: more threads only add synchronisation
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("infer")
+    words = "the quick brown fox jumps over a lazy dog while seven wizards hex bold jumping zebras".split()
+    texts = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(12)) for i in range(200)]
+    tokenizer = TokenizerTrainer().train(texts, N_VOCAB, tmp / "tok.model")
+    torch.manual_seed(0)
+    model = XLabModel(N_VOCAB, MAX_LEN, d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.0,
+                      position="rope", n_kv_heads=2)
+    # the layout of a training checkpoint: weights, model and data module hyperparameters
+    ckpt = tmp / "model.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "datamodule_hyper_parameters": {"tokenizer_path": tokenizer.path, "seq_len": MAX_LEN,
+                                                "num_tokens": N_VOCAB}, "pytorch-lightning_version": "2.6.6"},
+               ckpt)
+    bare = tmp / "bare.ckpt"  # no data settings: needs -t
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, bare)
+    return {"tmp": tmp, "ckpt": str(ckpt), "bare": str(bare), "tokenizer": tokenizer, "model": model.eval()}
+
+
+def infer(capsys, *argv):
+    """Runs main(argv); returns (exit code, stdout, stderr)."""
+    try:
+        infer_cli.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def expected_text(files, prompt, strategy, *args, **kwargs):
+    tok = files["tokenizer"]
+    ids = [tok[tok.sos_token]] + tok.encode(prompt)
+    excluded = [tok[tok.sos_token], tok[tok.pad_token]]
+    new = strategy(files["model"], torch.tensor(ids), *args, MAX_LEN, eos_class=tok[tok.eos_token],
+                   exclude_classes=excluded, **kwargs)
+    return infer_cli.escape_control(tok.decode(ids + new.tolist()))
+
+
+def test_greedy_and_beam_equal_the_library(files, capsys):
+    code, out, err = infer(capsys, files["ckpt"], "the quick", "-g", "-l", 40, "--no-stream")
+    assert (code, err) == (0, "")
+    assert out == expected_text(files, "the quick", inference.greedy_search, 40) + "\n"
+    assert out.startswith("the quick") and len(out) > len("the quick\n")  # 40 tokens pass MAX_LEN: it slides
+    code, out, _ = infer(capsys, files["ckpt"], "the quick", "-b", "-w", 3, "-z", 0.5, "-l", 12)
+    assert code == 0
+    assert out == expected_text(files, "the quick", inference.beam_search, 3, 12, length_penalty=0.5) + "\n"
+
+
+def test_seeded_sampling_reproducible_streamed_or_not(files, capsys):
+    args = (files["ckpt"], "a lazy", "-s", 7, "-l", 30, "-T", 0.9, "-k", 50, "-p", 0.95, "--min-p", 0.01,
+            "--repetition-penalty", 1.1)
+    code, plain, _ = infer(capsys, *args, "--no-stream")
+    assert code == 0
+    generator = torch.Generator().manual_seed(7)
+    assert plain == expected_text(files, "a lazy", inference.sample, 30, temperature=0.9, top_k=50, top_p=0.95,
+                                  min_p=0.01, repetition_penalty=1.1, generator=generator) + "\n"
+    assert infer(capsys, *args, "--stream")[1] == plain
+    assert infer(capsys, *args, "--no-stream")[1] == plain
+    code, two, _ = infer(capsys, *args, "-n", 2, "--no-stream")
+    runs = two.split(infer_cli.SEPARATOR + "\n")
+    assert code == 0 and len(runs) == 2 and runs[0] == plain and runs[1] != plain
+
+
+def test_prompt_from_file_stdin_and_continued(files, capsys, monkeypatch):
+    path = files["tmp"] / "prompt.txt"
+    path.write_text("seven wizards", encoding="utf-8")
+    direct = infer(capsys, files["ckpt"], "seven wizards", "-g", "-l", 8)[1]
+    assert infer(capsys, files["ckpt"], f"FILE:{path}", "-g", "-l", 8)[1] == direct
+    monkeypatch.setattr(sys, "stdin", io.StringIO("seven wizards"))
+    assert infer(capsys, files["ckpt"], "-", "-g", "-l", 8)[1] == direct
+    tok = files["tokenizer"]
+    ids = tok.encode("seven wizards")  # -c: no <sos> before the prompt
+    new = inference.greedy_search(files["model"], torch.tensor(ids), 8, MAX_LEN, eos_class=2, exclude_classes=[1, 3])
+    continued = infer_cli.escape_control(tok.decode(ids + new.tolist())) + "\n"
+    assert infer(capsys, files["ckpt"], "seven wizards", "-c", "-g", "-l", 8)[1] == continued
+
+
+def test_control_characters_are_escaped(files, capsys):
+    assert infer_cli.escape_control("a\tb\nc\x1b[31m\rd\x7f\x00") == "a\tb\nc\\x1b[31m\\rd\\x7f\\x00"
+    code, out, _ = infer(capsys, files["ckpt"], "red \x1b[31m fox\r", "-g", "-l", 3)
+    assert code == 0 and "\x1b" not in out and "\r" not in out
+    assert out.startswith("red \\x1b[31m fox\\r")
+
+
+@pytest.mark.parametrize("fmt", ["ckpt", "safetensors"])
+def test_exports_and_explicit_tokenizer(files, capsys, fmt):
+    reference = infer(capsys, files["ckpt"], "the lazy", "-g", "-l", 10)[1]
+    exported, _ = export_checkpoint(files["ckpt"], files["tmp"] / "exports", format=fmt)
+    assert exported.suffix == "." + fmt
+    assert infer(capsys, exported, "the lazy", "-g", "-l", 10)[1] == reference  # tokenizer from the stored data
+    assert infer(capsys, files["bare"], "the lazy", "-g", "-l", 10, "-t", files["tokenizer"].path)[1] == reference
+
+
+def test_errors_are_one_line_and_non_zero(files, capsys, tmp_path):
+    big = TokenizerTrainer().train([" ".join(f"w{i}" for i in range(400))] * 3, N_VOCAB + 50, tmp_path / "big.model")
+    empty = tmp_path / "empty.model"
+    empty.write_bytes(b"")
+    cases = [
+        ((tmp_path / "missing.ckpt", "x"), "not found"),
+        ((files["ckpt"], "x", "-g", "-b"), "exclude each other"),
+        ((files["ckpt"], "x", "-t", big.path), "not the model's tokenizer"),
+        ((files["ckpt"], "x", "-t", empty), "not a valid SentencePiece"),
+        ((files["ckpt"], "x", "-t", tmp_path / "nope.model"), "not found"),
+        ((files["bare"], "x"), "-t/--tokenizer"),
+        ((files["ckpt"], "", "-c"), "empty prompt"),
+        ((files["ckpt"], f"FILE:{tmp_path / 'none.txt'}"), "not found"),
+        ((empty, "x"), "not a loadable checkpoint"),
+        ((files["ckpt"], "x", "-l", 0), "-l/--limit"),
+        ((files["ckpt"], "x", "-p", 1.5), "-p/--top-p"),
+        ((files["ckpt"], "x", "-T", -1), "-T/--temperature"),
+        ((files["ckpt"], "x", "-k", "two"), "-k/--top-k"),
+        ((files["ckpt"], "x", "-d", "tpu"), "-d/--device"),
+    ]
+    for argv, message in cases:
+        code, out, err = infer(capsys, *argv)
+        assert code != 0, argv
+        assert err.count("\n") == 1 and err.startswith("xlab-infer: error:") and message in err, (argv, err)
+        assert out == ""
+
+
+def test_script_error_is_one_line_without_traceback(files):
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), files["ckpt"] + ".missing", "the"],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+    assert bad.returncode == 1 and bad.stdout == ""
+    assert bad.stderr == f"xlab-infer: error: checkpoint {files['ckpt']}.missing not found\n"
+
+
+@pytest.mark.slow
+def test_script_runs_as_a_command(files):
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    ok = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), files["ckpt"], "the", "-g", "-l", "5"],
+                        capture_output=True, text=True, env=env, timeout=120)
+    assert ok.returncode == 0 and ok.stdout.startswith("the") and ok.stderr == ""
