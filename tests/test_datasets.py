@@ -343,3 +343,8 @@ def test_numeric_splits_need_locations():
 def test_text_lengths_counts_characters():
     ds = datasets.Dataset.from_dict({"text": ["abc", "", "héllo", None]})
     assert text_lengths(ds).tolist() == [3, 0, 5, 0]
+
+
+def test_hub_dataset_offline_is_a_clear_error():
+    with pytest.raises(ConnectionError, match="'wikimedia/wikipedia'.*needs the network"):
+        load_source({"path": "wikimedia/wikipedia", "name": "20231101.en", "split": "train"})

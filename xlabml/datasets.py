@@ -173,9 +173,10 @@ def _builder_for(path: str, source: Mapping) -> str:
 
 
 def _looks_like_path(path) -> bool:
+    """A local path (not a hub dataset id such as ``wikimedia/wikipedia``)."""
     path = os.fspath(path)
-    return (path.startswith(("/", "./", "../", "~")) or os.sep in path and os.path.splitext(path)[1] != ""
-            or os.path.splitext(path)[1].lower() in BUILDER_BY_EXTENSION)
+    return (path.startswith(("/", "./", "../", "~"))
+            or os.path.splitext(path[:-3] if path.endswith(".gz") else path)[1].lower() in BUILDER_BY_EXTENSION)
 
 
 def _as_source_list(locations) -> list:
