@@ -187,6 +187,10 @@ def test_token_dataset_reads_slices_across_chunks():
     assert [tokens[i].tolist() for i in range(5)] == [[4, 5, 6], [7], [8, 9], [], [10, 11, 12, 13]]
     assert tokens.ids(4, 1, 3).tolist() == [11, 12]
     assert tokens.num_tokens == 10
+    docs = [[4, 5, 6], [7], [8, 9], [], [10, 11, 12, 13]]
+    for seq_len in (3, 5, 20):  # packed windows that gather across the two Arrow chunks
+        ds = SequenceDataset(tokens, seq_len=seq_len, packed=True)
+        assert windows(ds) == reference_packed(docs, seq_len, seq_len, False)
 
 
 # ------------------------------------------------------------------------------------------ sources

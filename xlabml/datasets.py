@@ -454,6 +454,18 @@ class TokenDataset(Dataset):
             self._flat = _FlatColumn(self.data, "ids")
         return self._flat.slice(doc, start, stop)
 
+    def gather(self, docs: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Token ``positions[k]`` of document ``docs[k]`` for every k (int64 array; `docs` non-decreasing)."""
+        if not self.dynamic:
+            if self._flat is None:
+                self._flat = _FlatColumn(self.data, "ids")
+            return self._flat.gather(docs, positions)
+        out = np.empty(len(docs), dtype=np.int64)
+        for doc in np.unique(docs):
+            where = docs == doc
+            out[where] = self._encoded(int(doc))[positions[where]]
+        return out
+
     def _encoded(self, doc: int) -> np.ndarray:
         ids = self._recent.get(doc)
         if ids is None:
@@ -492,6 +504,17 @@ class _FlatColumn:
             self.offsets.append(offsets)
             starts.append(starts[-1] + len(chunk))
         self.row_starts = np.asarray(starts, dtype=np.int64)
+
+    def gather(self, rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        chunks = np.searchsorted(self.row_starts, rows, side="right") - 1
+        if len(rows) == 0 or chunks[0] == chunks[-1]:  # the usual case: one chunk
+            c = int(chunks[0]) if len(rows) else 0
+            return self.values[c][self.offsets[c][rows - self.row_starts[c]] + positions].astype(np.int64)
+        out = np.empty(len(rows), dtype=np.int64)
+        for c in np.unique(chunks):
+            where = chunks == c
+            out[where] = self.values[c][self.offsets[c][rows[where] - self.row_starts[c]] + positions[where]]
+        return out
 
     def slice(self, row: int, start: int, stop: int) -> np.ndarray:
         chunk = int(np.searchsorted(self.row_starts, row, side="right")) - 1
@@ -588,24 +611,23 @@ class SequenceDataset(Dataset):
 
         start = index * self.step
         stop = min(start + size, int(self.doc_starts[-1]))
-        first = int(np.searchsorted(self.doc_starts, start, side="right")) - 1
-        last = int(np.searchsorted(self.doc_starts, stop - 1, side="right")) - 1
+        where = np.arange(start, stop, dtype=np.int64)  # stream positions of the window's real tokens
+        doc = np.searchsorted(self.doc_starts, where, side="right") - 1
+        local = where - self.doc_starts[doc]  # position inside <sos> ids <eos>
+        is_sos, is_eos = local == 0, local == self.tokens.lengths[doc] + 1
+        body = ~(is_sos | is_eos)
+        n = stop - start
+        window[:n][is_sos], window[:n][is_eos] = self.sos_index, self.eos_index
+        window[:n][body] = self.tokens.gather(doc[body], local[body] - 1)
         doc_ids = np.empty(size, dtype=np.int64)
+        doc_ids[:n] = doc - doc[0]
+        doc_ids[n:] = doc[-1] - doc[0] + 1  # padding (last window only) is one more document
         positions = np.empty(size, dtype=np.int64)
-        is_sos = np.zeros(size, dtype=bool)
-        for doc in range(first, last + 1):
-            a = max(start, int(self.doc_starts[doc]))
-            b = min(stop, int(self.doc_starts[doc + 1]))
-            local = a - int(self.doc_starts[doc])
-            window[a - start:b - start] = self._document(doc, local, local + b - a)
-            doc_ids[a - start:b - start] = doc - first
-            positions[a - start:b - start] = np.arange(b - a)
-            is_sos[a - start] = local == 0
-        doc_ids[stop - start:] = last - first + 1
-        positions[stop - start:] = np.arange(size - (stop - start))
+        positions[:n] = np.minimum(local, where - start)  # restart at document starts and at the window start
+        positions[n:] = np.arange(size - n)
         targets = window[1:].copy()
         if not self.train_sos:
-            targets[is_sos[1:]] = self.pad_index
+            targets[:n - 1][is_sos[1:]] = self.pad_index
         return {"x": torch.from_numpy(window[:-1].copy()), "y": torch.from_numpy(targets),
                 "positions": torch.from_numpy(positions[:-1].copy()),
                 "doc_ids": torch.from_numpy(doc_ids[:-1].copy())}
