@@ -44,8 +44,9 @@ class XLabModule(L.LightningModule):
 
     Logged: ``{train,val,test}_loss`` and ``_acc`` (token-weighted: batch_size = number of non-pad targets),
     ``val_ppl``/``val_bpt`` and ``test_ppl``/``test_bpt`` (exp and log2 of the epoch's token-mean loss),
-    ``lr``, ``tokens/s`` (input tokens per second of wall time over the last ``log_every_n_steps`` steps),
-    and with ``debug`` the 2-norm of every gradient before each optimizer step, plus a warning on a
+    ``lr``, ``tokens/s`` (input tokens per second of training-step wall time, forward to optimizer step, over
+    the steps since the last log); training metrics are logged every ``log_every_n_steps`` steps (when the
+    logger writes) and at the first step. With ``debug`` the 2-norm of every gradient before each optimizer step, plus a warning on a
     non-finite training loss.
     """
     model: nn.Module
@@ -60,7 +61,7 @@ class XLabModule(L.LightningModule):
         self.compile_model = compile
         self.weight_decay_embeddings = weight_decay_embeddings
         self.debug = debug
-        self._throughput = [0, 0.0, None]  # tokens, seconds, last step end time
+        self._throughput = [0, 0.0, 0.0]  # tokens, seconds, start of the current step
         self._totals = {}  # stage -> [summed loss, target count] for perplexity
 
     def configure_model(self):
@@ -81,24 +82,38 @@ class XLabModule(L.LightningModule):
     def _ignore_index(self):
         return self.pad_index if self.pad_index is not None else -100
 
-    def loss(self, logits, targets):
+    def loss(self, logits, targets, accuracy: bool = True):
         """Token-mean cross-entropy over non-pad targets (logits cast to float: bf16 logits lose precision
-        in the softmax), the number of such targets, and the number predicted correctly (argmax)."""
+        in the softmax), the number of such targets, and the number predicted correctly (argmax; None
+        without ``accuracy``)."""
         ignore = self._ignore_index()
         valid = targets != ignore
         n = valid.sum()
         nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore,
                               reduction='sum')
-        with torch.no_grad():
-            correct = ((logits.argmax(dim=-1) == targets) & valid).sum()
+        correct = None
+        if accuracy:
+            with torch.no_grad():
+                correct = ((logits.argmax(dim=-1) == targets) & valid).sum()
         return nll / n.clamp(min=1), n, correct
 
     def _model_inputs(self, batch):
         return dict(positions=batch.get('positions'), doc_ids=batch.get('doc_ids'))
 
+    def _logging_step(self):
+        # Training metrics are logged when the logger writes (every log_every_n_steps, and the first step):
+        # each self.log call costs about a millisecond of Python on CPU, which is several percent of a
+        # small model's step, and int(n) below is a host sync on GPU.
+        if self._trainer is None:
+            return True
+        return self.global_step == 0 or (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0
+
     def _step(self, batch, stage):
         logits = self(batch['x'], **self._model_inputs(batch))
-        loss, n, correct = self.loss(logits, batch['y'])
+        log_now = stage != 'train' or self._logging_step()
+        loss, n, correct = self.loss(logits, batch['y'], accuracy=log_now)
+        if not log_now:
+            return loss
         n_targets = int(n)
         on_step = stage == 'train'
         self.log(f'{stage}_loss', loss, batch_size=n_targets, prog_bar=True, on_step=on_step, on_epoch=not on_step,
@@ -113,28 +128,22 @@ class XLabModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self._step(batch, 'train')
-        self.log('lr', self.trainer.optimizers[0].param_groups[0]['lr'], on_step=True, on_epoch=False)
         if self.debug and not torch.isfinite(loss):
             warnings.warn(f"non-finite training loss {loss.item()} at step {self.global_step}", RuntimeWarning)
-        self._throughput[0] += batch['x'].numel()
+        if self._logging_step():
+            self.log('lr', self.trainer.optimizers[0].param_groups[0]['lr'], on_step=True, on_epoch=False)
+            tokens, seconds = self._throughput[:2]
+            if seconds > 0:  # steps completed since the last log
+                self.log('tokens/s', tokens / seconds, on_step=True, on_epoch=False, prog_bar=True)
+            self._throughput[:2] = [0, 0.0]
         return loss
 
     def on_train_batch_start(self, batch, batch_idx):
-        if self._throughput[2] is None:
-            self._throughput[2] = time.perf_counter()
+        self._throughput[2] = time.perf_counter()
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        now = time.perf_counter()
-        tokens, seconds, last = self._throughput
-        seconds += now - last
-        every = max(1, self.trainer.log_every_n_steps)
-        if (batch_idx + 1) % every == 0 and seconds > 0:
-            self.log('tokens/s', tokens / seconds, on_step=True, on_epoch=False, prog_bar=True)
-            tokens, seconds = 0, 0.0
-        self._throughput = [tokens, seconds, now]
-
-    def on_train_epoch_end(self):
-        self._throughput[2] = None  # validation time between epochs is not training time
+        self._throughput[0] += batch['x'].numel()
+        self._throughput[1] += time.perf_counter() - self._throughput[2]
 
     def validation_step(self, batch, batch_idx):
         return self._step(batch, 'val')

@@ -1,0 +1,218 @@
+#!/usr/bin/env python3
+"""Training throughput of the XLab model: a plain PyTorch loop vs Lightning ``Trainer.fit`` on the same model,
+so the framework's overhead is visible.
+
+Reference configuration (CPU, fp32, 2 threads): 4 layers, d_model 128, 4 heads, FFN 512, seq 64, batch 12,
+vocabulary 65 (character level), random tokens. Reference: nanoGPT at these dims trains at about 20,000
+tokens/s on these 2-core machines (38 ms per 768-token iteration; quoted, not measured here). Target: the
+Lightning fit at least 1.2x that.
+
+Lightning is timed twice: "minimal" (no logger, checkpointing, progress bar or model summary) and "default"
+(a TensorBoard/CSV logger, checkpointing, progress bar and summary as a plain ``Trainer()`` has). Each figure
+is the best of ``--repeats`` runs, interleaved, because these machines are shared. With CUDA, a GPU section
+times GPT-2-small dims in bf16 and prints the model FLOPs utilisation (MFU).
+
+    python bench/train.py [--steps 100] [--repeats 3] [--compile] [--threads 2]
+
+The last line printed is one JSON object with all figures.
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+NANOGPT_TOKENS_PER_S = 20_000  # nanoGPT, same dims, 2 cores (38 ms per 12 x 64 tokens), from the issue
+TARGET_FACTOR = 1.2
+REFERENCE = dict(n_vocab=65, max_len=64, d_model=128, n_layers=4, n_heads=4, d_ff=512)
+BATCH = 12
+GPT2_SMALL = dict(n_vocab=50304, max_len=1024, d_model=768, n_layers=12, n_heads=12, d_ff=3072)
+PEAK_BF16_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12}
+
+
+class RandomTokens(Dataset):
+    """``steps * batch`` random windows, as a data module yields them (dict of x, y)."""
+
+    def __init__(self, n_vocab, seq_len, count, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.data = torch.randint(0, n_vocab, (count, seq_len + 1), generator=g)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        row = self.data[i]
+        return {'x': row[:-1], 'y': row[1:]}
+
+
+def build(config, dropout, compile_model, **kwargs):
+    from xlabml.models import XLabModel
+    torch.manual_seed(0)
+    return XLabModel(**config, dropout=dropout, compile=compile_model, pad_index=None, **kwargs)
+
+
+def loader(config, steps, batch):
+    return DataLoader(RandomTokens(config['n_vocab'], config['max_len'], steps * batch), batch_size=batch,
+                      shuffle=True, drop_last=True)
+
+
+def plain_loop(config, steps, warmup, batch, dropout, compile_model, device='cpu', autocast=None):
+    """tokens/s of forward + backward + AdamW step, written by hand over the same model and data."""
+    from xlabml.models import default_optimizer
+    module = build(config, dropout, False)
+    model = module.model.to(device).train()
+    if compile_model:
+        model.compile()
+    optimizer = default_optimizer(module.parameter_groups())
+    timed = 0
+    for i, b in enumerate(loader(config, warmup + steps, batch)):
+        if i == warmup:
+            if device != 'cpu':
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        x, y = b['x'].to(device, non_blocking=True), b['y'].to(device, non_blocking=True)
+        with autocast or contextlib.nullcontext():
+            logits = model(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        timed += i >= warmup
+    if device != 'cpu':
+        torch.cuda.synchronize()
+    return timed * batch * config['max_len'] / (time.perf_counter() - start)
+
+
+def lightning_fit(config, steps, warmup, batch, dropout, compile_model, default, accelerator='cpu',
+                  precision='32-true'):
+    """tokens/s of ``Trainer.fit`` (steps after the warmup steps, timed by a callback)."""
+    import lightning as L
+
+    class Timer(L.Callback):
+        start = end = None
+
+        def on_train_batch_start(self, trainer, module, b, batch_idx):
+            if batch_idx == warmup:
+                if accelerator == 'gpu':
+                    torch.cuda.synchronize()
+                self.start = time.perf_counter()
+
+        def on_train_end(self, trainer, module):
+            if accelerator == 'gpu':
+                torch.cuda.synchronize()
+            self.end = time.perf_counter()
+
+    timer = Timer()
+    module = build(config, dropout, compile_model)
+    with tempfile.TemporaryDirectory() as root:
+        settings = dict(accelerator=accelerator, devices=1, precision=precision, max_steps=warmup + steps,
+                        limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=root, callbacks=[timer])
+        if not default:
+            settings.update(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False)
+        trainer = L.Trainer(**settings)
+        # the default progress bar writes to stderr: keep it, but out of this script's report
+        with contextlib.redirect_stderr(io.StringIO()) if default else contextlib.nullcontext():
+            trainer.fit(module, loader(config, warmup + steps, batch))
+    return steps * batch * config['max_len'] / (timer.end - timer.start)
+
+
+def gpu_section(steps, warmup, compile_model):
+    config, batch = GPT2_SMALL, 8
+    module = build(config, 0.0, False)
+    n_params = sum(p.numel() for n, p in module.model.named_parameters() if 'position' not in n)
+    # per token: 6 N for the matmuls forward + backward, plus 12 L T d for attention scores (PaLM appendix B)
+    flops_per_token = 6 * n_params + 12 * config['n_layers'] * config['max_len'] * config['d_model']
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16)
+    plain = plain_loop(config, steps, warmup, batch, 0.0, compile_model, device='cuda', autocast=autocast)
+    fit = lightning_fit(config, steps, warmup, batch, 0.0, compile_model, default=False, accelerator='gpu',
+                        precision='bf16-mixed')
+    result = {'device': name, 'config': config, 'batch': batch, 'precision': 'bf16-mixed',
+              'plain_tokens_per_s': round(plain), 'lightning_tokens_per_s': round(fit),
+              'flops_per_token': flops_per_token, 'peak_flops': peak}
+    if peak:
+        result['plain_mfu'] = round(plain * flops_per_token / peak, 4)
+        result['lightning_mfu'] = round(fit * flops_per_token / peak, 4)
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--steps', type=int, default=100, help='timed steps per run')
+    parser.add_argument('--warmup', type=int, default=10, help='untimed steps before timing (compilation)')
+    parser.add_argument('--repeats', type=int, default=3, help='runs per setting; the best is reported')
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--dropout', type=float, default=0.0)
+    parser.add_argument('--compile', action='store_true', help='torch.compile the model (plain and Lightning)')
+    parser.add_argument('--no-gpu', action='store_true', help='skip the GPU section even if CUDA is available')
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings('ignore')
+    import logging
+    logging.getLogger('lightning.pytorch').setLevel(logging.ERROR)
+    if args.compile:
+        args.warmup = max(args.warmup, 20)
+
+    common = dict(steps=args.steps, warmup=args.warmup, batch=BATCH, dropout=args.dropout,
+                  compile_model=args.compile)
+    runs = {'plain': [], 'lightning_minimal': [], 'lightning_default': []}
+    for _ in range(args.repeats):  # interleaved, so a burst of load elsewhere hits all settings alike
+        runs['plain'].append(plain_loop(REFERENCE, **common))
+        runs['lightning_minimal'].append(lightning_fit(REFERENCE, **common, default=False))
+        runs['lightning_default'].append(lightning_fit(REFERENCE, **common, default=True))
+    best = {k: max(v) for k, v in runs.items()}
+    target = TARGET_FACTOR * NANOGPT_TOKENS_PER_S
+
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cpus, "
+          f"torch {torch.__version__}, {args.threads} threads, load average {os.getloadavg()[0]:.1f}")
+    print(f"config: {REFERENCE}, batch {BATCH}, fp32, dropout {args.dropout}, compile {args.compile}, "
+          f"{args.steps} timed steps after {args.warmup}, best of {args.repeats}")
+    for k, v in runs.items():
+        print(f"  {k:18s} best {best[k]:9,.0f} tokens/s   runs: {', '.join(f'{r:,.0f}' for r in v)}")
+    print(f"  Lightning / plain: minimal {best['lightning_minimal'] / best['plain']:.3f}, "
+          f"default {best['lightning_default'] / best['plain']:.3f}")
+    print(f"  reference: nanoGPT {NANOGPT_TOKENS_PER_S:,} tokens/s (quoted); target for Lightning "
+          f"{target:,.0f}: minimal {'met' if best['lightning_minimal'] >= target else 'MISSED'} "
+          f"({best['lightning_minimal'] / NANOGPT_TOKENS_PER_S:.2f}x), default "
+          f"{'met' if best['lightning_default'] >= target else 'MISSED'} "
+          f"({best['lightning_default'] / NANOGPT_TOKENS_PER_S:.2f}x)")
+
+    gpu = None
+    if torch.cuda.is_available() and not args.no_gpu:
+        gpu = gpu_section(steps=30, warmup=10 if not args.compile else 20, compile_model=args.compile)
+        print(f"GPU {gpu['device']}: GPT-2 small bf16, batch {gpu['batch']} x {GPT2_SMALL['max_len']}: plain "
+              f"{gpu['plain_tokens_per_s']:,} tokens/s, Lightning {gpu['lightning_tokens_per_s']:,} tokens/s, MFU "
+              f"{gpu.get('plain_mfu', 'n/a')} / {gpu.get('lightning_mfu', 'n/a')} (peak {gpu['peak_flops']})")
+    else:
+        print("GPU: CUDA not available, section skipped")
+
+    print(json.dumps({
+        'benchmark': 'train', 'threads': args.threads, 'compile': args.compile, 'config': REFERENCE,
+        'batch': BATCH, 'steps': args.steps, 'repeats': args.repeats, 'load_average': os.getloadavg()[0],
+        'plain_tokens_per_s': round(best['plain']),
+        'lightning_minimal_tokens_per_s': round(best['lightning_minimal']),
+        'lightning_default_tokens_per_s': round(best['lightning_default']),
+        'ratio_minimal': round(best['lightning_minimal'] / best['plain'], 3),
+        'ratio_default': round(best['lightning_default'] / best['plain'], 3),
+        'reference_nanogpt_tokens_per_s': NANOGPT_TOKENS_PER_S, 'target_tokens_per_s': target,
+        'target_met': best['lightning_minimal'] >= target and best['lightning_default'] >= target,
+        'runs': {k: [round(r) for r in v] for k, v in runs.items()}, 'gpu': gpu,
+    }))
+
+
+if __name__ == '__main__':
+    main()
