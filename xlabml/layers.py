@@ -197,6 +197,8 @@ class AttentionContext:
         return self._masks[dtype], False
 
     def _build(self, dtype):
+        if self.k_slots is None:  # cached: slots lo..hi-1, built only when a mask is needed
+            self.k_slots = torch.arange(self.lo, self.hi, device=self.q_slots.device)
         q, k = self.q_slots[:, None], self.k_slots[None, :]
         allowed = k <= q  # t s
         if self.window is not None:
@@ -660,7 +662,7 @@ class Decoder(nn.Module):
         if cache.has_docs:
             q_docs = doc_ids if doc_ids is not None else torch.zeros_like(x)
             k_docs = cache.doc_ids[:, lo:hi]
-        ctx = AttentionContext(kind=kind, q_slots=input_pos, k_slots=torch.arange(lo, hi, device=x.device),
+        ctx = AttentionContext(kind=kind, q_slots=input_pos, k_slots=None,
                                q_docs=q_docs, k_docs=k_docs, window=window, position=self.position,
                                input_pos=input_pos, lo=lo, hi=hi)
         return ctx, positions

@@ -46,8 +46,8 @@ class XLabModule(L.LightningModule):
     ``val_ppl``/``val_bpt`` and ``test_ppl``/``test_bpt`` (exp and log2 of the epoch's token-mean loss),
     ``lr``, ``tokens/s`` (input tokens per second of training-step wall time, forward to optimizer step, over
     the steps since the last log); training metrics are logged every ``log_every_n_steps`` steps (when the
-    logger writes) and at the first step. With ``debug`` the 2-norm of every gradient before each optimizer step, plus a warning on a
-    non-finite training loss.
+    logger writes) and at the first step. With ``debug``: the 2-norm of every gradient before each
+    optimizer step, and a warning on a non-finite training loss.
     """
     model: nn.Module
 
@@ -69,13 +69,14 @@ class XLabModule(L.LightningModule):
             self.model.compile()  # in place: parameter names (and checkpoints) stay as without compile
             self._compiled = True
 
-    def forward(self, x, positions=None, doc_ids=None, cache=None, input_pos=None, **kwargs):
+    def forward(self, x, positions=None, doc_ids=None, cache=None, input_pos=None, *, last_only: bool = False):
         """Logits (b, t, n_vocab) of the wrapped model; see ``xlabml.layers.Decoder.forward``."""
-        return self.model(x, positions=positions, doc_ids=doc_ids, cache=cache, input_pos=input_pos, **kwargs)
+        return self.model(x, positions=positions, doc_ids=doc_ids, cache=cache, input_pos=input_pos,
+                          last_only=last_only)
 
-    def init_cache(self, batch_size, max_len=None, device=None, dtype=None, **kwargs):
+    def init_cache(self, batch_size, max_len=None, device=None, dtype=None, *, static: bool = False):
         """A KV cache for the wrapped model; see ``xlabml.layers.Decoder.init_cache``."""
-        return self.model.init_cache(batch_size, max_len, device=device, dtype=dtype, **kwargs)
+        return self.model.init_cache(batch_size, max_len, device=device, dtype=dtype, static=static)
 
     # ------------------------------------------------------------------------------------- loss, metrics
 
