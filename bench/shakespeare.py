@@ -80,7 +80,10 @@ ARCHS = {
     "gqa": {"n_kv_heads": 2},
     "tied": {"tie_embeddings": True},
     "modern": {"position": "rope", "norm": "rmsnorm", "ffn": "swiglu"},
+    "preset-modern": {},  # the lab's own preset, applied as the overlay below
 }
+# Variants that are the lab's configuration overlays, applied after the run's config (`-c FILE`).
+ARCH_FILES = {"preset-modern": "conf/extra/modern.yaml"}
 
 # Ablation rows: (label, preset overrides); each row changes one thing against the classic seed model,
 # except the modern preset and the shipped configuration.
@@ -91,14 +94,15 @@ ABLATION = [
     ("+ SwiGLU", {"arch": "swiglu"}),
     ("+ GQA (2 KV heads)", {"arch": "gqa"}),
     ("+ tied embeddings", {"arch": "tied"}),
-    ("modern preset (RoPE+RMSNorm+SwiGLU)", {"arch": "modern"}),
+    ("RoPE + RMSNorm + SwiGLU", {"arch": "modern"}),
+    ("modern preset (conf/extra/modern.yaml)", {"arch": "preset-modern"}),
     ("BPE 1K tokenizer", {"tokenizer": "bpe", "vocab": 1024}),
     ("BPE 4K tokenizer", {"tokenizer": "bpe", "vocab": 4096}),
     ("conf/extra/shakespeare.yaml (best)", {"config": "best"}),
 ]
 # Execution order (the table keeps ABLATION's order): the most telling rows first, so a sweep cut short by
 # time still has them.
-ABLATION_ORDER = [0, 9, 6, 7, 1, 2, 3, 4, 5, 8]
+ABLATION_ORDER = [0, 10, 7, 8, 6, 1, 2, 3, 4, 5, 9]
 
 CHAR_VOCAB_BOUND = 1024  # upper bound for the char tokenizer (specials + 256 bytes + the corpus' characters)
 
@@ -306,10 +310,43 @@ def run_one(args: argparse.Namespace, s: dict, split: dict, extra: list[str], qu
         if not quiet:
             print(f"[{name}] cached result ({result_path})")
         return result
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # an interrupted run: start it over
-    run_dir.mkdir(parents=True)
+    if not claim(run_dir):
+        raise RunBusy(f"run {name} is in progress in another process")
+    try:
+        return _run_one(args, s, split, extra, name, run_dir, result_path, env)
+    finally:
+        (run_dir / LOCK).unlink(missing_ok=True)
 
+
+class RunBusy(Exception):
+    """Another process (a parallel --ablation sweep) is running this configuration."""
+
+
+LOCK = "running.pid"
+
+
+def claim(run_dir: Path) -> bool:
+    """Take the run directory for this process: False if a live process holds it; a dead one's leftovers go."""
+    lock = run_dir / LOCK
+    if lock.is_file():
+        try:
+            os.kill(int(lock.read_text()), 0)
+            return False
+        except (ValueError, ProcessLookupError):
+            pass
+    if run_dir.exists() and not (run_dir / "fit.json").is_file():
+        shutil.rmtree(run_dir)  # interrupted before its checkpoint: start it over
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(lock, "x") as f:
+            f.write(str(os.getpid()))
+    except FileExistsError:
+        return False
+    return True
+
+
+def _run_one(args, s, split, extra, name, run_dir, result_path, env) -> dict:
+    """The steps of one run, in its claimed directory: tokenizer, encoding, fit, validate."""
     # 1. Tokenizer (shared between runs): trained by `xlab.py train_tokenizer`, timed apart from training.
     tok_path, train_args, bound = tokenizer_file(s, split)
     prep_s = 0.0
@@ -317,9 +354,13 @@ def run_one(args: argparse.Namespace, s: dict, split: dict, extra: list[str], qu
     if not tok_path.is_file():
         config = run_config(s, split, run_dir, tok_path, train_args, bound)
         (run_dir / "tokenizer.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        wall, _ = xlab(["train_tokenizer", *best_args, "-c", str(run_dir / "tokenizer.yaml")],
-                       run_dir / "train_tokenizer.log", env)
-        prep_s += wall
+        try:
+            wall, _ = xlab(["train_tokenizer", *best_args, "-c", str(run_dir / "tokenizer.yaml")],
+                           run_dir / "train_tokenizer.log", env)
+            prep_s += wall
+        except RuntimeError:
+            if not tok_path.is_file():  # else a parallel sweep saved the same tokenizer first
+                raise
     from xlabml.tokenizer import Tokenizer
     num_tokens = len(Tokenizer.load(str(tok_path)))  # char: the actual vocabulary, so no unused rows
 
@@ -327,19 +368,28 @@ def run_one(args: argparse.Namespace, s: dict, split: dict, extra: list[str], qu
     config_path = run_dir / "config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     base = [*best_args, "-c", str(config_path)]
+    if s["arch"] in ARCH_FILES:
+        base += ["-c", str(REPO / ARCH_FILES[s["arch"]])]
 
     # 2. Encode the splits into the cache (`compute_stats` prepares the data), so fit times training only.
     wall, _ = xlab(["compute_stats", *base], run_dir / "compute_stats.log", env)
     prep_s += wall
 
-    # 3. Train.
-    fit_s, fit_out = xlab(["fit", *base, *extra], run_dir / "fit.log", env)
+    # 3. Train (a finished fit whose scoring failed is not repeated).
     ckpt = run_dir / "checkpoints" / "final.ckpt"
-    if not ckpt.is_file():
-        raise RuntimeError(f"fit wrote no checkpoint at {ckpt}; see {run_dir / 'fit.log'}")
+    fit_json = run_dir / "fit.json"
+    if fit_json.is_file() and ckpt.is_file():
+        fit = json.loads(fit_json.read_text())
+        fit_s, prep_s = fit["fit_s"], fit["prep_s"]
+    else:
+        fit_s, _ = xlab(["fit", *base, *extra], run_dir / "fit.log", env)
+        if not ckpt.is_file():
+            raise RuntimeError(f"fit wrote no checkpoint at {ckpt}; see {run_dir / 'fit.log'}")
+        fit_json.write_text(json.dumps({"fit_s": fit_s, "prep_s": prep_s}))
 
     # 4. Score the whole held-out part: one document, non-overlapping windows.
     val_args = ["validate", *base, f"--data.step_size={int(s['seq_len'])}", "--trainer.logger=false",
+                f"--trainer.default_root_dir={run_dir / 'validate'}",
                 "--trainer.limit_val_batches=1.0", f"--ckpt_path={ckpt}"]
     val_s, val_out = xlab(val_args, run_dir / "validate.log", env)
     val_loss = parse_metric(val_out, "val_loss")  # token-weighted mean over the held-out targets
@@ -371,6 +421,60 @@ def run_one(args: argparse.Namespace, s: dict, split: dict, extra: list[str], qu
     return result
 
 
+# ------------------------------------------------------------------------------------- speed reference
+
+PLAIN_LOOP = r"""
+import sys, time, torch, torch.nn as nn, torch.nn.functional as F
+L, D, H, FF, T, B, V, steps = map(int, sys.argv[1:9])
+class Block(nn.Module):  # GPT-2 block as in nanoGPT's model: pre-LayerNorm, fused qkv, GELU MLP, biases
+    def __init__(self):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(D), nn.LayerNorm(D)
+        self.qkv, self.proj = nn.Linear(D, 3 * D), nn.Linear(D, D)
+        self.fc, self.out = nn.Linear(D, FF), nn.Linear(FF, D)
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, H, D // H).permute(2, 0, 3, 1, 4)  # 3 b h t d
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, D)
+        x = x + self.proj(a)
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+class GPT(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(V, D), nn.Embedding(T, D)
+        self.blocks = nn.Sequential(*[Block() for _ in range(L)])
+        self.ln, self.head = nn.LayerNorm(D), nn.Linear(D, V, bias=False)
+    def forward(self, x):
+        return self.head(self.ln(self.blocks(self.tok(x) + self.pos(torch.arange(x.shape[1])))))
+torch.manual_seed(0)
+model = GPT()
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+data = torch.randint(0, V, (100_000,))
+def step():
+    ix = torch.randint(len(data) - T - 1, (B,))
+    x = torch.stack([data[i:i + T] for i in ix]); y = torch.stack([data[i + 1:i + T + 1] for i in ix])
+    loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    opt.zero_grad(set_to_none=True); loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
+for _ in range(5):
+    step()
+start = time.perf_counter()
+for _ in range(steps):
+    step()
+print((time.perf_counter() - start) / steps)
+"""
+
+
+def plain_loop_step_s(s: dict, vocab: int, steps: int, env: dict) -> float:
+    """Seconds per step of a bare PyTorch loop (no Lightning, no data pipeline) over the nanoGPT-shaped model
+    of this budget, in a fresh process with the same threads: the speed reference measured in the same run,
+    so a loaded machine shows as a ratio instead of a misleading absolute time."""
+    cmd = [sys.executable, "-c", PLAIN_LOOP, *map(str, (s["n_layers"], s["d_model"], s["n_heads"], s["d_ff"],
+                                                      s["seq_len"], s["batch_size"], vocab, steps))]
+    out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def print_report(s: dict, result: dict, split: dict) -> None:
     ref = REFERENCES[result["preset"]]
     print(f"\nTiny Shakespeare held-out ({split['heldout_chars']} chars, last 10% of {split['corpus']})")
@@ -389,6 +493,10 @@ def print_report(s: dict, result: dict, split: dict) -> None:
     loop = f", training loop ~{result['loop_s']} s" if result.get("loop_s") else ""
     print(f"fit wall time: {result['wall_s']} s ({result['tokens_per_s']} tokens/s over {result['train_tokens']} "
           f"tokens{loop}); tokenizer + encoding: {result['prep_s']} s; validate: {result['validate_s']} s")
+    if result.get("plain_loop_s"):
+        print(f"same-run speed reference: a bare PyTorch loop of nanoGPT's char model ({result['steps']} steps of "
+              f"this batch, same threads, measured now) takes {result['plain_loop_s']} s -> xlab fit wall time is "
+              f"{result['wall_vs_plain_loop']}x that (nanoGPT's own loop, ~38 ms/step idle, is ~76 s of its 85 s)")
     print(f"reference ({ref['where']}): {ref['nats_per_char']} nats/char = {ref['bpc']:.2f} bits/char "
           f"in ~{ref['wall_s']:.0f} s -> ratio bpc {result['bpc'] / ref['bpc']:.3f}, "
           f"wall {result['wall_s'] / ref['wall_s']:.2f}")
@@ -398,7 +506,6 @@ def print_report(s: dict, result: dict, split: dict) -> None:
 
 def ablation(args: argparse.Namespace, split: dict, extra: list[str]) -> dict:
     """Every ABLATION row for every seed (seed-major, so an interrupted sweep covers all rows evenly)."""
-    done: dict[str, list[dict]] = {label: [] for label, _ in ABLATION}
     for seed in range(1, args.seeds + 1):
         for label, overrides in (ABLATION[i] for i in ABLATION_ORDER):
             run_args = copy.copy(args)
@@ -406,13 +513,30 @@ def ablation(args: argparse.Namespace, split: dict, extra: list[str]) -> dict:
             s = resolve_settings(run_args, overrides)
             try:
                 result = run_one(run_args, s, split, extra, quiet=True)
+            except RunBusy:
+                continue  # a parallel sweep has it
             except Exception as error:  # noqa: BLE001 - one failed variant must not stop the sweep
                 print(f"[ablation] {label} seed {seed}: FAILED: {error}", flush=True)
                 continue
-            done[label].append(result)
             print(f"[ablation] {label} seed {seed}: bpc {result['bpc']:.4f} wall {result['wall_s']} s "
                   f"{result['tokens_per_s']} tok/s", flush=True)
-            write_ablation(done, split)
+            write_ablation(collect(args, extra), split)
+    done = collect(args, extra)
+    write_ablation(done, split)
+    return done
+
+
+def collect(args: argparse.Namespace, extra: list[str]) -> dict[str, list[dict]]:
+    """Results on disk of every ablation row and seed (also those written by parallel sweeps)."""
+    done: dict[str, list[dict]] = {label: [] for label, _ in ABLATION}
+    for seed in range(1, args.seeds + 1):
+        for label, overrides in ABLATION:
+            run_args = copy.copy(args)
+            run_args.seed = seed
+            s = resolve_settings(run_args, overrides)
+            path = WORK / "runs" / run_name(s, extra, args.threads) / "result.json"
+            if path.is_file():
+                done[label].append(json.loads(path.read_text()))
     return done
 
 
@@ -513,6 +637,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--ablation", action="store_true", help="run every ABLATION row (resumable)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per ablation row (default 3)")
     p.add_argument("--force", action="store_true", help="rerun even if a result exists")
+    p.add_argument("--reference-steps", dest="reference_steps", type=int, default=200,
+                   help="steps of the bare PyTorch speed reference timed after a single run (0: skip)")
     args, unknown = p.parse_known_args(argv)
     return args, unknown + extra  # unknown flags (e.g. --model.qk_norm=true) pass through to `xlab.py fit`
 
@@ -529,10 +655,17 @@ def main(argv: list[str] | None = None) -> None:
         return
     s = resolve_settings(args)
     result = run_one(args, s, split, extra)
+    if args.reference_steps:
+        env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+        step_s = plain_loop_step_s({**PRESETS[args.preset], **{k: s[k] for k in ("seq_len", "batch_size")}},
+                                   65, args.reference_steps, env)
+        result["plain_loop_s"] = round(step_s * int(s["steps"]), 1)
+        result["wall_vs_plain_loop"] = round(result["wall_s"] / result["plain_loop_s"], 2)
     print_report(s, result, split)
     print(json.dumps({k: result[k] for k in ("bpc", "nats_per_char", "wall_s", "tokens_per_s", "prep_s",
                                                "loop_s", "preset", "config", "arch", "tokenizer", "vocab", "seed",
-                                               "reference")}))
+                                               "reference") if k in result},
+                     **{k: result[k] for k in ("plain_loop_s", "wall_vs_plain_loop") if k in result}))
 
 
 if __name__ == "__main__":
