@@ -330,6 +330,7 @@ def test_explicit_split_sources(numbered, tmp_path):
     ({"train": 0.9, "val": 0.2}, r"ratios sum to 1\.1, past 1"),
     ({"train": 0, "val": 0}, r"only one split may be 0.*\['train', 'val'\]"),
     ({"train": 150, "val": 100}, "need 250 documents, but the locations hold 200"),
+    ({"train": 0.5, "val": 101}, "need 201 documents, but the locations hold 200"),
     ({"train": 1.5}, r"splits.train=1.5"),
     ({"train": -1}, r"splits.train=-1"),
     ({"training": 0.9}, r"unknown split names \['training'\]"),

@@ -264,15 +264,15 @@ def load_splits(locations, splits: Mapping[str, Any] | None = None, seed: int = 
         report.update(documents=len(documents), empty=len(documents) - n)
         if n == 0:
             raise ValueError(f"data locations {locations!r}: every document is empty")
+        wanted = sum(v * n if isinstance(v, float) else v for v in numeric.values())
+        if wanted > n + 1e-6:
+            raise ValueError(f"splits {numeric!r} need {wanted:.6g} documents, "
+                             f"but the locations hold {n} non-empty documents")
         counts = {k: (v if isinstance(v, int) else round(v * n)) for k, v in numeric.items() if v != 0}
         excess = sum(counts.values()) - n
-        if excess > 0:
-            floats = [k for k in counts if isinstance(numeric[k], float)]
-            if any(isinstance(numeric[k], int) for k in counts) and (not floats or excess > len(floats)):
-                raise ValueError(f"splits {numeric!r} need {sum(counts.values())} documents, "
-                                 f"but the locations hold {n} non-empty documents")
-            for k in sorted(floats, key=lambda k: -counts[k])[:excess]:  # rounding overshoot: trim largest
-                counts[k] -= 1
+        floats = sorted((k for k in counts if isinstance(numeric[k], float)), key=lambda k: -counts[k])
+        for k in floats[:max(0, excess)]:  # rounding overshoot (at most one per ratio): trim the largest
+            counts[k] -= 1
         remainder = n - sum(counts.values())
         if zeros:
             counts[zeros[0]] = remainder
