@@ -7,16 +7,17 @@ index are linked to the model, so they are set in one place (the ``data:`` secti
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
-import math
 import os
+import random
 import re
 import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -46,39 +47,46 @@ def default_config_file() -> Path:
 # Data subcommands: they need the data module only, never a model or a trainer.
 
 
-def train_tokenizer(datamodule: LightningDataModule) -> None:
-    path = getattr(datamodule, "tokenizer_path", None)
+def train_tokenizer(datamodule: Any) -> None:
+    path = datamodule.tokenizer_path
     if not path:
         raise ValueError("data.tokenizer_path is not set: train_tokenizer needs a path to save the tokenizer to")
     if Path(path).exists():
         raise FileExistsError(f"tokenizer {path} already exists; remove it or set another --data.tokenizer_path")
-    tokenizer = datamodule.train_tokenizer()
+    tokenizer = datamodule.tokenizer  # trains on the train split and saves to tokenizer_path
     print(f"tokenizer: {len(tokenizer)} tokens saved to {path}")
 
 
-def compute_stats(datamodule: LightningDataModule) -> None:
-    stats = datamodule.compute_stats()
-    for split, values in stats.items():
-        if isinstance(values, dict):
-            print(f"{split}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
-        else:
-            print(f"{split}: {_fmt(values)}")
+def compute_stats(datamodule: Any, split: str = "train", sample_size: int = 1000) -> None:
+    stats = datamodule.compute_stats(split, sample_size)
+    for section, values in stats.items():
+        print(f"{section}:")
+        for key, value in values.items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{k} {_fmt(v)}" for k, v in value.items())
+            print(f"  {key}: {_fmt(value)}")
+    if split == "train":
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        entropy = unigram_entropy(datamodule)
+        if entropy is not None:
+            print(f"  unigram_entropy: {entropy:.4f} nats/token")
 
 
-def validate_data(datamodule: LightningDataModule) -> None:
-    problems = datamodule.validate_data()
-    if problems:
-        for problem in problems:
-            print(problem)
-        raise ValueError(f"data validation found {len(problems)} problem(s), listed above")
-    print("data OK")
+def validate_data(datamodule: Any, split: Optional[str] = None, dump_dir: Optional[str] = None) -> None:
+    report = datamodule.validate_data(split, dump_dir)
+    rows = report.strip().splitlines()[1:]
+    sys.stdout.write(report)
+    where = f"split {split!r}" if split else "the sources"
+    print(f"{len(rows)} document(s) of {where} the tokenizer trainer cannot use as they are"
+          + (f" (written to {dump_dir}/)" if rows and dump_dir else ""), file=sys.stderr)
 
 
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-DATA_COMMANDS: dict[str, Callable[[LightningDataModule], None]] = {
+DATA_COMMANDS: dict[str, Callable[..., None]] = {
     "train_tokenizer": train_tokenizer,
     "compute_stats": compute_stats,
     "validate_data": validate_data,
@@ -95,16 +103,34 @@ class XLabTrainer(Trainer):
         train_tokenizer(datamodule)
 
     def compute_stats(
-        self, model: Optional[LightningModule] = None, datamodule: Optional[LightningDataModule] = None
+        self,
+        model: Optional[LightningModule] = None,
+        datamodule: Optional[LightningDataModule] = None,
+        split: str = "train",
+        sample_size: int = 1000,
     ) -> None:
-        """Print document, token and sequence counts per split and the unigram entropy of the training split."""
-        compute_stats(datamodule)
+        """Print vocabulary and split statistics (documents, characters, tokens; train: unigram entropy).
+
+        Args:
+            split: the configured split to describe.
+            sample_size: splits with more documents estimate token counts from this many random documents.
+        """
+        compute_stats(datamodule, split, sample_size)
 
     def validate_data(
-        self, model: Optional[LightningModule] = None, datamodule: Optional[LightningDataModule] = None
+        self,
+        model: Optional[LightningModule] = None,
+        datamodule: Optional[LightningDataModule] = None,
+        split: Optional[str] = None,
+        dump_dir: Optional[str] = None,
     ) -> None:
-        """Check the data end to end (tokenizer, splits, windows) and exit non-zero on any problem."""
-        validate_data(datamodule)
+        """List, as CSV, the documents the tokenizer trainer cannot use as they are (empty, or cut inside a word).
+
+        Args:
+            split: check this configured split instead of the raw sources.
+            dump_dir: also write each listed document to DUMP_DIR/<source>-<index>.txt (never overwrites).
+        """
+        validate_data(datamodule, split, dump_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -122,10 +148,16 @@ class StepSeed(Callback):
     def __init__(self, seed: Optional[int] = None) -> None:
         self.seed = seed
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.seed is None:  # the run's seed_everything value
+            self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-        step_seed = hash((seed, trainer.global_rank, trainer.current_epoch, batch_idx)) % 2**31
-        pl.seed_everything(step_seed, workers=True, verbose=False)
+        key = f"{self.seed}:{trainer.global_rank}:{trainer.current_epoch}:{batch_idx}".encode()
+        step_seed = int.from_bytes(hashlib.sha256(key).digest()[:4], "little")
+        random.seed(step_seed)
+        np.random.seed(step_seed)
+        torch.manual_seed(step_seed)  # also seeds every CUDA device
 
 
 class FitSummary(Callback):
@@ -161,15 +193,24 @@ class FitSummary(Callback):
 
 
 def unigram_entropy(datamodule: Any) -> Optional[float]:
-    """Entropy in nats/token of the token frequencies of the training split (None if the data cannot tell)."""
-    counts = None
-    if hasattr(datamodule, "token_counts"):
-        counts = datamodule.token_counts("train")
-    if counts is None:
+    """Entropy in nats/token of the training split's token frequencies, ``<eos>`` (one per document) included.
+
+    This is the loss of the best model that ignores context, the bar a trained model must get below. None when
+    the split's token ids are not stored (``dynamic_encode``) or there is no train split.
+    """
+    dataset = getattr(datamodule, "datasets", {}).get("train")
+    tokens = getattr(dataset, "tokens", None)
+    if tokens is None or getattr(tokens, "dynamic", True):
         return None
-    counts = torch.as_tensor(counts, dtype=torch.float64)
+    import pyarrow.compute as pc
+
+    counts = np.zeros(datamodule.num_tokens, dtype=np.int64)
+    for batch in tokens.data.with_format("arrow").iter(batch_size=4096):
+        ids = pc.list_flatten(batch["ids"]).to_numpy(zero_copy_only=False)
+        counts += np.bincount(ids, minlength=len(counts))[: len(counts)]
+    counts[getattr(dataset, "eos_index", 2)] += len(tokens)
     p = counts[counts > 0] / counts.sum()
-    return float(-(p * p.log()).sum())
+    return float(-(p * np.log(p)).sum())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -283,9 +324,15 @@ class XLabCLI(LightningCLI):
         if max_len is not None and seq_len is not None and seq_len > max_len:
             raise ValueError(f"data.seq_len={seq_len} exceeds the checkpoint's model max_len={max_len}")
 
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        if subcommand not in DATA_SUBCOMMANDS:
+            return super()._prepare_subcommand_kwargs(subcommand)
+        config = self.config_init[subcommand]
+        return {k: v for k, v in config.items() if k in self._subcommand_method_arguments[subcommand]}
+
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand in DATA_SUBCOMMANDS:
-            DATA_COMMANDS[subcommand](self.datamodule)
+            DATA_COMMANDS[subcommand](self.datamodule, **self._prepare_subcommand_kwargs(subcommand))
             return
         super()._run_subcommand(subcommand)
 
@@ -323,6 +370,8 @@ def _quiet_warnings() -> None:
         ".*is smaller than the logging interval.*",
         ".*Checkpoint directory .* exists and is not empty.*",
         ".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+        ".*LightningCLI's args parameter is intended to run from within Python.*",
+        ".*'set_vital' is deprecated.*",
     ):
         warnings.filterwarnings("ignore", message=pattern)
 
