@@ -132,7 +132,9 @@ def lightning_fit(config, steps, warmup, batch, dropout, compile_model, default,
 def gpu_section(steps, warmup, compile_model):
     config, batch = GPT2_SMALL, 8
     module = build(config, 0.0, False)
-    n_params = sum(p.numel() for n, p in module.model.named_parameters() if 'position' not in n)
+    # matmul parameters: everything but the embedding tables (lookups), plus the head (counted even if tied)
+    n_params = sum(p.numel() for n, p in module.model.named_parameters() if 'embedding' not in n)
+    n_params += module.model.head.weight.numel() if module.hparams.tie_embeddings else 0
     # per token: 6 N for the matmuls forward + backward, plus 12 L T d for attention scores (PaLM appendix B)
     flops_per_token = 6 * n_params + 12 * config['n_layers'] * config['max_len'] * config['d_model']
     name = torch.cuda.get_device_name()
@@ -163,6 +165,7 @@ def main():
     torch.set_num_threads(args.threads)
     warnings.filterwarnings('ignore')
     import logging
+    import lightning  # noqa: F401  (sets its own log level on import; quiet it after)
     logging.getLogger('lightning.pytorch').setLevel(logging.ERROR)
     if args.compile:
         args.warmup = max(args.warmup, 20)
