@@ -354,14 +354,18 @@ def resolve_last_checkpoint(logs_dir: Path) -> str:
 # Entry point.
 
 
-def _one_line(error: BaseException) -> str:
+_NOISE = ("Given value", "Subclass types expect", "- a class path", "- a dict ", "- Expected a <class 'NoneType'>")
+
+
+def _one_line(error: BaseException, limit: int = 400) -> str:
+    """The error's message on one line: jsonargparse's nested reports lose their lists of accepted forms."""
     message = str(error).strip() or type(error).__name__
     lines = [line.strip() for line in message.splitlines() if line.strip()]
-    text = " ".join(lines) if len(lines) <= 3 else lines[0]
-    text = re.sub(r"\s+", " ", text)
-    if isinstance(error, (KeyError,)) and not text.startswith(type(error).__name__):
+    lines = [line for line in lines if not line.startswith(_NOISE)] or lines[:1]
+    text = re.sub(r"\s+", " ", " ".join(lines))
+    if isinstance(error, KeyError):
         text = f"{type(error).__name__}: {text}"
-    return text
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _quiet_warnings() -> None:

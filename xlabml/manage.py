@@ -107,17 +107,17 @@ def export_checkpoint(
     output_dir = Path(output_dir)
     stem = f"{Path(ckpt_path).stem}-{digest}"
     targets = {ext: output_dir / f"{stem}{ext}" for ext in files}
-    if all(path.exists() for path in targets.values()):
+    existing = [ext for ext, path in targets.items() if path.exists()]
+    for ext in existing:
+        if targets[ext].read_bytes() != files[ext]:
+            raise FileExistsError(f"{targets[ext]} exists with different content; refusing to overwrite it")
+    if len(existing) == len(targets):
         return targets[main_ext], False
     output_dir.mkdir(parents=True, exist_ok=True)
     for ext, data in files.items():
-        path = targets[ext]
-        if path.exists():
-            if path.read_bytes() != data:
-                raise FileExistsError(f"{path} exists with different content; refusing to overwrite it")
-            continue
-        with open(path, "xb") as f:  # "x": fail rather than overwrite, even if another process raced us
-            f.write(data)
+        if ext not in existing:
+            with open(targets[ext], "xb") as f:  # "x": fail rather than overwrite, even if another process raced us
+                f.write(data)
     return targets[main_ext], True
 
 
