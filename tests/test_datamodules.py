@@ -157,6 +157,12 @@ def test_num_proc_and_dynamic_encode_give_the_same_windows(tmp_path, corpus, tok
     for i in range(len(a)):
         for key in ("x", "y", "positions", "doc_ids"):
             assert torch.equal(a[i][key], b[i][key]) and torch.equal(a[i][key], c[i][key])
+    static, dynamic = (make(tmp_path, corpus, tokenizer_file, dynamic_encode=d, cache_dir=str(tmp_path / "c3"))
+                       for d in (False, True))
+    static.setup("validate"), dynamic.setup("validate")
+    a, c = static.datasets["val"], dynamic.datasets["val"]
+    assert len(a) == len(c) and all(torch.equal(a[i]["x"], c[i]["x"]) and torch.equal(a[i]["y"], c[i]["y"])
+                                    for i in range(len(a)))
 
 
 # ------------------------------------------------------------------------------------------ loaders
