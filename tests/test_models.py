@@ -198,3 +198,13 @@ def test_forward_and_cache_pass_through():
         prefill = model(x[:, :8], cache=cache, input_pos=torch.arange(8))
         step = model(x[:, 8:], cache=cache, input_pos=torch.tensor([8]))
         assert (torch.cat([prefill, step], 1) - model(x)).abs().max() <= 1e-4
+
+
+def test_default_optimizer_fused_on_cpu_but_not_with_clipping_under_mixed_precision(tmp_path):
+    kinds = {}
+    for precision in ('32-true', 'bf16-mixed'):
+        model = tiny()
+        fit = trainer(tmp_path, max_steps=1, limit_val_batches=0, precision=precision, gradient_clip_val=1.0)
+        fit.fit(model, char_batches())  # Lightning refuses clipping with a fused optimizer under bf16-mixed
+        kinds[precision] = fit.optimizers[0].defaults['fused']
+    assert kinds == {'32-true': True, 'bf16-mixed': False}
