@@ -224,6 +224,25 @@ def test_sampling_filters_never_emit_excluded_classes(kwargs, allowed):
         assert abs((out == 0).float().mean().item() - 0.4) < 0.03
 
 
+@pytest.mark.parametrize("peaked", [True, False])
+def test_top_p_on_a_large_vocabulary(peaked):
+    # a large vocabulary takes the CPU shortcut (top few hundred first) when the nucleus is inside them, and the
+    # full sort when it is not; both keep exactly the nucleus
+    n = 5000
+    probs = torch.full((n,), 1.0)
+    if peaked:
+        probs[:10] = torch.arange(10, 0, -1) * 1000.0  # 10 classes hold 55000 / 59990 of the mass
+    probs = (probs / probs.sum()).tolist()
+    model = FixedLogits(probs)
+    out = torch.stack(inference.sample(model, torch.zeros(64, 1, dtype=torch.long), 30, 8, top_p=0.6,
+                                       generator=torch.Generator().manual_seed(0)))
+    nucleus = set(range(5))  # mass before class 4: 0.567 < 0.6, before class 5: 0.667
+    if peaked:
+        assert set(out.unique().tolist()) == nucleus
+    else:  # flat: 60% of the classes (not just the probed few hundred); which of the equals is up to the sort
+        assert len(set(out.unique().tolist())) > 1000
+
+
 def test_repetition_penalty_and_exclusion_in_greedy():
     model = FixedLogits(PROBS)
     x = torch.tensor([5])
