@@ -136,6 +136,13 @@ def _decode_fn(compile: bool | str, device: torch.device) -> Callable:
     return _compiled[mode]
 
 
+def _mark_static(cache) -> None:
+    """Tells dynamo that the cache's buffers keep their addresses, so CUDA graphs may write them in place."""
+    buffers = getattr(cache, "buffers", None)
+    for buffer in buffers() if callable(buffers) else ():
+        torch._dynamo.mark_static_address(buffer)
+
+
 class _Rows:
     """The token histories of a batch of rows, the window of each row that the KV cache holds, and the cache.
 
@@ -155,12 +162,16 @@ class _Rows:
             self.tokens[i, self.prompt_len - len(p):self.prompt_len] = p
         self.end = self.prompt_len
         self.context = lengths.clamp(max=block_size)  # b
-        # a static cache (attention over all slots, masked) has fixed shapes and no host reads for compile
-        extra = {"static": True} if compile and _accepts(model.init_cache, "static") else {}
+        # a static cache (attention over all its slots, masked) has fixed shapes and needs no host reads: what
+        # compile wants, and what keeps a GPU's queue full; a CPU is faster attending to the filled slots only
+        static = bool(compile) or device.type != "cpu"
+        extra = {"static": True} if static and _accepts(model.init_cache, "static") else {}
         # slots the windows can fill: fewer than block_size for a short generation, which makes beam search's
         # cache reordering and a static cache's attention cheaper (windows never outgrow it; see step)
         self.capacity = min(block_size, int(self.context.max()) + max_new)
         self.cache = model.init_cache(len(prompts), max_len=self.capacity, device=device, **extra)
+        if compile and device.type == "cuda":
+            _mark_static(self.cache)
         self.last_only = {"last_only": True} if _accepts(model.forward, "last_only") else {}
         self.fill = 0
         self.slots = torch.arange(self.capacity, device=device)
