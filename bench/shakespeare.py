@@ -560,13 +560,15 @@ def write_ablation(done: dict[str, list[dict]], split: dict) -> None:
             if len(results) > 1 else ""
         lines.append(f"| {label} | {med['bpc']:.3f}{spread} | {med['nats_per_char']:.3f} | "
                      f"{med['tokens_per_s']:,.0f} | {med['wall_s']:.0f} | {len(results)} |")
-    loads = [r["load_avg"] for results in done.values() for r in results]
+    loads = [r["load_avg"] for results in done.values() for r in results] or [0.0]
+    threads = sorted({str(r.get("threads") or "default") for results in done.values() for r in results})
     note = (f"\nMedian of the seeds run (± half the range). Budget: 2,000 steps of 12 x 64 tokens, 4 layers, "
             f"d_model 128, 4 heads, d_ff 512, AdamW (beta2 0.99, wd 0.1), warmup 100 + cosine 1e-3 -> 1e-4, "
             f"no dropout; held-out = last 10% of Tiny Shakespeare ({split['heldout_chars']:,} chars) scored as "
-            f"one document in non-overlapping windows. Machine: {platform.node()}, {os.cpu_count()} cores "
-            f"(load average during runs {min(loads):.1f}-{max(loads):.1f}; wall times include process start "
-            f"and are only comparable at equal load). Command: `bench/shakespeare.py --ablation --seeds N`.\n")
+            f"one document in non-overlapping windows. Machine: {platform.node()}, {os.cpu_count()} cores, "
+            f"torch threads per run: {', '.join(threads)} (load average at the end of the runs "
+            f"{min(loads):.1f}-{max(loads):.1f}: the machine was shared; wall time is the whole `xlab.py fit` "
+            f"process, tokenizer training and encoding excluded, and only comparable at equal load). Command: `bench/shakespeare.py --ablation --seeds N`.\n")
     (RESULTS / "ablation.md").write_text("\n".join(lines) + "\n" + note)
     (RESULTS / "ablation.json").write_text(json.dumps(done, indent=1))
     plot_ablation(done)
@@ -597,7 +599,7 @@ def plot_ablation(done: dict[str, list[dict]]) -> None:
                label="nanoGPT held-out 2.72")
     ax.set_xlabel("step")
     ax.set_ylabel("train loss, bits/char (per-token loss / chars per token / ln 2)")
-    ax.set_ylim(1.8, 4.0)
+    ax.set_ylim(1.5, 4.0)
     ax.set_title("Tiny Shakespeare, nanoGPT CPU budget: training loss (legend: held-out bits/char)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
