@@ -155,7 +155,10 @@ def resolve_settings(args: argparse.Namespace, overrides: dict | None = None) ->
         if value is not None:
             s[key] = value
     if getattr(args, "config", None):
-        s["config"] = args.config
+        if args.config != "best" and Path(args.config).resolve() != BEST_CONFIG.resolve():
+            raise ValueError(f"-c {args.config}: expected 'best' or {BEST_CONFIG.relative_to(REPO)} (other settings "
+                             "are options of this script, or xlab flags after --)")
+        s["config"] = "best"
     if s["config"] == "best":
         # The shipped file is the source of truth for its run: report what it sets.
         best = load_best_config()
@@ -619,7 +622,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="text file (default: %(default)s)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="nanogpt-cpu", help="budget and recipe")
-    p.add_argument("-c", "--config", choices=["best"], default=None, nargs="?", const="best",
+    p.add_argument("-c", "--config", default=None, nargs="?", const="best", metavar="best|conf/extra/shakespeare.yaml",
                    help="train with conf/extra/shakespeare.yaml (the shipped best configuration)")
     p.add_argument("--arch", choices=sorted(ARCHS), help="architecture variant (default: classic seed model)")
     p.add_argument("--tokenizer", choices=["char", "bpe"], help="tokenizer type (default: char)")
