@@ -268,6 +268,13 @@ def test_vocabulary_and_length_mismatch_with_checkpoint(run, trained, tmp_path):
     assert code == 1
     assert _last_line(err) == f"xlab: error: data.seq_len={2 * SEQ_LEN} exceeds the checkpoint's model max_len={SEQ_LEN}"
     assert not (tmp_path / "logs").exists()
+    # Shorter windows are fine: the model keeps its trained length; runtime switches (debug) follow the flags.
+    instance = XLabCLI(args=["validate", "-c", trained["config"], "--ckpt_path", str(trained["last"]),
+                             "--data.seq_len", str(SEQ_LEN // 2), "--model.debug", "true",
+                             "--model.d_model", "64"])
+    assert instance.model.hparams["max_len"] == SEQ_LEN and instance.datamodule.seq_len == SEQ_LEN // 2
+    assert instance.model.hparams["debug"] is True
+    assert instance.model.hparams["d_model"] == 32  # the architecture comes from the checkpoint
 
 
 def test_tokenizer_larger_than_num_tokens_is_one_line(run, shared, tmp_path):

@@ -28,15 +28,27 @@ PROG = "xlab"
 DEBUG_ENV = "XLAB_DEBUG"
 RESUME_ENV = "XLAB_RESUME_CKPT"  # the checkpoint "last" resolved to, inherited by DDP's re-executed ranks
 DATA_SUBCOMMANDS = ("train_tokenizer", "compute_stats", "validate_data")
+# Model arguments that say how to run, not what the weights mean: with --ckpt_path the configured values win.
+RUNTIME_HPARAMS = ("compile", "activation_checkpointing", "debug", "attention")
+DESCRIPTION = (
+    "XLab: train GPT-style language models (fit, validate, test, predict) and prepare their data "
+    "(train_tokenizer, compute_stats, validate_data). Settings: conf/defaults.yaml, then each -c FILE in order, "
+    "then --flags. Add --debug to see tracebacks instead of one-line errors."
+)
 LINKS = (("data.num_tokens", "model.n_vocab"), ("data.seq_len", "model.max_len"), ("data.pad_index", "model.pad_index"))
 
 
 def config_dir() -> Path:
-    """The ``conf/`` directory: next to ``xlab.py`` in a checkout, else the copy packaged as ``xlabml.conf``."""
+    """The ``conf/`` directory: next to ``xlab.py`` in a checkout, else the copy installed as ``xlabml.conf``."""
     checkout = Path(xlabml.__file__).resolve().parent.parent / "conf"
     if (checkout / "defaults.yaml").is_file():
         return checkout
-    return Path(str(importlib.resources.files("xlabml.conf")))
+    # joinpath, not str(): the installed conf/ has no __init__.py, and a namespace package's files() is a
+    # MultiplexedPath whose str() is not a path
+    installed = Path(str(importlib.resources.files("xlabml.conf").joinpath("defaults.yaml"))).parent
+    if not (installed / "defaults.yaml").is_file():
+        raise FileNotFoundError(f"conf/defaults.yaml not found in {checkout} nor in {installed}: broken install?")
+    return installed
 
 
 def default_config_file() -> Path:
@@ -220,6 +232,8 @@ def unigram_entropy(datamodule: Any) -> Optional[float]:
 class XLabCLI(LightningCLI):
     """LightningCLI for XLab: fit/validate/test/predict plus train_tokenizer/compute_stats/validate_data."""
 
+    checkpoint_hparams: dict[str, Any] = {}  # the model hyperparameters of --ckpt_path, when given
+
     def __init__(
         self,
         model_class: Optional[type] = None,
@@ -234,7 +248,7 @@ class XLabCLI(LightningCLI):
             from xlabml.datamodules import XLabDataModule as datamodule_class
         if default_config_files is None:
             default_config_files = [str(default_config_file())]
-        parser_kwargs: dict[str, Any] = {"prog": PROG, "exit_on_error": False}
+        parser_kwargs: dict[str, Any] = {"prog": PROG, "description": DESCRIPTION, "exit_on_error": False}
         for subcommand in self.subcommands():
             parser_kwargs[subcommand] = {"default_config_files": default_config_files, "exit_on_error": False}
         super().__init__(
@@ -254,8 +268,25 @@ class XLabCLI(LightningCLI):
         return {**LightningCLI.subcommands(), **{name: {"model", "datamodule"} for name in DATA_SUBCOMMANDS}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # The functions check the data against a checkpoint's model before that model is built.
+        functions = {"model.n_vocab": self._link_n_vocab, "model.max_len": self._link_max_len}
         for source, target in LINKS:
-            parser.link_arguments(source, target, apply_on="instantiate")
+            parser.link_arguments(source, target, compute_fn=functions.get(target), apply_on="instantiate")
+
+    def _link_n_vocab(self, num_tokens: int) -> int:
+        n_vocab = self.checkpoint_hparams.get("n_vocab")
+        if n_vocab is not None and n_vocab != num_tokens:
+            raise ValueError(f"the data's tokenizer has {num_tokens} tokens but the checkpoint's model has "
+                             f"n_vocab={n_vocab}")
+        return num_tokens
+
+    def _link_max_len(self, seq_len: int) -> int:
+        max_len = self.checkpoint_hparams.get("max_len")
+        if max_len is None:
+            return seq_len
+        if seq_len > max_len:
+            raise ValueError(f"data.seq_len={seq_len} exceeds the checkpoint's model max_len={max_len}")
+        return max_len  # shorter windows are fine; the model keeps the length it was trained with
 
     # -- checkpoint path: "last" and missing files ----------------------------------------------------------------
 
@@ -278,10 +309,9 @@ class XLabCLI(LightningCLI):
         checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
         hparams = dict(checkpoint.get("hyper_parameters", {}))
         self.checkpoint_hparams = dict(hparams)
-        hparams.pop("_instantiator", None)
-        hparams.pop("_class_path", None)
-        for _, target in LINKS:
-            hparams.pop(target.split(".", 1)[1], None)
+        # Linked values are checked by the link functions; how to run (not what to run) stays as configured.
+        for key in ("_instantiator", "_class_path", *RUNTIME_HPARAMS, *(t.split(".", 1)[1] for _, t in LINKS)):
+            hparams.pop(key, None)
         if hparams:
             self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
@@ -308,21 +338,6 @@ class XLabCLI(LightningCLI):
             self.trainer = None
             return
         super().instantiate_classes()
-        self._check_against_checkpoint()
-
-    def _check_against_checkpoint(self) -> None:
-        hparams = getattr(self, "checkpoint_hparams", None)
-        if not hparams:
-            return
-        data = self.datamodule
-        n_vocab, max_len = hparams.get("n_vocab"), hparams.get("max_len")
-        num_tokens, seq_len = getattr(data, "num_tokens", None), getattr(data, "seq_len", None)
-        if n_vocab is not None and num_tokens is not None and n_vocab != num_tokens:
-            raise ValueError(
-                f"the data's tokenizer has {num_tokens} tokens but the checkpoint's model has n_vocab={n_vocab}"
-            )
-        if max_len is not None and seq_len is not None and seq_len > max_len:
-            raise ValueError(f"data.seq_len={seq_len} exceeds the checkpoint's model max_len={max_len}")
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         if subcommand not in DATA_SUBCOMMANDS:
@@ -363,6 +378,7 @@ def _one_line(error: BaseException, limit: int = 400) -> str:
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     lines = [line for line in lines if not line.startswith(_NOISE)] or lines[:1]
     text = re.sub(r"\s+", " ", " ".join(lines))
+    text = re.sub(r"^Call to compute_fn of link .*? failed: ", "", text)  # our own link checks speak for themselves
     if isinstance(error, KeyError):
         text = f"{type(error).__name__}: {text}"
     return text if len(text) <= limit else text[: limit - 3] + "..."
