@@ -23,8 +23,11 @@ import platform
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
+if "--omp-passive" in sys.argv:  # read by OpenMP when torch loads it, so before the import
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from xlabml import inference  # noqa: E402
@@ -155,13 +158,19 @@ def main() -> None:
     parser.add_argument("--gpu-dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--no-gpu", action="store_true")
     parser.add_argument("--no-cpu", action="store_true")
+    parser.add_argument("--omp-passive", action="store_true",
+                        help="OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning. On a machine "
+                        "busy with other work, spinning threads keep the decode step (many small parallel ops) "
+                        "waiting for descheduled workers; on an idle machine spinning is faster")
     args = parser.parse_args()
     started = time.perf_counter()
     print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
-          f"torch {torch.__version__}; {args.threads} threads")
+          f"torch {torch.__version__}; {args.threads} threads, OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY', 'default')}")
     print(f"model: {CONFIG}, random weights; prompt {args.prompt} tokens, {args.new} new tokens, "
           f"best of {args.repeats}")
-    result = {"threads": args.threads, "prompt": args.prompt, "new_tokens": args.new}
+    result = {"threads": args.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+              "prompt": args.prompt, "new_tokens": args.new}
     if not args.no_cpu:
         cpu = bench_cpu(args)
         result.update(cpu)
