@@ -269,6 +269,10 @@ class XLabCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The functions check the data against a checkpoint's model before that model is built.
+        parser.add_argument(
+            "--prepare_data_per_node", type=bool, default=False,
+            help="Prepare data (tokenizer, encoding) on local rank 0 of every node instead of on global rank 0 "
+            "only; needed when nodes do not share the tokenizer path and the datasets cache.")
         functions = {"model.n_vocab": self._link_n_vocab, "model.max_len": self._link_max_len}
         for source, target in LINKS:
             parser.link_arguments(source, target, compute_fn=functions.get(target), apply_on="instantiate")
@@ -338,6 +342,7 @@ class XLabCLI(LightningCLI):
             self.trainer = None
             return
         super().instantiate_classes()
+        self.datamodule.prepare_data_per_node = self._get(self.config, "prepare_data_per_node")
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         if subcommand not in DATA_SUBCOMMANDS:
