@@ -135,7 +135,7 @@ def test_config_precedence_defaults_then_files_in_order_then_flags(run, tmp_path
 
 def test_overlays_parse_on_top_of_defaults(run):
     for overlay in ("xlab.yaml", "extra/rich.yaml", "extra/early_stopping.yaml", "extra/modern.yaml",
-                    "extra/packed.yaml", "extra/ddp.yaml", "extra/debug.yaml"):
+                    "extra/packed.yaml", "extra/ddp.yaml", "extra/fsdp.yaml", "extra/debug.yaml"):
         code, out, err = run("fit", "-c", str(REPO / "conf" / overlay), "--print_config")
         assert code == 0, (overlay, err)
         assert yaml.safe_load(out)["data"]
@@ -372,21 +372,29 @@ def test_ddp_on_two_cpu_processes_writes_one_set_of_checkpoints(shared, tmp_path
 
 def test_readme_snippet_runs_against_the_checkpoint(trained):
     ckpt, device, prompt, limit = str(trained["last"]), "cpu", "The if statement", 20
-    torch.manual_seed(0)
-    # --- the README's "Using in your code" snippet, as written ---
-    from xlabml.tokenizer import Tokenizer, TokenizerTrainer  # noqa: F401
-    from xlabml.datamodules import XLabDataModule
-    from xlabml.models import XLabModel
-    from xlabml import inference
 
-    tokenizer_path = XLabDataModule.load_from_checkpoint(ckpt, map_location=device).tokenizer_path
-    tokenizer = Tokenizer.load(tokenizer_path)
-    model = XLabModel.load_from_checkpoint(ckpt, map_location=device).eval().requires_grad_(False)
-    inputs = torch.tensor([tokenizer[tokenizer.sos_token]] + tokenizer.encode(prompt), device=model.device)
-    outputs = inference.sample(model, inputs, limit, block_size=model.hparams['max_len'],
-                               eos_class=tokenizer[tokenizer.eos_token])
-    text = tokenizer.decode(outputs.tolist())
-    # ---
-    assert isinstance(text, str)
-    assert 0 < len(outputs) <= limit or len(outputs) == 0
-    assert model.hparams["n_vocab"] == NUM_TOKENS and len(tokenizer) == NUM_TOKENS
+    def snippet():
+        # --- the README's "Using in your code" snippet, as written ---
+        from xlabml.tokenizer import Tokenizer, TokenizerTrainer  # noqa: F401
+        from xlabml.datamodules import XLabDataModule
+        from xlabml.models import XLabModel
+        from xlabml import inference
+
+        tokenizer_path = XLabDataModule.load_from_checkpoint(ckpt, map_location=device).tokenizer_path
+        tokenizer = Tokenizer.load(tokenizer_path)
+        model = XLabModel.load_from_checkpoint(ckpt, map_location=device).eval().requires_grad_(False)
+        inputs = torch.tensor([tokenizer[tokenizer.sos_token]] + tokenizer.encode(prompt), device=model.device)
+        outputs = inference.sample(model, inputs, limit, block_size=model.hparams['max_len'],
+                                   eos_class=tokenizer[tokenizer.eos_token])
+        text = tokenizer.decode(outputs.tolist())
+        # ---
+        return tokenizer, model, outputs, text
+
+    torch.manual_seed(0)
+    tokenizer, model, outputs, text = snippet()
+    torch.manual_seed(0)
+    assert snippet()[3] == text  # seeded sampling is reproducible
+    assert isinstance(text, str) and outputs.dim() == 1 and len(outputs) <= limit
+    assert tokenizer[tokenizer.eos_token] not in outputs.tolist()
+    assert int(outputs.max()) < model.hparams["n_vocab"] == NUM_TOKENS == len(tokenizer)
+    assert model.hparams["max_len"] == SEQ_LEN and not model.training

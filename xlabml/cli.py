@@ -360,7 +360,7 @@ class XLabCLI(LightningCLI):
 def resolve_last_checkpoint(logs_dir: Path) -> str:
     """The newest ``last*.ckpt`` under ``logs_dir`` (what ``--ckpt_path last`` means); every rank agrees."""
     inherited = os.environ.get(RESUME_ENV)
-    if inherited:
+    if inherited and _is_ddp_child():
         return inherited
     candidates = sorted(Path(logs_dir).glob("**/last*.ckpt"), key=lambda p: p.stat().st_mtime)
     if not candidates:
@@ -368,6 +368,11 @@ def resolve_last_checkpoint(logs_dir: Path) -> str:
     path = str(candidates[-1])
     os.environ[RESUME_ENV] = path
     return path
+
+
+def _is_ddp_child() -> bool:
+    """Whether this process is a rank that Lightning's DDP launcher started by re-executing the command."""
+    return os.environ.get("LOCAL_RANK", "0") != "0"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -404,7 +409,7 @@ def _quiet_warnings() -> None:
 def main(args: Any = None) -> None:
     """Run the ``xlab`` command; ``--debug`` (anywhere) shows tracebacks instead of one-line errors."""
     argv = sys.argv if args is None else args
-    debug = os.environ.get(DEBUG_ENV) == "1"
+    debug = os.environ.get(DEBUG_ENV) == "1" and _is_ddp_child()
     if "--debug" in argv:
         debug = True
         os.environ[DEBUG_ENV] = "1"  # DDP re-executes sys.argv: the ranks inherit the flag through the environment
