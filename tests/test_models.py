@@ -208,3 +208,11 @@ def test_default_optimizer_fused_on_cpu_but_not_with_clipping_under_mixed_precis
         fit.fit(model, char_batches())  # Lightning refuses clipping with a fused optimizer under bf16-mixed
         kinds[precision] = fit.optimizers[0].defaults['fused']
     assert kinds == {'32-true': True, 'bf16-mixed': False}
+
+
+def test_compile_option_keeps_checkpoint_names():
+    model = tiny(compile=True)
+    names = set(model.state_dict())
+    model.configure_model()  # Lightning calls this before fitting; compilation itself happens on first call
+    assert model.model._compiled_call_impl is not None
+    assert set(model.state_dict()) == names and not any('_orig_mod' in n for n in names)
