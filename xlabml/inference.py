@@ -271,7 +271,7 @@ class _Chooser:
         if self.greedy:
             token = logits.argmax(-1)
         else:
-            token = self._draw(logits / self.temperature)
+            token = self._draw(logits if self.temperature == 1.0 else logits / self.temperature)
         if self.seen is not None:
             self.seen.scatter_(1, token[:, None], True)
         return token
@@ -495,7 +495,7 @@ def _beam_search(model, prompts, W, output_length, block_size, keep, eos_class, 
     best_tokens = torch.zeros(n, output_length, dtype=torch.long, device=device)  # tokens
     prompt_idx = torch.arange(n, device=device)
     identity = torch.arange(n * W, device=device)
-    k = min(2 * W, W * V)  # W open beams remain even if W of the best 2W end in <eos>
+    k = min(2 * W if eos_class is not None else W, W * V)  # W open beams remain even if W of the best 2W end in <eos>
     for t in range(output_length):
         logits = logits.float()
         if excluded is not None:
