@@ -16,7 +16,6 @@ size, ``c`` model width (d_model), ``v`` vocabulary.
 """
 
 import math
-from functools import partial
 
 import torch
 import torch.nn as nn
