@@ -543,13 +543,78 @@ def collect(args: argparse.Namespace, extra: list[str]) -> dict[str, list[dict]]
     return done
 
 
+SPEED_CODE = r"""
+import json, sys, time, torch
+from xlabml.models import XLabModel
+variants, steps, rounds = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+torch.manual_seed(0)
+runs = {}
+for label, kw in variants.items():
+    model = XLabModel(**kw)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(4, kw["n_vocab"], (12, kw["max_len"]))
+    runs[label] = (model, opt, x)
+def step(model, opt, x):
+    loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten())
+    opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+times = {label: [] for label in variants}
+for label, run in runs.items():
+    for _ in range(3):
+        step(*run)
+for _ in range(rounds):  # interleaved, so every variant sees the same machine load
+    for label, run in runs.items():
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(*run)
+        times[label].append((time.perf_counter() - start) / steps)
+print(json.dumps({label: sorted(t)[len(t) // 2] for label, t in times.items()}))
+"""
+
+
+def model_kwargs(overrides: dict, vocab: int) -> dict:
+    """XLabModel keywords of an ablation row (its overlay files' model sections included)."""
+    args, _ = parse_args([])
+    s = resolve_settings(args, overrides)
+    kw = {"n_vocab": vocab, "max_len": s["seq_len"], "d_model": s["d_model"], "n_layers": s["n_layers"],
+          "n_heads": s["n_heads"], "d_ff": s["d_ff"], "dropout": s["dropout"]}
+    files = [BEST_CONFIG] if s["config"] == "best" else []
+    files += [REPO / ARCH_FILES[s["arch"]]] if s["arch"] in ARCH_FILES else []
+    kw.update(ARCHS.get(s["arch"], {}))
+    for path in files:
+        model = dict(yaml.safe_load(path.read_text()).get("model") or {})
+        model.pop("optimizer", None)
+        model.pop("scheduler", None)
+        kw.update(model)
+    return kw
+
+
+def measure_speed(split: dict, threads: int | None, steps: int = 20, rounds: int = 3) -> dict:
+    """Training-step time of every row's model, measured interleaved in one process (same load for all)."""
+    from xlabml.tokenizer import Tokenizer
+    args, _ = parse_args([])
+    variants = {}
+    for label, overrides in ABLATION:
+        tok_path = tokenizer_file(resolve_settings(args, overrides), split)[0]
+        if tok_path.is_file():
+            variants[label] = model_kwargs(overrides, len(Tokenizer.load(str(tok_path))))
+    env = dict(os.environ, PYTHONPATH=str(REPO), **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    out = subprocess.run([sys.executable, "-c", SPEED_CODE, json.dumps(variants), str(steps), str(rounds)],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, check=True)
+    speed = json.loads(out.stdout.strip().splitlines()[-1])
+    (RESULTS / "ablation_speed.json").write_text(json.dumps(speed, indent=1))
+    return speed
+
+
 def write_ablation(done: dict[str, list[dict]], split: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     ref = REFERENCES["nanogpt-cpu"]
+    speed_path = RESULTS / "ablation_speed.json"
+    speed = json.loads(speed_path.read_text()) if speed_path.is_file() else {}
+    base = speed.get(ABLATION[0][0])
     lines = [
-        "| variant | bits/char | nats/char | tokens/s | wall s | seeds |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-        f"| nanoGPT reference (char, 4L/128d) | {ref['bpc']:.3f} | {ref['nats_per_char']:.3f} | ~20-26K | "
+        "| variant | bits/char | nats/char | step time vs classic | tokens/s | wall s | seeds |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| nanoGPT reference (char, 4L/128d) | {ref['bpc']:.3f} | {ref['nats_per_char']:.3f} | - | ~20-26K | "
         f"~{ref['wall_s']:.0f} | - |",
     ]
     rows = {}
@@ -561,7 +626,8 @@ def write_ablation(done: dict[str, list[dict]], split: dict) -> None:
         rows[label] = med
         spread = f" ± {(max(r['bpc'] for r in results) - min(r['bpc'] for r in results)) / 2:.3f}" \
             if len(results) > 1 else ""
-        lines.append(f"| {label} | {med['bpc']:.3f}{spread} | {med['nats_per_char']:.3f} | "
+        ratio = f"{speed[label] / base:.2f}x" if base and label in speed else "-"
+        lines.append(f"| {label} | {med['bpc']:.3f}{spread} | {med['nats_per_char']:.3f} | {ratio} | "
                      f"{med['tokens_per_s']:,.0f} | {med['wall_s']:.0f} | {len(results)} |")
     loads = [r["load_avg"] for results in done.values() for r in results] or [0.0]
     threads = sorted({str(r.get("threads") or "default") for results in done.values() for r in results})
@@ -571,7 +637,10 @@ def write_ablation(done: dict[str, list[dict]], split: dict) -> None:
             f"one document in non-overlapping windows. Machine: {platform.node()}, {os.cpu_count()} cores, "
             f"torch threads per run: {', '.join(threads)} (load average at the end of the runs "
             f"{min(loads):.1f}-{max(loads):.1f}: the machine was shared; wall time is the whole `xlab.py fit` "
-            f"process, tokenizer training and encoding excluded, and only comparable at equal load). Command: `bench/shakespeare.py --ablation --seeds N`.\n")
+            f"process, tokenizer training and encoding excluded, and only comparable at equal load: runs went 1-3 at a "
+            f"time next to other jobs). 'Step time vs classic' is measured apart, all variants interleaved in one "
+            f"process (`--speed`), so it is comparable. Command: `bench/shakespeare.py --ablation --seeds N "
+            f"--threads 1 [--speed]`.\n")
     (RESULTS / "ablation.md").write_text("\n".join(lines) + "\n" + note)
     (RESULTS / "ablation.json").write_text(json.dumps(done, indent=1))
     plot_ablation(done)
@@ -641,6 +710,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--threads", type=int, help="torch threads per xlab process (OMP_NUM_THREADS; default: torch's)")
     p.add_argument("--ablation", action="store_true", help="run every ABLATION row (resumable)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per ablation row (default 3)")
+    p.add_argument("--speed", action="store_true",
+                   help="with --ablation: after the runs, time every row's training step interleaved")
+    p.add_argument("--table-only", dest="table_only", action="store_true",
+                   help="with --ablation: only rewrite the table and plot from the results on disk")
     p.add_argument("--force", action="store_true", help="rerun even if a result exists")
     p.add_argument("--reference-steps", dest="reference_steps", type=int, default=200,
                    help="steps of the bare PyTorch speed reference timed after a single run (0: skip)")
@@ -652,7 +725,10 @@ def main(argv: list[str] | None = None) -> None:
     args, extra = parse_args(sys.argv[1:] if argv is None else argv)
     split = split_corpus(args.corpus.expanduser().resolve(), WORK)
     if args.ablation:
-        done = ablation(args, split, extra)
+        done = collect(args, extra) if args.table_only else ablation(args, split, extra)
+        if args.speed:
+            measure_speed(split, args.threads)
+        write_ablation(done, split)
         print((RESULTS / "ablation.md").read_text() if (RESULTS / "ablation.md").is_file() else "no results")
         summary = {label: statistics.median(r["bpc"] for r in rs) for label, rs in done.items() if rs}
         print(json.dumps({"preset": "nanogpt-cpu", "ablation_bpc": summary,
