@@ -167,7 +167,8 @@ def resolve_settings(args: argparse.Namespace, overrides: dict | None = None) ->
         s["tokenizer"] = train_args.get("model_type", "bpe")
         s["vocab"] = data.get("num_tokens") if s["tokenizer"] != "char" else None
         s["arch"] = "best"
-        s["steps"] = best.get("trainer", {}).get("max_steps", s["steps"])
+        if getattr(args, "steps", None) is None:  # --steps still shortens/lengthens the shipped run
+            s["steps"] = best.get("trainer", {}).get("max_steps", s["steps"])
         s["seq_len"] = data.get("seq_len", s["seq_len"])
         s["batch_size"] = data.get("batch_size", s["batch_size"])
         opt = (model.get("optimizer") or {}).get("init_args", {})
