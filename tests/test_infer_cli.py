@@ -176,3 +176,22 @@ def test_readme_snippet(files):
     assert outputs.dim() == 1 and len(outputs) <= limit and tokenizer.eos_id not in outputs.tolist()
     assert text == tokenizer.decode(inputs.tolist() + outputs.tolist())[len(prompt):]  # <sos> decodes to ''
 
+
+
+def test_last_means_the_newest_last_checkpoint_under_logs(files, capsys, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    code, _, err = infer(capsys, "last", "the quick", "-g")
+    assert code == 1 and "no last.ckpt found" in err and err.count("\n") == 1
+    old = tmp_path / "logs" / "version_0" / "checkpoints" / "last.ckpt"
+    new = tmp_path / "logs" / "version_1" / "checkpoints" / "last.ckpt"
+    for path in (old, new):
+        path.parent.mkdir(parents=True)
+    old.write_bytes(b"not a checkpoint")  # would fail to load: picking it is an error
+    shutil.copy(files["ckpt"], new)
+    os.utime(old, (1_000_000, 1_000_000))  # older, whatever the file system's time resolution
+    assert infer_cli.find_last_checkpoint() == str(new.relative_to(tmp_path))
+    code, out, err = infer(capsys, "last", "the quick", "-g", "-l", 10, "--no-stream")
+    assert (code, err) == (0, "")
+    assert out == expected_text(files, "the quick", inference.greedy_search, 10) + "\n"

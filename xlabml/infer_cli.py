@@ -46,7 +46,8 @@ def _number(low: float, high: float | None = None, low_open: bool = False):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Generate text with an XLab model: sampling (default), greedy search "
                 "or beam search.")
-    p.add_argument("checkpoint", help="training checkpoint or export (.ckpt, or .safetensors beside its .json)")
+    p.add_argument("checkpoint", help="training checkpoint or export (.ckpt, or .safetensors beside its .json); "
+                   "'last' = the newest last.ckpt under ./logs")
     p.add_argument("prompt", nargs="?", default="",
                    help="text to continue; FILE:path reads a file, '-' reads standard input (default: empty)")
     p.add_argument("-t", "--tokenizer", help="tokenizer model file (default: the one in the checkpoint's data "
@@ -81,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------------------------------
 # loading
+
+
+def find_last_checkpoint(logs_dir: str | Path = "logs") -> str:
+    """The newest ``last*.ckpt`` under `logs_dir`: what ``last`` means for ``xlab fit --ckpt_path`` and here."""
+    candidates = sorted(Path(logs_dir).glob("**/last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise FileNotFoundError(f"checkpoint 'last': no last.ckpt found under {Path(logs_dir).resolve()}/")
+    return str(candidates[-1])
 
 
 def load_checkpoint(path: str, device: str = "cpu") -> tuple[Any, dict]:
@@ -193,6 +202,8 @@ def run(args: argparse.Namespace, out=None) -> None:
     out = out or sys.stdout
     if args.greedy_search and args.beam_search:
         raise ValueError("-g/--greedy-search and -b/--beam-search exclude each other; choose one")
+    if args.checkpoint == "last" and not Path("last").exists():
+        args.checkpoint = find_last_checkpoint()
     if not Path(args.checkpoint).is_file():  # before the slow imports of loading
         raise FileNotFoundError(f"checkpoint {args.checkpoint} not found")
     prompt = read_prompt(args.prompt)
