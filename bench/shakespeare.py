@@ -19,7 +19,10 @@ Examples::
     bench/shakespeare.py                                  # nanoGPT CPU configuration, classic seed model
     bench/shakespeare.py -c conf/extra/shakespeare.yaml   # the shipped best configuration, same budget
     bench/shakespeare.py --arch modern --tokenizer bpe --vocab 1024 --lr 2e-3
-    bench/shakespeare.py --ablation [--seeds 3]           # table + plot under bench/results/
+    bench/shakespeare.py --ablation [--seeds 3] [--speed] # table + plot under bench/results/ (resumable;
+                                                          # several sweeps may run at once, they share the runs)
+    bench/shakespeare.py --threads 1 ...                  # one torch thread per run: far faster on a loaded
+                                                          # machine (oversubscribed threads spin)
     bench/shakespeare.py -- --model.qk_norm=true          # anything after -- goes to `xlab.py fit` verbatim
 
 Every run prints the figures, the configuration and nanoGPT's reference, then one JSON line.
@@ -568,7 +571,7 @@ for _ in range(rounds):  # interleaved, so every variant sees the same machine l
         for _ in range(steps):
             step(*run)
         times[label].append((time.perf_counter() - start) / steps)
-print(json.dumps({label: sorted(t)[len(t) // 2] for label, t in times.items()}))
+print(json.dumps({label: min(t) for label, t in times.items()}))  # the least disturbed round
 """
 
 
@@ -589,8 +592,9 @@ def model_kwargs(overrides: dict, vocab: int) -> dict:
     return kw
 
 
-def measure_speed(split: dict, threads: int | None, steps: int = 20, rounds: int = 3) -> dict:
-    """Training-step time of every row's model, measured interleaved in one process (same load for all)."""
+def measure_speed(split: dict, threads: int | None, steps: int = 5, rounds: int = 6) -> dict:
+    """Training-step time of every row's model, measured interleaved in one process (same load for all);
+    each row's fastest round, as the one least disturbed by other jobs."""
     from xlabml.tokenizer import Tokenizer
     args, _ = parse_args([])
     variants = {}
@@ -647,6 +651,13 @@ def write_ablation(done: dict[str, list[dict]], split: dict) -> None:
     plot_ablation(done)
 
 
+def train_chars_per_token(result: dict) -> float:
+    """Characters per token of the training split, from the run's `compute_stats` output (held-out's if absent)."""
+    log = WORK / "runs" / result["run"] / "compute_stats.log"
+    match = re.search(r"chars_per_token: ([0-9.]+)", log.read_text()) if log.is_file() else None
+    return float(match.group(1)) if match else result["chars_per_token"]
+
+
 def plot_ablation(done: dict[str, list[dict]]) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -664,7 +675,7 @@ def plot_ablation(done: dict[str, list[dict]]) -> None:
             continue
         steps = [p[0] for p in curve]
         # Loss per token -> bits per character (train data's chars/token), so tokenizers share one axis.
-        scale = 1.0 / (result["chars_per_token"] * math.log(2))
+        scale = 1.0 / (train_chars_per_token(result) * math.log(2))
         values = [p[1] * scale for p in curve]
         smooth = [sum(values[max(0, i - 4):i + 1]) / len(values[max(0, i - 4):i + 1]) for i in range(len(values))]
         ax.plot(steps, smooth, label=f"{label} ({result['bpc']:.3f})", linewidth=1.2)
@@ -728,7 +739,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.ablation:
         done = collect(args, extra) if args.table_only else ablation(args, split, extra)
         if args.speed:
-            measure_speed(split, args.threads)
+            measure_speed(split, args.threads, steps=5, rounds=6)
         write_ablation(done, split)
         print((RESULTS / "ablation.md").read_text() if (RESULTS / "ablation.md").is_file() else "no results")
         summary = {label: statistics.median(r["bpc"] for r in rs) for label, rs in done.items() if rs}
