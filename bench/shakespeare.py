@@ -755,10 +755,9 @@ def main(argv: list[str] | None = None) -> None:
         result["plain_loop_s"] = round(step_s * int(s["steps"]), 1)
         result["wall_vs_plain_loop"] = round(result["wall_s"] / result["plain_loop_s"], 2)
     print_report(s, result, split)
-    print(json.dumps({k: result[k] for k in ("bpc", "nats_per_char", "wall_s", "tokens_per_s", "prep_s",
-                                               "loop_s", "preset", "config", "arch", "tokenizer", "vocab", "seed",
-                                               "reference") if k in result},
-                     **{k: result[k] for k in ("plain_loop_s", "wall_vs_plain_loop") if k in result}))
+    keys = ("bpc", "nats_per_char", "wall_s", "tokens_per_s", "prep_s", "loop_s", "plain_loop_s",
+            "wall_vs_plain_loop", "preset", "config", "arch", "tokenizer", "vocab", "seed", "steps", "reference")
+    print(json.dumps({k: result[k] for k in keys if k in result}))
 
 
 if __name__ == "__main__":
