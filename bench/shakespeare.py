@@ -637,14 +637,15 @@ def write_ablation(done: dict[str, list[dict]], split: dict) -> None:
     loads = [r["load_avg"] for results in done.values() for r in results] or [0.0]
     threads = sorted({str(r.get("threads") or "default") for results in done.values() for r in results})
     note = (f"\nMedian of the seeds run (± half the range). Budget: 2,000 steps of 12 x 64 tokens, 4 layers, "
-            f"d_model 128, 4 heads, d_ff 512, AdamW (beta2 0.99, wd 0.1), warmup 100 + cosine 1e-3 -> 1e-4, "
-            f"no dropout; held-out = last 10% of Tiny Shakespeare ({split['heldout_chars']:,} chars) scored as "
+            f"d_model 128, 4 heads, d_ff 512, AdamW (beta2 0.99, wd 0.1), warmup 100 + cosine 1e-3 -> 1e-4 "
+            f"(the best row: its file's 2e-3 -> 1e-4), no dropout; rows change one thing against the classic seed "
+            f"model except the combinations; the character-level rows see the same batches for a given seed; held-out = last 10% of Tiny Shakespeare ({split['heldout_chars']:,} chars) scored as "
             f"one document in non-overlapping windows. Machine: {platform.node()}, {os.cpu_count()} cores, "
             f"torch threads per run: {', '.join(threads)} (load average at the end of the runs "
             f"{min(loads):.1f}-{max(loads):.1f}: the machine was shared; wall time is the whole `xlab.py fit` "
             f"process, tokenizer training and encoding excluded, and only comparable at equal load: runs went 1-3 at a "
             f"time next to other jobs). 'Step time vs classic' is measured apart, all variants interleaved in one "
-            f"process (`--speed`), so it is comparable. Command: `bench/shakespeare.py --ablation --seeds N "
+            f"process (`--speed`), so it is comparable (still about ±20% between repeats on the loaded machine). Command: `bench/shakespeare.py --ablation --seeds N "
             f"--threads 1 [--speed]`.\n")
     (RESULTS / "ablation.md").write_text("\n".join(lines) + "\n" + note)
     (RESULTS / "ablation.json").write_text(json.dumps(done, indent=1))
