@@ -191,7 +191,9 @@ def test_last_means_the_newest_last_checkpoint_under_logs(files, capsys, tmp_pat
     old.write_bytes(b"not a checkpoint")  # would fail to load: picking it is an error
     shutil.copy(files["ckpt"], new)
     os.utime(old, (1_000_000, 1_000_000))  # older, whatever the file system's time resolution
-    assert infer_cli.find_last_checkpoint() == str(new.relative_to(tmp_path))
+    from xlabml.cli import find_last_checkpoint
+
+    assert find_last_checkpoint() == str(new.relative_to(tmp_path))
     code, out, err = infer(capsys, "last", "the quick", "-g", "-l", 10, "--no-stream")
     assert (code, err) == (0, "")
     assert out == expected_text(files, "the quick", inference.greedy_search, 10) + "\n"

@@ -362,12 +362,17 @@ def resolve_last_checkpoint(logs_dir: Path) -> str:
     inherited = os.environ.get(RESUME_ENV)
     if inherited and _is_ddp_child():
         return inherited
-    candidates = sorted(Path(logs_dir).glob("**/last*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise FileNotFoundError(f"--ckpt_path last: no last.ckpt found under {logs_dir}/")
-    path = str(candidates[-1])
+    path = find_last_checkpoint(logs_dir)
     os.environ[RESUME_ENV] = path
     return path
+
+
+def find_last_checkpoint(logs_dir: str | Path = "logs") -> str:
+    """The newest ``last*.ckpt`` under `logs_dir`: what ``last`` means to ``fit --ckpt_path`` and ``infer.py``."""
+    candidates = sorted(Path(logs_dir).glob("**/last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise FileNotFoundError(f"checkpoint 'last': no last.ckpt found under {Path(logs_dir).resolve()}/")
+    return str(candidates[-1])
 
 
 def _is_ddp_child() -> bool:

@@ -84,14 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
 # loading
 
 
-def find_last_checkpoint(logs_dir: str | Path = "logs") -> str:
-    """The newest ``last*.ckpt`` under `logs_dir`: what ``last`` means for ``xlab fit --ckpt_path`` and here."""
-    candidates = sorted(Path(logs_dir).glob("**/last*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise FileNotFoundError(f"checkpoint 'last': no last.ckpt found under {Path(logs_dir).resolve()}/")
-    return str(candidates[-1])
-
-
 def load_checkpoint(path: str, device: str = "cpu") -> tuple[Any, dict]:
     """Loads an ``XLabModel`` from a training checkpoint or an export, on `device`, in eval mode; returns it with
     the checkpoint's data-module hyperparameters (empty if it has none)."""
@@ -203,6 +195,8 @@ def run(args: argparse.Namespace, out=None) -> None:
     if args.greedy_search and args.beam_search:
         raise ValueError("-g/--greedy-search and -b/--beam-search exclude each other; choose one")
     if args.checkpoint == "last" and not Path("last").exists():
+        from .cli import find_last_checkpoint
+
         args.checkpoint = find_last_checkpoint()
     if not Path(args.checkpoint).is_file():  # before the slow imports of loading
         raise FileNotFoundError(f"checkpoint {args.checkpoint} not found")
