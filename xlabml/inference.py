@@ -22,10 +22,12 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor, nn
+
+from xlabml.packed import prepacked
 
 __all__ = ["sample", "greedy_search", "beam_search", "generate_stream"]
 
@@ -105,12 +107,14 @@ def _accepts(fn: Callable, name: str) -> bool:
 
 
 @contextmanager
-def _eval_mode(model: nn.Module):
-    """Inference mode and eval mode (no dropout) for the duration, restoring the module's mode afterwards."""
+def _eval_mode(model: nn.Module, pack: bool = True):
+    """Inference mode and eval mode (no dropout) for the duration, restoring the module's mode afterwards; on a
+    CPU, linear layers multiply by packed weights (`xlabml.packed`) unless `pack` is false (a compiled decode
+    step: inductor packs them itself)."""
     training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), (prepacked(model) if pack else nullcontext()):
             yield
     finally:
         model.train(training)
@@ -356,7 +360,7 @@ def _cut(tokens: Tensor, eos_class: int | None) -> list[Tensor]:
 def _generate(model, x, output_length, block_size, eos_class, context_keep, compile, **choose_args):
     _check_positive("output_length", output_length, allow_zero=True)
     keep = _window(block_size, context_keep)
-    with _eval_mode(model):
+    with _eval_mode(model, pack=not compile):
         prompts, batched = _prompts(x, _model_device(model))
         if output_length == 0:
             tokens = torch.zeros(len(prompts), 0, dtype=torch.long, device=prompts[0].device)
@@ -427,6 +431,8 @@ def generate_stream(model: nn.Module, x: Tensor, output_length: int, block_size:
     training = model.training
     model.eval()
     try:
+        packing = prepacked(model) if not compile else nullcontext()
+        packing.__enter__()  # left in the finally clause below, when the generator finishes or is closed
         with torch.inference_mode():
             prompts, _ = _prompts(x, _model_device(model))
             steps = _token_steps(model, prompts, output_length, block_size, keep, choose_args, None, compile)
@@ -440,6 +446,7 @@ def generate_stream(model: nn.Module, x: Tensor, output_length: int, block_size:
                 return
             yield token
     finally:
+        packing.__exit__(None, None, None)
         model.train(training)
 
 

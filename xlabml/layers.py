@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from xlabml.packed import Linear
+
 
 def pick(registry: dict, kind: str, name: str):
     """Look ``name`` up in ``registry``; unknown names raise a ValueError listing the valid ones."""
@@ -300,8 +302,8 @@ class Attention(nn.Module):
                  norm=LayerNorm, bias=True):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d_model // n_heads
-        self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
-        self.proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+        self.qkv = Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
+        self.proj = Linear(n_heads * self.head_dim, d_model, bias=bias)
         self.q_norm = norm(self.head_dim, bias=bias) if qk_norm else None
         self.k_norm = norm(self.head_dim, bias=bias) if qk_norm else None
         self.kernel = pick(ATTENTIONS, 'attention', backend)()
@@ -396,9 +398,9 @@ class MLP(nn.Module):
 
     def __init__(self, d_model, d_ff, *, dropout=0.0, bias=True):
         super().__init__()
-        self.fc = nn.Linear(d_model, d_ff, bias=bias)
+        self.fc = Linear(d_model, d_ff, bias=bias)
         self.dropout = _dropout(dropout, True)
-        self.proj = nn.Linear(d_ff, d_model, bias=bias)
+        self.proj = Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x):  # b t c
         return self.proj(self.dropout(self.activation(self.fc(x))))  # b t c (hidden b t f)
@@ -424,9 +426,9 @@ class SwiGLU(nn.Module):
     def __init__(self, d_model, d_ff, *, dropout=0.0, bias=True):
         super().__init__()
         self.hidden = swiglu_hidden(d_ff)
-        self.fc = nn.Linear(d_model, 2 * self.hidden, bias=bias)
+        self.fc = Linear(d_model, 2 * self.hidden, bias=bias)
         self.dropout = _dropout(dropout, True)
-        self.proj = nn.Linear(self.hidden, d_model, bias=bias)
+        self.proj = Linear(self.hidden, d_model, bias=bias)
 
     def forward(self, x):  # b t c
         gate, up = self.fc(x).chunk(2, dim=-1)  # b t f', b t f'
@@ -547,7 +549,7 @@ class Decoder(nn.Module):
                 norm_cls, d_model, dropout_residual=dropout * dropout_residual, bias=bias,
             ) for _ in range(n_layers))
         self.norm = norm_cls(d_model, bias=bias) if final_norm else nn.Identity()
-        self.head = nn.Linear(d_model, n_vocab, bias=bias)
+        self.head = Linear(d_model, n_vocab, bias=bias)
         self.embedding_scale = math.sqrt(d_model)
         self.reset_parameters()
         if tie_embeddings:
