@@ -14,6 +14,12 @@ from xlabml.packed import Linear, prepacked
 pytestmark = pytest.mark.skipif(not packed.supported(), reason="this PyTorch build has no oneDNN linear packing")
 
 
+@pytest.fixture(autouse=True)
+def pack_any_size(monkeypatch):
+    """The tests' matrices are small; pack them anyway (the size threshold has its own test)."""
+    monkeypatch.setattr(packed, "MIN_PACKED_NUMEL", 0)
+
+
 def make_linear(n_in=24, n_out=40, bias=True, seed=0):
     torch.manual_seed(seed)
     return Linear(n_in, n_out, bias=bias)
@@ -30,6 +36,30 @@ def test_packed_equals_f_linear_for_any_shape(rows, n_in, n_out, bias):
         assert layer._packed is not None  # the packed path ran
     assert y.shape == (*rows, n_out)
     torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("activation", sorted(packed.ACTIVATIONS))
+def test_fused_activation_equals_activation_after_linear(activation):
+    layer = make_linear(64, 96)
+    x = torch.randn(3, 5, 64)
+    eager = {"gelu": F.gelu, "relu": F.relu}[activation]
+    expected = eager(F.linear(x, layer.weight, layer.bias))
+    with torch.inference_mode():
+        with prepacked(layer):
+            fused = layer(x, activation)
+        plain = layer(x, activation)
+    torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(plain, expected, atol=0, rtol=0)
+
+
+def test_small_matrices_stay_on_f_linear(monkeypatch):
+    monkeypatch.setattr(packed, "MIN_PACKED_NUMEL", 24 * 40 + 1)
+    layer = make_linear(24, 40)
+    x = torch.randn(2, 24)
+    with torch.inference_mode(), prepacked(layer):
+        y = layer(x)
+    assert layer._packed is None
+    torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), atol=0, rtol=0)
 
 
 def test_same_state_dict_as_nn_linear():

@@ -393,8 +393,9 @@ class KVCache(nn.Module):
 # ------------------------------------------------------------------------------------------- feed-forward
 
 class MLP(nn.Module):
-    """Linear -> activation -> (dropout) -> linear, hidden size ``d_ff``."""
-    activation = staticmethod(F.gelu)
+    """Linear -> activation -> (dropout) -> linear, hidden size ``d_ff``. The activation is a name in
+    ``xlabml.packed.ACTIVATIONS``, applied by the first linear (fused into its matmul at CPU inference)."""
+    activation = 'gelu'
 
     def __init__(self, d_model, d_ff, *, dropout=0.0, bias=True):
         super().__init__()
@@ -403,15 +404,15 @@ class MLP(nn.Module):
         self.proj = Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x):  # b t c
-        return self.proj(self.dropout(self.activation(self.fc(x))))  # b t c (hidden b t f)
+        return self.proj(self.dropout(self.fc(x, self.activation)))  # b t c (hidden b t f)
 
 
 class GELUMLP(MLP):
-    activation = staticmethod(F.gelu)
+    activation = 'gelu'
 
 
 class ReLUMLP(MLP):
-    activation = staticmethod(F.relu)
+    activation = 'relu'
 
 
 def swiglu_hidden(d_ff: int) -> int:
@@ -644,7 +645,8 @@ class Decoder(nn.Module):
         if cache.static:
             lo, hi, kind = 0, cache.max_len, 'explicit'
         else:
-            first, last = input_pos[[0, -1]].tolist()  # one host read per forward, not per layer
+            ends = input_pos[::max(t - 1, 1)].tolist()  # one host read per forward, not per layer
+            first, last = ends[0], ends[-1]
             if last >= cache.max_len:
                 raise ValueError(f"cache slot {last} is past the cache's max_len={cache.max_len}")
             hi = last + 1

@@ -22,6 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 _DTYPES = (torch.float32, torch.bfloat16)
+# below this many weights a oneDNN call's fixed cost (~14 us here) outweighs its faster streaming: F.linear
+MIN_PACKED_NUMEL = 1 << 16
+# activations oneDNN applies to the matmul's output in the same pass: name -> (post-op, its algorithm, eager)
+ACTIVATIONS = {"gelu": ("gelu", "none", F.gelu), "relu": ("relu", "", F.relu)}
 _supported: bool | None = None
 
 
@@ -42,25 +46,31 @@ def supported() -> bool:
 
 class Linear(nn.Linear):
     """``nn.Linear`` that multiplies by a oneDNN-packed copy of its weight inside ``prepacked`` (see the
-    module's docstring); ``y = x W^T + b`` either way."""
+    module's docstring); ``y = act(x W^T + b)`` either way, where ``activation`` (a name in ``ACTIVATIONS``,
+    default none) is fused into the packed matmul."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.use_packed = False  # set by prepacked()
         self._packed = None  # (key, packed weight)
 
-    def forward(self, x):
+    def forward(self, x, activation: str | None = None):
         if self.use_packed and not torch.is_grad_enabled() and x.device.type == "cpu":
             packed = self.packed_weight(x.dtype)
             if packed is not None:
-                return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+                if activation is None:
+                    return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+                op, algorithm, _ = ACTIVATIONS[activation]
+                return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, op, [], algorithm)
+        y = F.linear(x, self.weight, self.bias)
+        return y if activation is None else ACTIVATIONS[activation][2](y)
 
     def packed_weight(self, dtype: torch.dtype):
         """The packed copy of the weight for inputs of `dtype`, made or remade as needed; None where packing
-        does not apply (another dtype, not on a CPU, no oneDNN)."""
+        does not apply (another dtype, not on a CPU, a matrix smaller than ``MIN_PACKED_NUMEL``, no oneDNN)."""
         weight = self.weight
-        if dtype != weight.dtype or weight.dtype not in _DTYPES or weight.device.type != "cpu":
+        if (dtype != weight.dtype or weight.dtype not in _DTYPES or weight.device.type != "cpu"
+                or weight.numel() < MIN_PACKED_NUMEL):
             return None
         key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
         if self._packed is None or self._packed[0] != key:
