@@ -97,6 +97,27 @@ def plain_loop(config, steps, warmup, batch, dropout, compile_model, device='cpu
     return Timing(stamps, batch * config['max_len'])
 
 
+def matmul_bound(config, batch, repeats=20):
+    """Tokens/s if a training step did nothing but its matrix products: every linear layer of the model (the
+    head included) timed alone at the step's shape (batch x seq rows), forward and backward (input and weight
+    gradients, bias sum), best of `repeats`, summed. The rest of the step (attention, norms, activations,
+    optimizer, framework) only adds to this, so it bounds what any implementation of this model can reach."""
+    module = build(config, 0.0, False)
+    rows = batch * config['max_len']
+    seconds = 0.0
+    for layer in (m for m in module.model.modules() if isinstance(m, torch.nn.Linear)):
+        layer = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        x = torch.randn(rows, layer.in_features, requires_grad=True)
+        grad = torch.randn(rows, layer.out_features)
+        best = float('inf')
+        for _ in range(repeats + 3):
+            start = time.perf_counter()
+            layer(x).backward(grad)
+            best = min(best, time.perf_counter() - start)
+        seconds += best
+    return rows / seconds
+
+
 class Timing:
     """Step boundaries of one run -> throughput over the whole run (wall) and over its fast steps.
 
@@ -199,6 +220,7 @@ def main():
         runs['plain'].append(plain_loop(REFERENCE, **common))
         runs['lightning_minimal'].append(lightning_fit(REFERENCE, **common, default=False))
         runs['lightning_default'].append(lightning_fit(REFERENCE, **common, default=True))
+    bound = matmul_bound(REFERENCE, BATCH)
     target = TARGET_FACTOR * NANOGPT_TOKENS_PER_S
     wall = {k: max(r.wall for r in v) for k, v in runs.items()}  # best run, whole-run wall time
     fast = {k: max(r.fast for r in v) for k, v in runs.items()}  # best run, 10th-percentile step
@@ -217,6 +239,9 @@ def main():
               f"{NANOGPT_TOKENS_PER_S:,} (quoted): minimal {figures['lightning_minimal'] / NANOGPT_TOKENS_PER_S:.2f}x, "
               f"default {figures['lightning_default'] / NANOGPT_TOKENS_PER_S:.2f}x (target {TARGET_FACTOR}x: "
               f"{'met' if min(figures['lightning_minimal'], figures['lightning_default']) >= target else 'MISSED'})")
+    print(f"  matrix products alone (forward + backward of every linear, same run): {bound:,.0f} tokens/s; "
+          f"Lightning reaches {max(wall['lightning_minimal'], wall['lightning_default']) / bound:.0%} of it (wall), "
+          f"{max(fast['lightning_minimal'], fast['lightning_default']) / bound:.0%} (fast-step)")
 
     gpu = None
     if torch.cuda.is_available() and not args.no_gpu:
@@ -236,6 +261,7 @@ def main():
         'ratio_default': round(wall['lightning_default'] / wall['plain'], 3),
         'ratio_minimal_fast_step': round(fast['lightning_minimal'] / fast['plain'], 3),
         'ratio_default_fast_step': round(fast['lightning_default'] / fast['plain'], 3),
+        'matmul_bound_tokens_per_s': round(bound),
         'reference_nanogpt_tokens_per_s': NANOGPT_TOKENS_PER_S, 'target_tokens_per_s': target,
         'target_met_wall': min(wall['lightning_minimal'], wall['lightning_default']) >= target,
         'target_met_fast_step': min(fast['lightning_minimal'], fast['lightning_default']) >= target,
