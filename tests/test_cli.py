@@ -189,6 +189,15 @@ def test_validate_and_test_report_loss_and_accuracy(run, trained):
         assert f"{prefix}_loss" in out and f"{prefix}_acc" in out
 
 
+def test_evaluation_without_logger_writes_no_config_and_runs_again(run, trained, tmp_path):
+    for _ in range(2):  # Lightning's config saver would write ./config.yaml, then refuse to overwrite it
+        code, out, err = run("validate", "-c", trained["config"], "--ckpt_path", str(trained["last"]),
+                             "--trainer.logger", "false")
+        assert code == 0, err
+        assert "val_loss" in out
+    assert not (tmp_path / "config.yaml").exists()
+
+
 def test_predict_runs_from_checkpoint(run, trained):
     code, _, err = run("predict", "-c", trained["config"], "--ckpt_path", str(trained["last"]),
                        "--trainer.limit_predict_batches", "2")

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 import xlabml
 
@@ -229,6 +229,17 @@ def unigram_entropy(datamodule: Any) -> Optional[float]:
 # The CLI.
 
 
+class SaveConfig(SaveConfigCallback):
+    """Saves the run's configuration next to its logs. A validate/test/predict run without a logger has no run
+    directory of its own: it saves nothing, rather than writing config.yaml into the working directory (and
+    refusing to run the next time because that file exists)."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if trainer.logger is None and stage != "fit":
+            return
+        super().setup(trainer, pl_module, stage)
+
+
 class XLabCLI(LightningCLI):
     """LightningCLI for XLab: fit/validate/test/predict plus train_tokenizer/compute_stats/validate_data."""
 
@@ -257,6 +268,7 @@ class XLabCLI(LightningCLI):
             trainer_class=XLabTrainer,
             trainer_defaults={"callbacks": [StepSeed(), FitSummary()]},
             seed_everything_default=42,
+            save_config_callback=SaveConfig,
             parser_kwargs=parser_kwargs,
             auto_configure_optimizers=False,  # the model builds its own optimizer and per-step schedule
             args=args,
