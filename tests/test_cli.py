@@ -374,6 +374,7 @@ def test_ddp_on_two_cpu_processes_writes_one_set_of_checkpoints(shared, tmp_path
     checkpoint = torch.load(tmp_path / "logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 6
     assert result.stdout.count("last checkpoint:") == 1  # only rank 0 reports
+    assert "sync_dist" not in result.stderr  # every epoch-level metric is reduced over the ranks
 
 
 # ------------------------------------------------------------------------------------------ README

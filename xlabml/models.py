@@ -183,8 +183,10 @@ class XLabModule(L.LightningModule):
         summed = self.trainer.strategy.reduce(summed, reduce_op='sum')
         count = self.trainer.strategy.reduce(count, reduce_op='sum')
         mean = (summed / count.clamp(min=1)).float()
-        self.log(f'{stage}_ppl', mean.exp())
-        self.log(f'{stage}_bpt', mean / math.log(2))
+        # already reduced over the ranks, so equal on all of them: sync_dist averages equal values (a no-op on
+        # one process) and spares Lightning's per-epoch "use sync_dist=True" warning under DDP
+        self.log(f'{stage}_ppl', mean.exp(), sync_dist=True)
+        self.log(f'{stage}_bpt', mean / math.log(2), sync_dist=True)
 
     def predict_step(self, batch, batch_idx):
         """With targets: ``{'loss': (b,) mean NLL per sequence over its non-pad targets, 'tokens': (b,) their
