@@ -127,3 +127,12 @@ def test_decoder_logits_unchanged_by_packing(dtype, atol):
             fast = model(x).float()
     assert all(m._packed is not None for m in model.modules() if isinstance(m, Linear))
     torch.testing.assert_close(fast, reference, atol=atol, rtol=0)
+
+
+def test_support_probe_leaves_the_global_rng_alone(monkeypatch):
+    monkeypatch.setattr(packed, "_supported", None)  # as in a fresh process
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    assert packed.supported()
+    torch.testing.assert_close(torch.rand(4), expected, atol=0, rtol=0)
