@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
-from xlabml.datasets import (DEFAULT_SPLITS, SPLIT_NAMES, SequenceDataset, TokenDataset, format_split_report,
-                             load_splits, resolve_step, text_lengths)
+from xlabml.datasets import SequenceDataset, TokenDataset, resolve_step
+from xlabml.sources import DEFAULT_SPLITS, SPLIT_NAMES, format_split_report, load_splits, text_lengths
 from xlabml.tokenizer import Tokenizer, TokenizerTrainer, escape, split_text
 
 # Splits each Lightning stage reads; stages may run without an optional split (e.g. fit without val).
@@ -337,7 +337,7 @@ class XLabDataModule(L.LightningDataModule):
                 is created; an existing file is not overwritten).
         Returns: CSV text with the header ``source,index,reason,characters,bytes,preview``.
         """
-        from xlabml.datasets import load_locations
+        from xlabml.sources import load_locations
         max_bytes = int({**TokenizerTrainer.DEFAULT_ARGS, **(self.hparams.tokenizer_train_args or {})}
                         ["max_sentence_length"])
         if split is not None:

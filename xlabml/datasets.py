@@ -3,7 +3,7 @@
 Every stage is an Arrow dataset (memory-mapped, fingerprinted, cached); nothing here loads a corpus into
 Python lists. The stages:
 
-- :func:`load_locations` / :func:`load_splits`: data sources (``datasets.load_dataset`` arguments, a file
+- :func:`load_locations` / :func:`load_splits` (in ``xlabml.sources``, re-exported here): data sources (``datasets.load_dataset`` arguments, a file
   path, or ``{builtin: python-docs}``) become one ``datasets.Dataset`` of documents per split, with a single
   ``text`` column.
 - :class:`TokenDataset`: the token ids of every document of a split (``Dataset.map`` into an ``ids`` column,
@@ -20,295 +20,23 @@ import hashlib
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import datasets
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from torch.utils.data import Dataset
 
+from xlabml.sources import (  # noqa: F401  (re-exported: the whole pipeline from one module)
+    ARROW_BATCH, BUILDER_BY_EXTENSION, DEFAULT_SPLITS, SPLIT_NAMES, format_split_report, load_locations, load_source,
+    load_splits, text_lengths,
+)
+
 log = logging.getLogger(__name__)
 
-SPLIT_NAMES = ("train", "val", "test", "predict")
-DEFAULT_SPLITS = {"train": 0.9, "val": 0.05, "test": 0.025, "predict": 0}
-BUILDER_BY_EXTENSION = {
-    ".txt": "text", ".text": "text", ".md": "text", ".rst": "text",
-    ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow",
-}
 # Bump when the cached encoding's layout changes, so old caches are not reused.
 _CACHE_VERSION = "xlab-tokens-1"
-_ARROW_BATCH = 16384
-
-
-# ---------------------------------------------------------------------------------------------- sources
-
-def load_source(source: str | Mapping[str, Any]) -> datasets.Dataset:
-    """Load one data source as a dataset of documents with a single ``text`` column.
-
-    Args:
-        source: a local file path or glob (builder chosen by extension: text, json, parquet, csv, arrow), or
-            ``{"builtin": NAME}`` for a built-in corpus, or a dict of ``datasets.load_dataset`` keyword arguments
-            (``path``, ``name``, ``split``, ``data_files``, ``revision``, ``trust_remote_code``, ``sample_by``
-            for text files, ...) plus ``column`` (the text column, default ``"text"``, renamed to ``text``)
-            and ``drop_columns`` (default true: keep only the text column).
-    Returns: a ``datasets.Dataset``; a ``DatasetDict`` (no ``split`` given) is flattened by concatenating its
-        splits.
-    """
-    if isinstance(source, (str, os.PathLike)):
-        source = {"data_files": os.fspath(source)}
-    if not isinstance(source, Mapping):
-        raise ValueError(f"data source {source!r}: expected a file path or a dict of datasets.load_dataset "
-                         "arguments (or {builtin: NAME})")
-    kwargs = dict(source)
-    column = kwargs.pop("column", "text")
-    drop_columns = kwargs.pop("drop_columns", True)
-    if "builtin" in kwargs:
-        name = kwargs.pop("builtin")
-        if kwargs:
-            raise ValueError(f"data source {dict(source)!r}: a built-in corpus takes only 'column' and "
-                             f"'drop_columns', not {sorted(kwargs)}")
-        from xlabml.corpus import BUILTIN_CORPORA, load_builtin_corpus
-        if name not in BUILTIN_CORPORA:
-            raise ValueError(f"data source {dict(source)!r}: unknown built-in corpus {name!r}; "
-                             f"expected one of {sorted(BUILTIN_CORPORA)}")
-        dataset = load_builtin_corpus(name)
-    else:
-        _resolve_local_files(kwargs, source)
-        try:
-            dataset = datasets.load_dataset(**kwargs)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"data source {dict(source)!r}: {e}") from e
-        except ConnectionError as e:
-            raise ConnectionError(f"data source {dict(source)!r} needs the network: {e}") from e
-        except datasets.exceptions.DatasetGenerationError as e:
-            raise ValueError(f"data source {dict(source)!r} could not be read: {e.__cause__ or e}") from e
-    if isinstance(dataset, (datasets.IterableDataset, datasets.IterableDatasetDict)):
-        raise ValueError(f"data source {dict(source)!r}: streaming datasets are not supported; "
-                         "use dynamic_encode for corpora too large to encode up front")
-    if isinstance(dataset, datasets.DatasetDict):
-        if not dataset:
-            raise ValueError(f"data source {dict(source)!r} has no splits")
-        parts = list(dataset.values())
-        dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    if column not in dataset.column_names:
-        raise ValueError(f"data source {dict(source)!r}: text column {column!r} not found; "
-                         f"the source has columns {dataset.column_names} (set 'column')")
-    feature = dataset.features[column]
-    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
-        raise ValueError(f"data source {dict(source)!r}: column {column!r} holds {feature}, expected text")
-    if drop_columns:
-        dataset = dataset.select_columns([column])
-    if column != "text":
-        if "text" in dataset.column_names:
-            dataset = dataset.remove_columns("text")
-        dataset = dataset.rename_column(column, "text")
-    if len(dataset) == 0:
-        raise ValueError(f"data source {dict(source)!r} has no documents")
-    return dataset
-
-
-def _resolve_local_files(kwargs: dict, source: Mapping) -> None:
-    """Turn a local file `path` into (builder, data_files); check that local data files exist."""
-    path = kwargs.get("path")
-    if path is not None:
-        expanded = os.path.expanduser(os.fspath(path))
-        if os.path.isfile(expanded):
-            if kwargs.get("data_files") is not None:
-                raise ValueError(f"data source {dict(source)!r}: 'path' is a file, so 'data_files' must not be set")
-            kwargs["path"], kwargs["data_files"] = _builder_for(expanded, source), expanded
-        elif not os.path.exists(expanded) and _looks_like_path(path):
-            raise FileNotFoundError(f"data source {dict(source)!r}: path {path!r} does not exist")
-    elif kwargs.get("data_files") is None:
-        raise ValueError(f"data source {dict(source)!r}: expected 'path', 'data_files' or 'builtin'")
-    data_files = kwargs.get("data_files")
-    if data_files is None or kwargs.get("path") not in (None, *set(BUILDER_BY_EXTENSION.values())):
-        return  # hub dataset or directory: load_dataset resolves its own files
-    patterns = _flatten_patterns(data_files)
-    resolved = []
-    for pattern in patterns:
-        if "://" in pattern:
-            resolved.append(pattern)
-            continue
-        expanded = os.path.expanduser(pattern)
-        if glob.has_magic(expanded):
-            if not glob.glob(expanded, recursive=True):
-                raise FileNotFoundError(f"data source {dict(source)!r}: no file matches {pattern!r}")
-        elif not os.path.isfile(expanded):
-            raise FileNotFoundError(f"data source {dict(source)!r}: data file {pattern!r} does not exist")
-        resolved.append(expanded)
-    local = [f for p in resolved if "://" not in p for f in glob.glob(p, recursive=True)]
-    if local and len(local) == len(resolved) and all(os.path.getsize(f) == 0 for f in local):
-        raise ValueError(f"data source {dict(source)!r} has no documents: its files are empty")
-    if kwargs.get("path") is None:
-        kwargs["path"] = _builder_for(resolved[0], source)
-    kwargs["data_files"] = _map_patterns(data_files, os.path.expanduser)
-
-
-def _flatten_patterns(data_files) -> list[str]:
-    if isinstance(data_files, (str, os.PathLike)):
-        return [os.fspath(data_files)]
-    if isinstance(data_files, Mapping):
-        return [p for v in data_files.values() for p in _flatten_patterns(v)]
-    return [p for v in data_files for p in _flatten_patterns(v)]
-
-
-def _map_patterns(data_files, fn):
-    if isinstance(data_files, (str, os.PathLike)):
-        return fn(os.fspath(data_files))
-    if isinstance(data_files, Mapping):
-        return {k: _map_patterns(v, fn) for k, v in data_files.items()}
-    return [_map_patterns(v, fn) for v in data_files]
-
-
-def _builder_for(path: str, source: Mapping) -> str:
-    name = path[:-3] if path.endswith(".gz") else path
-    extension = os.path.splitext(name)[1].lower()
-    if extension not in BUILDER_BY_EXTENSION:
-        raise ValueError(f"data source {dict(source)!r}: cannot tell the format of {path!r}; set 'path' to one of "
-                         f"{sorted(set(BUILDER_BY_EXTENSION.values()))}")
-    return BUILDER_BY_EXTENSION[extension]
-
-
-def _looks_like_path(path) -> bool:
-    """A local path (not a hub dataset id such as ``wikimedia/wikipedia``)."""
-    path = os.fspath(path)
-    return (path.startswith(("/", "./", "../", "~"))
-            or os.path.splitext(path[:-3] if path.endswith(".gz") else path)[1].lower() in BUILDER_BY_EXTENSION)
-
-
-def _as_source_list(locations) -> list:
-    if locations is None:
-        return []
-    if isinstance(locations, (str, os.PathLike, Mapping)):
-        return [locations]
-    return list(locations)
-
-
-def load_locations(locations) -> datasets.Dataset:
-    """Load and concatenate one source or a list of sources (see :func:`load_source`)."""
-    sources = _as_source_list(locations)
-    if not sources:
-        raise ValueError(f"data locations {locations!r}: expected at least one data source")
-    parts = [load_source(source) for source in sources]
-    if len(parts) == 1:
-        return parts[0]
-    common = [c for c in parts[0].column_names if all(c in p.column_names for p in parts[1:])]
-    return datasets.concatenate_datasets([p.select_columns(common) for p in parts])
-
-
-def text_lengths(dataset: datasets.Dataset, column: str = "text") -> np.ndarray:
-    """Length in characters of every document, read column-wise from Arrow (int64 array)."""
-    chunks = [pc.fill_null(pc.utf8_length(batch[column]), 0).to_numpy(zero_copy_only=False)
-              for batch in dataset.with_format("arrow").iter(batch_size=_ARROW_BATCH)]
-    return np.concatenate(chunks).astype(np.int64) if chunks else np.zeros(0, np.int64)
-
-
-def _nonempty(dataset: datasets.Dataset) -> np.ndarray:
-    chunks = [pc.fill_null(pc.binary_length(batch["text"]), 0).to_numpy(zero_copy_only=False) > 0
-              for batch in dataset.with_format("arrow").iter(batch_size=_ARROW_BATCH)]
-    mask = np.concatenate(chunks) if chunks else np.zeros(0, bool)
-    return np.flatnonzero(mask)
-
-
-# ----------------------------------------------------------------------------------------------- splits
-
-def _is_count_or_ratio(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def load_splits(locations, splits: Mapping[str, Any] | None = None, seed: int = 42
-                ) -> tuple[dict[str, datasets.Dataset], dict[str, int]]:
-    """Documents of each split, and a report of how the documents were shared out.
-
-    Args:
-        locations: the sources that numeric splits share out (see :func:`load_locations`); may be ``None``
-            when every split names its own source.
-        splits: split name (``train``, ``val``, ``test``, ``predict``) → either a float ratio of the
-            documents of `locations`, an int count of them, ``0`` for "the remainder" (at most one split), or
-            its own source / list of sources (e.g. a held-out file for ``val``). Documents are shuffled with
-            `seed` before they are shared out; within a split they keep their source order. Splits not named
-            are absent. Default: ``{train: 0.9, val: 0.05, test: 0.025, predict: 0}``.
-    Returns: ``(datasets_by_split, report)``; the report counts ``documents`` (in `locations`), ``empty``
-        (empty documents, skipped), the documents of each split and ``unused`` ones.
-    """
-    splits = dict(DEFAULT_SPLITS if splits is None else splits)
-    unknown = sorted(set(splits) - set(SPLIT_NAMES))
-    if unknown:
-        raise ValueError(f"splits {splits!r}: unknown split names {unknown}; expected some of {list(SPLIT_NAMES)}")
-    numeric = {k: v for k, v in splits.items() if _is_count_or_ratio(v)}
-    explicit = {k: v for k, v in splits.items() if k not in numeric}
-    for name, value in numeric.items():
-        if value < 0 or isinstance(value, float) and value > 1:
-            raise ValueError(f"splits.{name}={value!r}: expected a ratio in [0, 1], a document count >= 0, "
-                             "or a data source")
-    zeros = [k for k, v in numeric.items() if v == 0]
-    if len(zeros) > 1:
-        raise ValueError(f"splits {splits!r}: only one split may be 0 (the remainder), got {zeros}")
-    ratio_sum = sum(v for v in numeric.values() if isinstance(v, float))
-    if ratio_sum > 1 + 1e-9:
-        ratios = {k: v for k, v in numeric.items() if isinstance(v, float)}
-        raise ValueError(f"splits {ratios!r}: ratios sum to {ratio_sum:.6g}, past 1")
-
-    result: dict[str, datasets.Dataset] = {}
-    report: dict[str, int] = {}
-    if numeric:
-        if not _as_source_list(locations):
-            raise ValueError(f"splits {splits!r}: numeric splits share out the documents of 'locations', "
-                             "but no locations are given")
-        documents = load_locations(locations)
-        kept = _nonempty(documents)
-        n = len(kept)
-        report.update(documents=len(documents), empty=len(documents) - n)
-        if n == 0:
-            raise ValueError(f"data locations {locations!r}: every document is empty")
-        wanted = sum(v * n if isinstance(v, float) else v for v in numeric.values())
-        if wanted > n + 1e-6:
-            raise ValueError(f"splits {numeric!r} need {wanted:.6g} documents, "
-                             f"but the locations hold {n} non-empty documents")
-        counts = {k: (v if isinstance(v, int) else round(v * n)) for k, v in numeric.items() if v != 0}
-        excess = sum(counts.values()) - n
-        floats = sorted((k for k in counts if isinstance(numeric[k], float)), key=lambda k: -counts[k])
-        for k in floats[:max(0, excess)]:  # rounding overshoot (at most one per ratio): trim the largest
-            counts[k] -= 1
-        remainder = n - sum(counts.values())
-        if zeros:
-            counts[zeros[0]] = remainder
-            remainder = 0
-        order = np.random.default_rng(seed).permutation(kept)
-        start = 0
-        for name in SPLIT_NAMES:
-            if name in counts:
-                indices = np.sort(order[start:start + counts[name]])
-                start += counts[name]
-                whole = len(indices) == len(documents)  # every document, in order: keep the fingerprint
-                result[name] = documents if whole else documents.select(indices)
-                report[name] = counts[name]
-        report["unused"] = remainder
-    for name, source in explicit.items():
-        dataset = load_locations(source)
-        kept = _nonempty(dataset)
-        if len(kept) < len(dataset):
-            report["empty"] = report.get("empty", 0) + len(dataset) - len(kept)
-            dataset = dataset.select(kept)
-        result[name] = dataset
-        report[name] = len(dataset)
-    log.debug(format_split_report(report))
-    return {k: result[k] for k in SPLIT_NAMES if k in result}, report
-
-
-def format_split_report(report: Mapping[str, int]) -> str:
-    """One line describing a :func:`load_splits` report."""
-    shares = ", ".join(f"{k} {report[k]}" for k in SPLIT_NAMES if k in report)
-    message = f"data: documents per split: {shares}"
-    if "documents" in report:
-        message += (f" (of {report['documents']} documents in locations; {report['empty']} empty skipped; "
-                    f"{report['unused']} unused)")
-    elif report.get("empty"):
-        message += f" ({report['empty']} empty skipped)"
-    return message
 
 
 # --------------------------------------------------------------------------------------------- encoding
@@ -424,10 +152,10 @@ class TokenDataset(Dataset):
     def _read_lengths(self) -> np.ndarray:
         if self.dynamic:
             chunks = [batch["length"].to_numpy(zero_copy_only=False)
-                      for batch in self.data.with_format("arrow").iter(batch_size=_ARROW_BATCH)]
+                      for batch in self.data.with_format("arrow").iter(batch_size=ARROW_BATCH)]
         else:
             chunks = [pc.list_value_length(batch["ids"]).to_numpy(zero_copy_only=False)
-                      for batch in self.data.with_format("arrow").iter(batch_size=_ARROW_BATCH)]
+                      for batch in self.data.with_format("arrow").iter(batch_size=ARROW_BATCH)]
         return np.concatenate(chunks).astype(np.int64) if chunks else np.zeros(0, np.int64)
 
     def __getstate__(self):  # worker processes rebuild their memory-mapped views
