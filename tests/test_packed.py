@@ -136,3 +136,20 @@ def test_support_probe_leaves_the_global_rng_alone(monkeypatch):
     torch.manual_seed(0)
     assert packed.supported()
     torch.testing.assert_close(torch.rand(4), expected, atol=0, rtol=0)
+
+
+def test_generation_with_packed_weights_matches_plain_weights(monkeypatch):
+    from xlabml import inference
+    torch.manual_seed(1)
+    model = Decoder(n_vocab=97, max_len=32, d_model=64, n_layers=2, n_heads=4, d_ff=256, dropout=0.0).eval()
+    prompts = [torch.randint(0, 97, (n,)) for n in (5, 9, 3)]
+    fast_greedy = inference.greedy_search(model, prompts, 40, 32)  # slides past block_size 32
+    fast_stream = list(inference.generate_stream(model, prompts[0], 20, 32, temperature=0))
+    assert all(m._packed is not None for m in model.modules() if isinstance(m, Linear))
+    monkeypatch.setattr(packed, "_supported", False)  # the plain F.linear path
+    packed.release(model)
+    plain_greedy = inference.greedy_search(model, prompts, 40, 32)
+    assert all(m._packed is None for m in model.modules() if isinstance(m, Linear))
+    for fast, plain in zip(fast_greedy, plain_greedy):
+        assert torch.equal(fast, plain)
+    assert fast_stream == plain_greedy[0][:20].tolist()

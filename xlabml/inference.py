@@ -431,22 +431,20 @@ def generate_stream(model: nn.Module, x: Tensor, output_length: int, block_size:
     training = model.training
     model.eval()
     try:
-        packing = prepacked(model) if not compile else nullcontext()
-        packing.__enter__()  # left in the finally clause below, when the generator finishes or is closed
-        with torch.inference_mode():
-            prompts, _ = _prompts(x, _model_device(model))
-            steps = _token_steps(model, prompts, output_length, block_size, keep, choose_args, None, compile)
-        while True:
-            with torch.inference_mode():  # not held across yields: the caller's code runs in between
-                token = next(steps, None)
-                if token is None:
+        with prepacked(model) if not compile else nullcontext():  # spans the yields: used only without autograd
+            with torch.inference_mode():
+                prompts, _ = _prompts(x, _model_device(model))
+                steps = _token_steps(model, prompts, output_length, block_size, keep, choose_args, None, compile)
+            while True:
+                with torch.inference_mode():  # not held across yields: the caller's code runs in between
+                    token = next(steps, None)
+                    if token is None:
+                        return
+                    token = int(token[0])
+                if token == eos_class:
                     return
-                token = int(token[0])
-            if token == eos_class:
-                return
-            yield token
+                yield token
     finally:
-        packing.__exit__(None, None, None)
         model.train(training)
 
 

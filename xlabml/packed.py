@@ -3,8 +3,8 @@
 On a CPU, ``F.linear`` with a few rows (batch-1 decoding, beams, small batches) goes to a BLAS GEMV/GEMM that
 streams the weight matrix far below the memory bandwidth. oneDNN's matmul on a weight reordered once into its
 blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, the packing ``torch.compile`` applies to frozen CPU
-linears) reads the same matrix 1.5-2.5x faster at 1 row and 3-4x faster at 4-8 rows (``bench/generate.py``
-prints the matrix-vector figures of both next to each other).
+linears) reads the same matrix 2-2.7x faster at 1 row and 3-5x faster at 4-8 rows on these machines
+(``bench/generate.py`` prints the matrix-vector figures of both next to each other).
 
 ``Linear`` is an ``nn.Linear`` (same parameters, same state dict) that uses such a packed copy of its weight
 inside ``prepacked(model)``, and only where it is valid: no autograd, CPU tensors of the weight's dtype
