@@ -68,9 +68,6 @@ def weight_matrices(model: torch.nn.Module) -> list[torch.Tensor]:
 CLOCK = time.perf_counter  # time.thread_time with --cpu-time
 
 
-FLOOR_KERNELS = ("F.linear", "x @ W^T stored transposed", "oneDNN packed")
-
-
 def floor_pass_seconds(model: torch.nn.Module, passes: int = 20) -> dict[str, float]:
     """Best time of one pass of matrix-vector products (1 x in) @ W^T over all weight matrices, for each way
     PyTorch offers to compute it: ``F.linear`` (BLAS GEMV on the (out, in) matrix), a matmul against the matrix
