@@ -268,6 +268,18 @@ def test_init_is_scaled():
     assert tied.head.weight is tied.embedding.weight
 
 
+@pytest.mark.parametrize('scale,expected', [(None, math.sqrt(32)), (1.0, 1.0), (2.5, 2.5)])
+def test_embedding_scale_multiplies_the_token_embeddings(scale, expected):
+    model = make(position='none', embedding_scale=scale)
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    x = tokens(2, 5)
+    model(x)
+    torch.testing.assert_close(seen[0], model.embedding(x) * expected, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="embedding_scale"):
+        make(embedding_scale=0.0)
+
+
 def test_unknown_names_list_valid_ones():
     for key, registry in (('position', POSITIONS), ('norm', NORMS), ('ffn', FEED_FORWARDS),
                           ('attention', ATTENTIONS)):

@@ -270,7 +270,7 @@ class XLabModel(XLabModule):
                  bias: bool = True, pad_index: int | None = 3, optimizer: OptimizerCallable = default_optimizer,
                  scheduler: LRSchedulerCallable | None = None, compile: bool = False,
                  activation_checkpointing: bool = False, weight_decay_embeddings: bool = False,
-                 debug: bool = False):
+                 embedding_scale: float | None = None, debug: bool = False):
         super().__init__(pad_index=pad_index, optimizer=optimizer, scheduler=scheduler, compile=compile,
                          weight_decay_embeddings=weight_decay_embeddings, debug=debug)
         self.save_hyperparameters(ignore=['optimizer', 'scheduler'])
@@ -280,4 +280,5 @@ class XLabModel(XLabModule):
             final_norm=final_norm, ffn=ffn, attention=attention, sliding_window=sliding_window, qk_norm=qk_norm,
             dropout_attn=dropout_attn, dropout_ffn=dropout_ffn, dropout_residual=dropout_residual,
             dropout_embedding=dropout_embedding, tie_embeddings=tie_embeddings,
-            parallel_residual=parallel_residual, bias=bias, activation_checkpointing=activation_checkpointing)
+            parallel_residual=parallel_residual, bias=bias, activation_checkpointing=activation_checkpointing,
+            embedding_scale=embedding_scale)
