@@ -252,6 +252,8 @@ def run_name(s: dict, extra: list[str], args_threads: int | None = None) -> str:
         key += f" threads={args_threads}"
     if s["config"] == "best":
         key += BEST_CONFIG.read_text()
+    if s["arch"] in ARCH_FILES:  # an edit of the overlay is a new configuration, not a cached result
+        key += (REPO / ARCH_FILES[s["arch"]]).read_text()
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     return f"{s['arch']}-{tok}-s{s['seed']}-{digest}"
 
