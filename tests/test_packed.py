@@ -153,3 +153,22 @@ def test_generation_with_packed_weights_matches_plain_weights(monkeypatch):
     for fast, plain in zip(fast_greedy, plain_greedy):
         assert torch.equal(fast, plain)
     assert fast_stream == plain_greedy[0][:20].tolist()
+
+
+def test_packed_module_still_deep_copies_and_pickles():
+    import copy
+    import io
+
+    layer = make_linear()
+    x = torch.randn(2, 24)
+    with torch.inference_mode(), prepacked(layer):
+        expected = layer(x)
+    twin = copy.deepcopy(layer)  # EMA/SWA callbacks deep-copy models; the packed tensor has no storage to copy
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert layer._packed is not None and twin._packed is None and loaded._packed is None
+    for other in (twin, loaded):
+        with torch.inference_mode(), prepacked(other):
+            torch.testing.assert_close(other(x), expected, atol=0, rtol=0)

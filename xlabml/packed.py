@@ -84,6 +84,12 @@ class Linear(nn.Linear):
     def release(self) -> None:
         self._packed = None
 
+    def __getstate__(self):
+        # the packed copy is an opaque oneDNN tensor that cannot be pickled or deep-copied; a copy repacks lazily
+        state = self.__dict__.copy()
+        state["_packed"] = None
+        return state
+
 
 @contextmanager
 def prepacked(model: nn.Module):
