@@ -108,6 +108,31 @@ def best_seconds(fn, repeats: int, sync=lambda: None) -> float:
     return best
 
 
+def decode_breakdown(model, prompt, n: int, block: int) -> dict:
+    """Where a batch-1 greedy token's time goes: one run with every linear layer's forward timed."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    spent = [0.0]
+
+    def timed(forward):
+        def wrapper(*args, **kwargs):
+            start = CLOCK()
+            out = forward(*args, **kwargs)
+            spent[0] += CLOCK() - start
+            return out
+        return wrapper
+
+    for m in linears:
+        m.forward = timed(m.forward)  # an instance attribute shadows the class's forward
+    try:
+        start = CLOCK()
+        inference.greedy_search(model, prompt, n, block)
+        total = CLOCK() - start
+    finally:
+        for m in linears:
+            del m.forward
+    return {"ms_per_token": round(total / n * 1e3, 3), "matmul_ms_per_token": round(spent[0] / n * 1e3, 3)}
+
+
 def bench_cpu(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -128,6 +153,8 @@ def bench_cpu(args) -> dict:
     for name, (fn, tokens) in runs.items():
         results[name] = round(tokens / best_seconds(fn, args.repeats), 1)
         floors.append(floor_pass_seconds(model))  # interleaved: the machine's state next to each figure
+    breakdown = decode_breakdown(model, prompt, n, block)
+    floors.append(floor_pass_seconds(model))
     by_kernel = {name: 1.0 / min(f[name] for f in floors) for name in floors[0]}
     floor = max(by_kernel.values())
     results["floor_tok_s"] = round(floor, 1)
@@ -135,6 +162,8 @@ def bench_cpu(args) -> dict:
     results["fraction_of_floor"] = round(max(results["sample_b1"], results["greedy_b1"]) / floor, 3)
     results["greedy_fraction_of_floor"] = round(results["greedy_b1"] / floor, 3)
     results["sample_fraction_of_floor"] = round(results["sample_b1"] / floor, 3)
+    results["breakdown"] = {**breakdown, "floor_pass_ms": round(1e3 / floor, 3),
+                            "matmul_vs_floor": round(breakdown["matmul_ms_per_token"] * floor / 1e3, 2)}
     return results
 
 
@@ -220,6 +249,10 @@ def main() -> None:
             f"{name} {v}" for name, v in cpu["floor_by_kernel_tok_s"].items()))
         print(f"batch-1 fraction of floor: sampling {cpu['sample_fraction_of_floor']:.0%}, greedy "
               f"{cpu['greedy_fraction_of_floor']:.0%} (target >= {TARGETS['fraction_of_floor']:.0%})")
+        b = cpu["breakdown"]
+        print(f"batch-1 greedy, per token: {b['ms_per_token']} ms, of which the matrix products "
+              f"{b['matmul_ms_per_token']} ms ({b['matmul_vs_floor']}x the floor pass of {b['floor_pass_ms']} ms) "
+              f"and everything else {b['ms_per_token'] - b['matmul_ms_per_token']:.3f} ms")
         result["targets_met"] = {name: cpu[name] >= TARGETS[name] for name in ("sample_b1", "greedy_b1", "beam4",
                                                                               "sample_b8")}
         result["targets_met"]["fraction_of_floor"] = cpu["fraction_of_floor"] >= TARGETS["fraction_of_floor"]

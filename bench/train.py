@@ -118,6 +118,31 @@ def matmul_bound(config, batch, repeats=20):
     return rows / seconds
 
 
+def profile_step(config, batch, steps=20, warmup=5, rows=12):
+    """Self CPU time per step of the ops a plain training step spends most in (torch.profiler), so what the
+    matrix-product bound leaves out can be seen op by op."""
+    from torch.profiler import profile
+    from xlabml.models import default_optimizer
+    module = build(config, 0.0, False)
+    model = module.model.train()
+    optimizer = default_optimizer(module.parameter_groups())
+
+    def step(b):
+        loss = F.cross_entropy(model(b['x']).flatten(0, 1), b['y'].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    batches = list(loader(config, warmup + steps, batch))
+    for b in batches[:warmup]:
+        step(b)
+    with profile() as prof:
+        for b in batches[warmup:]:
+            step(b)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [(e.key, e.self_cpu_time_total / 1e3 / steps) for e in events[:rows]]
+
+
 class Timing:
     """Step boundaries of one run -> throughput over the whole run (wall) and over its fast steps.
 
@@ -204,6 +229,7 @@ def main():
     parser.add_argument('--dropout', type=float, default=0.0)
     parser.add_argument('--compile', action='store_true', help='torch.compile the model (plain and Lightning)')
     parser.add_argument('--no-gpu', action='store_true', help='skip the GPU section even if CUDA is available')
+    parser.add_argument('--profile', action='store_true', help='also print the ops a plain step spends most in')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings('ignore')
@@ -242,6 +268,10 @@ def main():
     print(f"  matrix products alone (forward + backward of every linear, same run): {bound:,.0f} tokens/s; "
           f"Lightning reaches {max(wall['lightning_minimal'], wall['lightning_default']) / bound:.0%} of it (wall), "
           f"{max(fast['lightning_minimal'], fast['lightning_default']) / bound:.0%} (fast-step)")
+
+    if args.profile:
+        print("  self CPU ms per step of a plain step (torch.profiler; the profiler adds a few %): " + ", ".join(
+            f"{name} {ms:.2f}" for name, ms in profile_step(REFERENCE, BATCH)))
 
     gpu = None
     if torch.cuda.is_available() and not args.no_gpu:
