@@ -398,12 +398,13 @@ def test_readme_snippet_runs_against_the_checkpoint(trained):
                                    eos_class=tokenizer[tokenizer.eos_token])
         text = tokenizer.decode(outputs.tolist())
         # ---
-        return tokenizer, model, outputs, text
+        return tokenizer, model, inputs, outputs, text
 
     torch.manual_seed(0)
-    tokenizer, model, outputs, text = snippet()
+    tokenizer, model, inputs, outputs, text = snippet()
     torch.manual_seed(0)
-    assert snippet()[3] == text  # seeded sampling is reproducible
+    assert snippet()[4] == text  # seeded sampling is reproducible
+    assert text == tokenizer.decode(inputs.tolist() + outputs.tolist())[len(prompt):]  # <sos> decodes to ''
     assert isinstance(text, str) and outputs.dim() == 1 and len(outputs) <= limit
     assert tokenizer[tokenizer.eos_token] not in outputs.tolist()
     assert int(outputs.max()) < model.hparams["n_vocab"] == NUM_TOKENS == len(tokenizer)

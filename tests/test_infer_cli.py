@@ -10,7 +10,7 @@ import torch
 from xlabml import infer_cli, inference
 from xlabml.manage import export_checkpoint
 from xlabml.models import XLabModel
-from xlabml.tokenizer import Tokenizer, TokenizerTrainer
+from xlabml.tokenizer import TokenizerTrainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_VOCAB, MAX_LEN = 300, 24
@@ -159,23 +159,6 @@ def test_script_runs_as_a_command(files):
     ok = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), files["ckpt"], "the", "-g", "-l", "5"],
                         capture_output=True, text=True, env=env, timeout=120)
     assert ok.returncode == 0 and ok.stdout.startswith("the") and ok.stderr == ""
-
-
-def test_readme_snippet(files):
-    from xlabml.datamodules import XLabDataModule
-
-    torch.manual_seed(0)  # the snippet draws from the global generator
-    ckpt, device, prompt, limit = files["ckpt"], "cpu", "the quick", 12
-    tokenizer_path = XLabDataModule.load_from_checkpoint(ckpt, map_location=device).tokenizer_path
-    tokenizer = Tokenizer.load(tokenizer_path)
-    model = XLabModel.load_from_checkpoint(ckpt, map_location=device).eval().requires_grad_(False)
-    inputs = torch.tensor([tokenizer[tokenizer.sos_token]] + tokenizer.encode(prompt), device=model.device)
-    outputs = inference.sample(model, inputs, limit, block_size=model.hparams['max_len'],
-                               eos_class=tokenizer[tokenizer.eos_token])
-    text = tokenizer.decode(outputs.tolist())
-    assert outputs.dim() == 1 and len(outputs) <= limit and tokenizer.eos_id not in outputs.tolist()
-    assert text == tokenizer.decode(inputs.tolist() + outputs.tolist())[len(prompt):]  # <sos> decodes to ''
-
 
 
 def test_last_means_the_newest_last_checkpoint_under_logs(files, capsys, tmp_path, monkeypatch):
