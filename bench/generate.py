@@ -109,27 +109,28 @@ def best_seconds(fn, repeats: int, sync=lambda: None) -> float:
 
 
 def decode_breakdown(model, prompt, n: int, block: int) -> dict:
-    """Where a batch-1 greedy token's time goes: one run with every linear layer's forward timed."""
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    """Where a batch-1 greedy token's time goes: one run with every linear layer's forward timed (plain, or
+    packed: generation swaps the model's linears for ``packed.PackedLinear`` stand-ins)."""
     spent = [0.0]
+    originals = {cls: cls.forward for cls in (torch.nn.Linear, packed.PackedLinear)}
 
     def timed(forward):
-        def wrapper(*args, **kwargs):
+        def wrapper(self, *args, **kwargs):
             start = CLOCK()
-            out = forward(*args, **kwargs)
+            out = forward(self, *args, **kwargs)
             spent[0] += CLOCK() - start
             return out
         return wrapper
 
-    for m in linears:
-        m.forward = timed(m.forward)  # an instance attribute shadows the class's forward
+    for cls, forward in originals.items():
+        cls.forward = timed(forward)
     try:
         start = CLOCK()
         inference.greedy_search(model, prompt, n, block)
         total = CLOCK() - start
     finally:
-        for m in linears:
-            del m.forward
+        for cls, forward in originals.items():
+            cls.forward = forward
     return {"ms_per_token": round(total / n * 1e3, 3), "matmul_ms_per_token": round(spent[0] / n * 1e3, 3)}
 
 

@@ -12,7 +12,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from xlabml.packed import Linear
 
 
 def apply_rotary(x, cos, sin):
@@ -159,8 +158,8 @@ class Attention(nn.Module):
                  norm=nn.LayerNorm, bias=True):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d_model // n_heads
-        self.qkv = Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
-        self.proj = Linear(n_heads * self.head_dim, d_model, bias=bias)
+        self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
+        self.proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
         self.q_norm = norm(self.head_dim, bias=bias) if qk_norm else None
         self.k_norm = norm(self.head_dim, bias=bias) if qk_norm else None
         self.kernel = kernel()  # one of ATTENTIONS

@@ -26,7 +26,6 @@ from xlabml.attention import (  # noqa: F401  (re-exported: every model part in 
     ATTENTIONS, Attention, AttentionContext, FlashKernel, KVCache, LayerKVCache, NaiveKernel, SDPAKernel,
     apply_rotary,
 )
-from xlabml.packed import Linear
 
 
 def pick(registry: dict, kind: str, name: str):
@@ -162,19 +161,25 @@ NORMS = {'layernorm': LayerNorm, 'rmsnorm': RMSNorm}
 
 # ------------------------------------------------------------------------------------------- feed-forward
 
+ACTIVATIONS = {'gelu': nn.GELU, 'relu': nn.ReLU}
+
+
 class MLP(nn.Module):
-    """Linear -> activation -> (dropout) -> linear, hidden size ``d_ff``. The activation is a name in
-    ``xlabml.packed.ACTIVATIONS``, applied by the first linear (fused into its matmul at CPU inference)."""
+    """Linear -> activation -> (dropout) -> linear, hidden size ``d_ff``; ``activation`` names a module in
+    ``ACTIVATIONS``."""
     activation = 'gelu'
+    # act is applied directly to fc's output, so a transformation may compute both in one (xlabml.packed)
+    fusable_activations = {'fc': 'act'}
 
     def __init__(self, d_model, d_ff, *, dropout=0.0, bias=True):
         super().__init__()
-        self.fc = Linear(d_model, d_ff, bias=bias)
+        self.fc = nn.Linear(d_model, d_ff, bias=bias)
+        self.act = ACTIVATIONS[self.activation]()
         self.dropout = _dropout(dropout, True)
-        self.proj = Linear(d_ff, d_model, bias=bias)
+        self.proj = nn.Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x):  # b t c
-        return self.proj(self.dropout(self.fc(x, self.activation)))  # b t c (hidden b t f)
+        return self.proj(self.dropout(self.act(self.fc(x))))  # b t c (hidden b t f)
 
 
 class GELUMLP(MLP):
@@ -197,9 +202,9 @@ class SwiGLU(nn.Module):
     def __init__(self, d_model, d_ff, *, dropout=0.0, bias=True):
         super().__init__()
         self.hidden = swiglu_hidden(d_ff)
-        self.fc = Linear(d_model, 2 * self.hidden, bias=bias)
+        self.fc = nn.Linear(d_model, 2 * self.hidden, bias=bias)
         self.dropout = _dropout(dropout, True)
-        self.proj = Linear(self.hidden, d_model, bias=bias)
+        self.proj = nn.Linear(self.hidden, d_model, bias=bias)
 
     def forward(self, x):  # b t c
         gate, up = self.fc(x).chunk(2, dim=-1)  # b t f', b t f'
@@ -325,7 +330,7 @@ class Decoder(nn.Module):
                 norm_cls, d_model, dropout_residual=dropout * dropout_residual, bias=bias,
             ) for _ in range(n_layers))
         self.norm = norm_cls(d_model, bias=bias) if final_norm else nn.Identity()
-        self.head = Linear(d_model, n_vocab, bias=bias)
+        self.head = nn.Linear(d_model, n_vocab, bias=bias)
         self.embedding_scale = math.sqrt(d_model) if embedding_scale is None else float(embedding_scale)
         self.reset_parameters()
         if tie_embeddings:
