@@ -176,8 +176,7 @@ def _borrowed_cache(model: nn.Module, batch_size: int, max_len: int, device: tor
         else:
             entry = None
     if entry is not None:
-        if hasattr(entry.cache, "reset"):
-            entry.cache.reset()
+        _empty(entry.cache)
     else:
         extra = {"static": True} if static and _accepts(model.init_cache, "static") else {}
         entry = _CacheEntry(model.init_cache(batch_size, max_len=max_len, device=device, **extra))
@@ -199,6 +198,15 @@ def _borrowed_cache(model: nn.Module, batch_size: int, max_len: int, device: tor
             if entries is not None and getattr(entry.cache, "batch_size", batch_size) != batch_size:
                 if entries.get(key) is entry:
                     del entries[key]
+
+
+def _empty(cache) -> None:
+    """Empties a reused cache. A dynamic `KVCache` never reads a slot the current call has not written, so
+    forgetting what it holds suffices; a static one reads every slot (masked), so it is zeroed."""
+    if getattr(cache, "static", True) is False and hasattr(cache, "reset_state"):
+        cache.reset_state()
+    elif hasattr(cache, "reset"):
+        cache.reset()
 
 
 def release_caches(model: nn.Module) -> None:
