@@ -7,7 +7,7 @@ Lightning (see ``xlabml.models``).
 
 Attention rule (shared by every backend): the query in slot ``i`` may see the key in slot ``j`` iff ``j <= i``,
 the two document ids are equal (when given), and ``i - j < sliding_window`` (when set). A slot is a column of
-the input during training and a cache slot during cached inference. ALiBi uses the slot distance ``i - j``;
+the input during training and a cache index (``input_pos``) during cached inference. ALiBi uses ``i - j``;
 sinusoidal, learned and rotary encodings use ``positions``, so a packed document (positions restarting at 0,
 its own doc id) gets exactly the logits it would get alone.
 
