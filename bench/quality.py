@@ -131,7 +131,8 @@ def main() -> None:
     for name, value in bpc.items():
         print(f"{name:<8}{value:>11.4f}{value - bpc['fp32']:>+10.4f}")
     cost = round(bpc["bf16"] - bpc["fp32"], 5)
-    print(f"bf16 costs {cost:+.4f} bits/char (target <= {TARGET_BF16}): {'met' if abs(cost) <= TARGET_BF16 else 'NOT met'}")
+    met = "met" if abs(cost) <= TARGET_BF16 else "NOT met"
+    print(f"bf16 costs {cost:+.4f} bits/char (target <= {TARGET_BF16}): {met}")
     print(json.dumps({"bpc": bpc, "bf16_minus_fp32": cost, "fp16_minus_fp32": round(bpc["fp16"] - bpc["fp32"], 5),
                       "target_bf16": TARGET_BF16, "steps": args.steps, "position": args.position,
                       "train_s": round(train_s, 1), "load_average": round(os.getloadavg()[0], 1),
