@@ -247,3 +247,49 @@ def test_stream_sample_is_bounded_spread_and_seeded(corpus):
     assert sample_stream(whole, budget, seed=1) == sample and sample_stream(whole, budget, seed=2) != sample
     heads = sample_stream(whole, budget, seed=1, scan_bytes=total // 6, spread=6)  # reads 1/36 of each file
     assert all(DOCS.index(t) % 40 < 12 for t in heads)
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+def xlab(*args):
+    from xlabml.cli import main
+    try:
+        main(list(args))
+    except SystemExit as exit:
+        return exit.code
+    return 0
+
+
+def test_streaming_overlay_parses_on_the_release_config(capsys):
+    import yaml
+    repo = __import__("pathlib").Path(__file__).resolve().parent.parent
+    assert xlab("fit", "-c", str(repo / "conf" / "xlab.yaml"), "-c", str(repo / "conf" / "extra" / "streaming.yaml"),
+                "--print_config") == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["data"]["locations"]["streaming"] is True and config["data"]["splits"] == {"train": 0.99, "val": 0.01}
+    assert config["trainer"]["max_steps"] > 0 and isinstance(config["trainer"]["val_check_interval"], int)
+
+
+@pytest.mark.slow
+def test_fit_validate_test_from_a_stream_on_the_command_line(tmp_path, monkeypatch, capsys):
+    import yaml
+    monkeypatch.chdir(tmp_path)
+    config = {
+        "trainer": {"max_steps": 6, "val_check_interval": 3, "limit_val_batches": 2, "limit_test_batches": 2,
+                    "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False},
+        "data": {"locations": {"builtin": "python-topics", "streaming": True},
+                 "splits": {"train": 0.9, "val": 0.05, "test": 0}, "num_tokens": 400,
+                 "tokenizer_path": str(tmp_path / "tok.model"), "tokenizer_sample_bytes": 100_000,
+                 "seq_len": 32, "batch_size": 4, "packed": True, "shuffle_buffer": 16},
+        "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "dropout": 0.0},
+    }
+    (tmp_path / "stream.yaml").write_text(yaml.safe_dump(config))
+    assert xlab("fit", "-c", "stream.yaml") == 0
+    out = capsys.readouterr().out
+    assert "val_loss" in out and "unigram entropy" not in out  # no full pass to count the stream's tokens
+    last = tmp_path / "logs" / "version_0" / "checkpoints" / "last.ckpt"
+    for stage in ("validate", "test"):
+        assert xlab(stage, "-c", "stream.yaml", "--ckpt_path", str(last)) == 0
+        assert f"{stage.replace('validate', 'val')}_loss" in capsys.readouterr().out
+    assert xlab("compute_stats", "-c", "stream.yaml", "--sample_size", "20") == 0
+    assert "streamed split: figures from its first 20 documents" in capsys.readouterr().out

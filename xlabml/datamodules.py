@@ -363,8 +363,8 @@ class XLabDataModule(L.LightningDataModule):
             "chars_per_token", "text_length": {"mean", "median", "std", "min", "max"}, "token_length": {...}}}``
             (character counts and text lengths are exact; token figures come from the sample when
             ``tokens_estimated``). For a streamed split, whose totals would need a full pass, ``documents``,
-            ``characters`` and ``tokens`` are None, the other figures come from its first `sample_size`
-            documents, and ``note`` says so.
+            ``characters`` and ``tokens`` are None (unless it holds at most `sample_size` documents), the other
+            figures come from its first `sample_size` documents, and ``note`` says so.
         """
         texts = self._split_texts(split)
         tokenizer = self.tokenizer
@@ -449,17 +449,23 @@ class XLabDataModule(L.LightningDataModule):
 
 
 def _stream_stats(split: str, texts: TextStream, tokenizer: Tokenizer, sample_size: int) -> dict[str, Any]:
-    """compute_stats' split figures for a stream, from its first `sample_size` documents (no full pass)."""
-    sample = texts.head(sample_size)
+    """compute_stats' split figures for a stream: from its first `sample_size` documents, never a full pass
+    (exact when the stream holds no more)."""
+    sample = texts.head(sample_size + 1)
     if not sample:
         raise ValueError(f"split {split!r} is streamed and has no documents ({texts})")
+    whole = len(sample) <= sample_size
+    sample = sample[:sample_size]
     chars = np.fromiter(map(len, sample), dtype=np.int64, count=len(sample))
     token_lengths = np.fromiter(map(len, tokenizer.encode(sample)), dtype=np.int64, count=len(sample))
     return {
-        "name": split, "documents": None, "characters": None, "tokens": None, "tokens_estimated": True,
-        "sampled_documents": len(sample), "chars_per_token": round(int(chars.sum()) / max(1, int(token_lengths.sum())), 4),
+        "name": split, "documents": len(sample) if whole else None, "characters": int(chars.sum()) if whole else None,
+        "tokens": int(token_lengths.sum()) if whole else None, "tokens_estimated": not whole,
+        "sampled_documents": len(sample),
+        "chars_per_token": round(int(chars.sum()) / max(1, int(token_lengths.sum())), 4),
         "text_length": _describe(chars), "token_length": _describe(token_lengths),
-        "note": f"streamed split: figures from its first {len(sample)} documents; totals need a full pass",
+        "note": (f"streamed split, read in full ({len(sample)} documents)" if whole else
+                 f"streamed split: figures from its first {len(sample)} documents; totals need a full pass"),
     }
 
 
