@@ -293,3 +293,44 @@ def test_fit_validate_test_from_a_stream_on_the_command_line(tmp_path, monkeypat
         assert f"{stage.replace('validate', 'val')}_loss" in capsys.readouterr().out
     assert xlab("compute_stats", "-c", "stream.yaml", "--sample_size", "20") == 0
     assert "streamed split: figures from its first 20 documents" in capsys.readouterr().out
+
+
+def _resume_on_two_ranks(rank, port, source, model_path, result_dir):
+    """One rank of a 2-process gloo group: the loader state saved by rank 0 resumes both ranks exactly."""
+    import torch.distributed as dist
+    from xlabml.tokenizer import Tokenizer
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    tokenizer = Tokenizer.load(model_path)
+
+    def make():
+        return StreamLoader(StreamWindows(TextStream(load_source(source), 0.0, 0.9), tokenizer, 8, 1.0, packed=True,
+                                          shuffle=True, shuffle_buffer=6, cycle=True, rank=rank, world_size=2),
+                            held_batches=1, batch_size=3)
+    reference = [b["x"] for b in itertools.islice(make(), 12)]
+    loader = make()
+    it = iter(loader)
+    [next(it) for _ in range(6)]  # trained on 5, holds the 6th
+    saved = [loader.state_dict()]  # every rank gathers; only rank 0's copy is kept, as Lightning does
+    dist.broadcast_object_list(saved, src=0)
+    resumed = make()
+    resumed.load_state_dict(saved[0])
+    rest = [b["x"] for b in itertools.islice(resumed, 7)]
+    torch.save({"reference": reference, "rest": rest, "consumers": [s["dataset_state"]["consumer"]
+                                                                     for s in saved[0]["ranks"]]},
+               f"{result_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_every_rank_resumes_from_the_state_rank_0_saved(tokenizer, corpus, tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_resume_on_two_ranks, args=(port, corpus["json"], tokenizer.path, str(tmp_path)),
+                                nprocs=2)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for result in results:
+        assert result["consumers"] == [0, 1]  # both ranks' positions are in the saved state
+        assert all(torch.equal(a, b) for a, b in zip(result["rest"], result["reference"][5:]))
+    assert not torch.equal(results[0]["reference"][0], results[1]["reference"][0])  # the ranks read other data

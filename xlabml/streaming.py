@@ -391,6 +391,11 @@ class StreamLoader(StatefulDataLoader):
             Lightning's fetcher holds 1 for a loader without a length (it fetches one batch ahead to see the
             end coming); without this its checkpoint would skip a batch on resume.
         kwargs: ``StatefulDataLoader`` arguments.
+
+    Each data-parallel process reads other documents, so each has its own position, but Lightning saves the
+    loader state of rank 0 only and gives it to every rank on resume. ``state_dict`` therefore gathers the
+    positions of all ranks (a collective: Lightning calls it on every rank when it saves a checkpoint), and
+    ``load_state_dict`` takes this rank's.
     """
 
     def __init__(self, dataset: StreamWindows, epoch: Callable[[], int] | None = None, held_batches: int = 0,
@@ -416,13 +421,25 @@ class StreamLoader(StatefulDataLoader):
         self._exhausted = True
 
     def state_dict(self) -> dict[str, Any]:
-        if self._states is None or self._exhausted:
-            return super().state_dict()
-        return self._states[0]
+        state = super().state_dict() if self._states is None or self._exhausted else self._states[0]
+        world = self.dataset.world_size
+        if world == 1:
+            return {"ranks": [state]}
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise RuntimeError(f"the streamed data of rank {self.dataset.rank} of {world} needs the other ranks' "
+                               "positions to save its state, but torch.distributed is not initialized")
+        states = [None] * world
+        torch.distributed.all_gather_object(states, state)
+        return {"ranks": states}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        states, world = state_dict.get("ranks"), self.dataset.world_size
+        if not isinstance(states, list) or len(states) != world:
+            saved = len(states) if isinstance(states, list) else "an unknown number of"
+            raise ValueError(f"the streamed data state holds the positions of {saved} processes, but this run has "
+                             f"{world}: resume a streamed run with the same number of processes")
         self._states = None
-        super().load_state_dict(state_dict)
+        super().load_state_dict(states[self.dataset.rank])
 
 
 # -------------------------------------------------------------------------------------------- sampling
