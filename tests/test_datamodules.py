@@ -452,3 +452,16 @@ def test_streamed_prepare_trains_the_tokenizer_and_encodes_nothing(tmp_path, str
     assert path.is_file() and count_encodes == []  # nothing encoded up front
     assert dm.tokenizer.decode(dm.tokenizer.encode("lazy fox")) == "lazy fox"
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("ids-*"))
+
+
+def test_validate_data_reads_a_streamed_source_and_split(tmp_path, tokenizer_file):
+    unsplittable, spaced = "x" * 5000, "word " * 1500
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["fine text", "", unsplittable, spaced]))
+    dm = XLabDataModule(locations={"path": "json", "data_files": str(path), "streaming": True}, splits={"train": 0},
+                        tokenizer_path=tokenizer_file, num_tokens=NUM_TOKENS)
+    rows = list(csv.DictReader(io.StringIO(dm.validate_data())))
+    assert [(r["source"], r["index"], r["reason"], r["characters"]) for r in rows] == [
+        ("locations", "1", "empty", "0"), ("locations", "2", "hard_split", "5000")]
+    in_split = list(csv.DictReader(io.StringIO(dm.validate_data("train"))))  # the split has no empty documents
+    assert [(r["source"], r["index"], r["reason"]) for r in in_split] == [("train", "1", "hard_split")]

@@ -31,6 +31,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from xlabml.datasets import _available_cpus, _num_windows, packed_item, padded_item, resolve_step
+from xlabml.tokenizer import Tokenizer
 
 READ_BATCH = 256  # documents per read from a shard: a resumed position re-reads at most this many
 _STATE_VERSION = 1
@@ -233,7 +234,7 @@ class StreamWindows(IterableDataset):
     uninterrupted iteration would have yielded next. It is valid only for the same ranks × workers.
     """
 
-    def __init__(self, stream: TextStream, tokenizer, seq_len: int, step_size: float | int = 1.0,
+    def __init__(self, stream: TextStream, tokenizer: Tokenizer, seq_len: int, step_size: float | int = 1.0,
                  packed: bool = False, train_sos: bool = False, *, shuffle: bool = False, shuffle_buffer: int = 0,
                  seed: int = 42, cycle: bool = False, resume: bool = True, rank: int = 0, world_size: int = 1,
                  encode_batch: int = 64):
@@ -310,7 +311,6 @@ class StreamWindows(IterableDataset):
             state = {"pass": self._start_pass if self.resume else 0, "done": False, "block": 0, "yielded": 0,
                      "start": None, "consumers": consumers, "consumer": consumer}
         if self._tokenizer is None:
-            from xlabml.tokenizer import Tokenizer
             self._tokenizer = Tokenizer.load(self.model_proto, num_threads=max(1, _available_cpus() // workers))
         return self._iterate(state)
 

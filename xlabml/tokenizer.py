@@ -224,9 +224,10 @@ class TokenizerTrainer:
             cannot be set here. Changing ``byte_fallback``, the normalization or the whitespace options gives up
             the round-trip guarantee.
 
-    SentencePiece keeps every sentence it is given in memory (about 3x their bytes, see bench/tokenizer_memory.py)
-    and skips sentences longer than ``max_sentence_length``, so what it is fed must be bounded by the caller
-    (``XLabDataModule`` feeds a sample of ``tokenizer_sample_bytes``) and is cut into sentence-sized pieces.
+    SentencePiece keeps every sentence it is given in memory (its training grows by 3 to 5 bytes per byte fed,
+    bench/tokenizer_memory.py) and skips sentences longer than ``max_sentence_length``: what it is fed must be
+    bounded by the caller (``XLabDataModule`` feeds a sample of ``tokenizer_sample_bytes``), and ``train`` cuts
+    it into sentence-sized pieces.
 
     With ``model_type: char`` the vocabulary holds the special tokens, the 256 byte tokens and the corpus'
     most frequent characters, and ``num_tokens`` is an upper bound: a corpus with fewer distinct characters
