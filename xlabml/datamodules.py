@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
+from xlabml.atomic import atomic_path, write_atomic
 from xlabml.datasets import SequenceDataset, TokenDataset, resolve_step
 from xlabml.sources import DEFAULT_SPLITS, SPLIT_NAMES, format_split_report, load_splits, text_lengths
 from xlabml.tokenizer import Tokenizer, TokenizerTrainer, escape, split_text
@@ -360,8 +361,7 @@ class XLabDataModule(L.LightningDataModule):
                 text = text or ""
                 writer.writerow([name, index, reason, len(text), len(text.encode("utf-8")), text[:60]])
                 if dump_dir:
-                    with open(os.path.join(dump_dir, f"{name}-{index}.txt"), "x", encoding="utf-8") as f:
-                        f.write(text)
+                    write_atomic(os.path.join(dump_dir, f"{name}-{index}.txt"), text)
         return out.getvalue()
 
     def _split_texts(self, split: str):
@@ -406,17 +406,12 @@ def _iter_texts(dataset, batch_size: int = 1000):
 
 def _download(url: str, path: str) -> None:
     """Download `url` to `path` (created atomically; never overwrites)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    partial = f"{path}.part"
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as f:
-            shutil.copyfileobj(response, f)
+        with atomic_path(path) as partial:
+            with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as f:
+                shutil.copyfileobj(response, f)
+    except FileExistsError:
+        raise FileExistsError(f"tokenizer file appeared while downloading, refusing to overwrite it: {path}") from None
     except (urllib.error.URLError, OSError, ValueError) as e:
-        if os.path.exists(partial):
-            os.remove(partial)
         raise ConnectionError(f"could not download tokenizer_url={url!r} to {path}: {e}; check the network, "
                               "or set tokenizer_path to a local tokenizer file") from e
-    if os.path.exists(path):
-        os.remove(partial)
-        raise FileExistsError(f"tokenizer file appeared while downloading, refusing to overwrite it: {path}")
-    os.replace(partial, path)

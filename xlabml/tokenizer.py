@@ -32,6 +32,8 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
+from xlabml.atomic import write_atomic
+
 __all__ = ["Tokenizer", "TokenizerTrainer", "escape", "unescape", "split_text", "ESCAPE", "META"]
 
 ESCAPE = "\ue000"
@@ -288,9 +290,7 @@ class TokenizerTrainer:
             )
         except RuntimeError as e:
             raise self._explain(e, num_tokens, stats) from None
-        os.makedirs(os.path.dirname(os.path.abspath(save_path)), exist_ok=True)
-        with open(save_path, "xb") as f:  # "x": fail rather than overwrite a file created meanwhile
-            f.write(writer.getvalue())
+        write_atomic(save_path, writer.getvalue())  # complete or absent, never overwriting one made meanwhile
         return Tokenizer(writer.getvalue(), path=save_path)
 
     @staticmethod
