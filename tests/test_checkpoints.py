@@ -1,10 +1,13 @@
 """The one checkpoint loader: three formats, one set of rules (runtime overrides, flash fallback, tokenizer identity,
-one-line errors), the public API on top of it, and Lightning's restore checking the tokenizer for every stage.
-A tiny model is trained once (2 steps) on the built-in corpus."""
+one-line errors), the public API on top of it, Lightning's restore checking the tokenizer for every stage, and
+atomic Lightning checkpoints. A tiny model is trained once (2 steps) on the built-in corpus."""
 import hashlib
 import importlib.util
 import io
+import os
+import resource
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -13,8 +16,8 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from xlabml.checkpoints import (
-    CheckpointWarning, LoadedCheckpoint, TokenizerMismatchError, _target_device, export_checkpoint,
-    load_checkpoint, load_datamodule,
+    CheckpointWarning, LoadedCheckpoint, TokenizerMismatchError, XLabCheckpointIO, _target_device,
+    export_checkpoint, load_checkpoint, load_datamodule, read_checkpoint, with_atomic_checkpoints,
 )
 from xlabml.datamodules import XLabDataModule
 from xlabml.layers import NaiveKernel, SDPAKernel
@@ -33,7 +36,7 @@ def _data(tokenizer_path, cache, **kwargs) -> XLabDataModule:
 def _trainer(root: Path, **kwargs) -> Trainer:
     defaults = dict(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
                     default_root_dir=root, val_check_interval=2, limit_val_batches=1, limit_test_batches=1,
-                    limit_predict_batches=1, enable_checkpointing=False)
+                    limit_predict_batches=1, enable_checkpointing=False, plugins=[XLabCheckpointIO()])
     return Trainer(**{**defaults, **kwargs})
 
 
@@ -146,6 +149,7 @@ def test_a_gpu_checkpoint_loads_on_the_cpu(run, tmp_path, monkeypatch):
     expected = "cuda:0" if torch.cuda.is_available() else "cpu"
     assert str(load_checkpoint(tmp_path / "gpu.ckpt").model.device) == expected  # None: saved device if there
     assert str(load_checkpoint(tmp_path / "gpu.ckpt", "cpu").model.device) == "cpu"
+    assert XLabCheckpointIO().load_checkpoint(tmp_path / "gpu.ckpt")["global_step"] == 2  # Lightning's resume
 
 
 def test_errors_are_one_line_and_name_the_file(run, tmp_path):
@@ -313,6 +317,74 @@ def test_lightning_checks_the_tokenizer_when_it_restores_a_checkpoint(run, stage
     monkeypatch.setattr(right, "load_state_dict", lambda state: restored.append(state))
     getattr(_trainer(run["root"], max_steps=3), stage)(model, datamodule=right, ckpt_path=run["last"])
     assert restored == [{"tokenizer_hash": run["tokenizer"].content_hash, "tokenizer_path": run["tokenizer"].path}]
+
+
+# ------------------------------------------------------------------------------------ atomic checkpoints
+
+
+@contextmanager
+def disk_full_after(limit: int):
+    """File writes past `limit` bytes fail (EFBIG), as on a full disk."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_checkpoint_io_keeps_the_previous_file_when_a_save_fails(run, tmp_path, monkeypatch):
+    checkpoint_io = XLabCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    first = torch.load(run["last"], weights_only=True)
+    checkpoint_io.save_checkpoint(first, target)
+    before = target.read_bytes()
+    second = {**first, "global_step": 4}
+    real_save = torch.save
+
+    def save_half_then_fail(obj, f, *args, **kwargs):  # a serialiser that dies half way through the file
+        real_save(obj, f, *args, **kwargs)
+        with open(f, "r+b") as file:
+            file.truncate(len(before) // 2)
+        raise RuntimeError("killed half way")
+
+    monkeypatch.setattr(torch, "save", save_half_then_fail)
+    with pytest.raises(RuntimeError, match="killed half way"):
+        checkpoint_io.save_checkpoint(second, target)
+    monkeypatch.undo()
+    assert target.read_bytes() == before and os.listdir(tmp_path) == ["last.ckpt"]
+    with pytest.raises(RuntimeError), disk_full_after(len(before) // 2):  # the disk fills up
+        checkpoint_io.save_checkpoint(second, target)
+    assert target.read_bytes() == before and os.listdir(tmp_path) == ["last.ckpt"]
+    checkpoint_io.save_checkpoint(second, target)
+    assert checkpoint_io.load_checkpoint(target)["global_step"] == 4 and os.listdir(tmp_path) == ["last.ckpt"]
+
+
+def test_atomic_checkpoint_io_is_added_unless_one_is_configured():
+    from lightning.fabric.plugins.environments import LightningEnvironment
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
+    from lightning.pytorch.strategies import DDPStrategy
+
+    assert [type(p) for p in with_atomic_checkpoints(None)] == [XLabCheckpointIO]
+    environment = LightningEnvironment()
+    plugins = with_atomic_checkpoints(environment)
+    assert plugins[0] is environment and isinstance(plugins[1], XLabCheckpointIO) and len(plugins) == 2
+    own = TorchCheckpointIO()
+    assert with_atomic_checkpoints([own]) == [own]  # the user's explicit choice stays
+    wrapper = AsyncCheckpointIO()
+    assert with_atomic_checkpoints([wrapper]) == [wrapper] and isinstance(wrapper.checkpoint_io, XLabCheckpointIO)
+    strategy = DDPStrategy(checkpoint_io=own)
+    assert with_atomic_checkpoints(None, strategy) == []  # Lightning refuses a second CheckpointIO
+    assert with_atomic_checkpoints(None, "ddp")[0].__class__ is XLabCheckpointIO
+
+
+def test_read_checkpoint_is_what_lightning_reads(run):
+    """XLabCheckpointIO loads through read_checkpoint: the same errors, and exports, for --ckpt_path."""
+    checkpoint_io = XLabCheckpointIO()
+    assert checkpoint_io.load_checkpoint(run["exports"]["safetensors"])["global_step"] == 2
+    assert read_checkpoint(run["exports"]["ckpt"])["xlab_export"] == 1
+    with pytest.raises(FileNotFoundError, match="checkpoint .*nothing.ckpt not found"):
+        checkpoint_io.load_checkpoint(run["root"] / "nothing.ckpt")
 
 
 def test_load_datamodule_of_an_export_warns_once_without_a_hash(run, tmp_path, recwarn):

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from xlabml import cli
-from xlabml.checkpoints import CheckpointWarning
+from xlabml.checkpoints import CheckpointWarning, XLabCheckpointIO, export_checkpoint
 from xlabml.cli import XLabCLI, main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -355,6 +355,30 @@ def test_warnings_print_as_one_line():
                                   "/some/file.py", 12)
     assert text == "xlab: warning: checkpoint x.ckpt records no hash\n"
     assert "UserWarning" in warnings.formatwarning(UserWarning("other"), UserWarning, "/some/file.py", 12)
+
+
+def test_validate_reads_a_safetensors_export_like_the_checkpoint(run, trained, tmp_path):
+    export, _ = export_checkpoint(trained["last"], tmp_path / "exports", "safetensors")
+    losses = []
+    for ckpt in (trained["last"], export):
+        code, out, err = run("validate", "-c", trained["config"], "--ckpt_path", str(ckpt), "--trainer.logger",
+                             "false")
+        assert code == 0, err
+        losses.append(next(line for line in out.splitlines() if "val_loss" in line))
+    assert losses[0] == losses[1]
+
+
+@pytest.mark.parametrize("plugins", [None, [{"class_path": "lightning.fabric.plugins.environments.LightningEnvironment"}],
+                                     [{"class_path": "lightning.pytorch.plugins.io.AsyncCheckpointIO"}]])
+def test_trainer_saves_checkpoints_atomically_whatever_the_plugins(shared, tmp_path, plugins):
+    config = tiny_config(shared["tokenizer"], shared["cache"])
+    if plugins is not None:
+        config["trainer"]["plugins"] = plugins  # a configured list replaces defaults: the atomic I/O must stay
+    instance = XLabCLI(args=["-c", write_yaml(tmp_path / "tiny.yaml", config)], run=False)
+    checkpoint_io = instance.trainer.strategy.checkpoint_io
+    if plugins and "AsyncCheckpointIO" in plugins[0]["class_path"]:
+        checkpoint_io = checkpoint_io.checkpoint_io  # the wrapper saves in a thread through its base I/O
+    assert isinstance(checkpoint_io, XLabCheckpointIO)
 
 
 def test_tokenizer_larger_than_num_tokens_is_one_line(run, shared, tmp_path):

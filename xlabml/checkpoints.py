@@ -16,7 +16,8 @@ Every entry point (``xlab --ckpt_path``, ``xlab-infer``, ``xlab-manage``, ``XLab
   tokenizer the hash must match (``check_tokenizer``), or one line names both files and both hashes.
   Checkpoints written before hashes were recorded load with a one-line warning.
 
-Exports are written atomically (``xlabml.atomic``) and never overwrite.
+Files are written atomically (``xlabml.atomic``): exports never overwrite, and ``XLabCheckpointIO`` makes
+Lightning's own checkpoints appear complete or not at all.
 """
 from __future__ import annotations
 
@@ -31,9 +32,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
-from xlabml.atomic import write_atomic
+from xlabml.atomic import atomic_path, write_atomic
 
 # Model arguments that say how to run, not what the weights mean: overridable when a checkpoint is loaded.
 RUNTIME_HPARAMS = ("attention", "compile", "activation_checkpointing", "debug")
@@ -513,3 +515,50 @@ def export_checkpoint(
             write_atomic(targets[ext], data)
     return targets[main_ext], True
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# Lightning's checkpoints
+
+
+class XLabCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint I/O that writes atomically and reads through ``read_checkpoint``.
+
+    Lightning's default serializes the whole checkpoint into memory, writes it to the system's temporary
+    directory and moves it into place, which is a copy onto the final name when that directory is on another
+    file system (a kill or a full disk then truncates ``last.ckpt``). This one streams ``torch.save`` into a
+    temporary file beside the target and renames it (``xlabml.atomic``): a save that fails at any point leaves
+    the previous file as it was. ``xlab`` installs it in every trainer unless the configuration names another
+    ``CheckpointIO``; with a plain ``Trainer``, pass ``plugins=[XLabCheckpointIO()]``.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        if not _is_local(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options")
+        with atomic_path(path, overwrite=True) as tmp:  # Lightning rewrites last.ckpt: replacing is expected
+            torch.save(checkpoint, tmp)
+
+    def load_checkpoint(self, path, map_location: Any = lambda storage, loc: storage,
+                        weights_only: Optional[bool] = None) -> dict[str, Any]:
+        return read_checkpoint(path, map_location=map_location,
+                               weights_only=True if weights_only is None else weights_only)
+
+
+def with_atomic_checkpoints(plugins: Any, strategy: Any = None) -> list:
+    """``plugins`` (a Trainer argument: None, one plugin or a list) with ``XLabCheckpointIO`` added, unless a
+    CheckpointIO is configured already (in the plugins or on a strategy object); an ``AsyncCheckpointIO``
+    without its own base I/O gets ``XLabCheckpointIO`` as its base."""
+    from lightning.pytorch.plugins.io import CheckpointIO
+    from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
+
+    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if getattr(strategy, "_checkpoint_io", None) is not None:
+        return plugins
+    configured = [p for p in plugins if isinstance(p, CheckpointIO)]
+    if not configured:
+        return [*plugins, XLabCheckpointIO()]
+    for plugin in configured:
+        if isinstance(plugin, _WrappingCheckpointIO) and plugin.checkpoint_io is None:
+            plugin.checkpoint_io = XLabCheckpointIO()
+    return plugins

@@ -25,6 +25,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 import xlabml
 from xlabml.checkpoints import (
     RUNTIME_HPARAMS, CheckpointWarning, model_hparams, read_checkpoint, tokenizer_state, warn,
+    with_atomic_checkpoints,
 )
 
 PROG = "xlab"
@@ -248,6 +249,8 @@ class XLabCLI(LightningCLI):
     otherwise is replaced, with a one-line warning), its runtime settings (``RUNTIME_HPARAMS``) from the
     configuration, and the data's tokenizer must be the checkpoint's: checked right after the data module is
     built (a tokenizer still to be trained or downloaded: before it encodes anything), on every rank.
+    Every trainer saves checkpoints atomically (``XLabCheckpointIO``) unless the configuration names another
+    CheckpointIO.
     """
 
     checkpoint_hparams: dict[str, Any] = {}  # the model hyperparameters of --ckpt_path, when given
@@ -383,6 +386,11 @@ class XLabCLI(LightningCLI):
             ckpt_path = self.config[self.subcommand]["ckpt_path"]
             warn(f"checkpoint {ckpt_path} records no tokenizer hash (written by an older xlabml): cannot check that "
                  f"the data's tokenizer {self.datamodule.tokenizer_path} is the one it was trained with")
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        # Added here, not in trainer_defaults: a configured plugin list would replace a default one.
+        config["plugins"] = with_atomic_checkpoints(config.get("plugins"), config.get("strategy"))
+        return super()._instantiate_trainer(config, callbacks)
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         if subcommand not in DATA_SUBCOMMANDS:
