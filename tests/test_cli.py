@@ -307,13 +307,11 @@ def test_checkpoint_values_replacing_defaults_do_not_warn(run, trained, shared, 
 def _other_tokenizer(shared):
     """A tokenizer of the same size as the shared one, trained on other documents: another content hash."""
     from xlabml.corpus import load_builtin_corpus
-    from xlabml.tokenizer import TokenizerTrainer
+    from xlabml.tokenizer import Tokenizer, TokenizerTrainer
 
     path = shared["root"] / "tokenizers" / "other.model"
     if not path.exists():
         TokenizerTrainer().train(load_builtin_corpus("python-topics")["text"][30:], NUM_TOKENS, path)
-    from xlabml.tokenizer import Tokenizer
-
     return Tokenizer.load(path)
 
 

@@ -146,6 +146,7 @@ def test_flash_checkpoint_generates_here_with_sdpa(files, capsys):
     assert (code, out) == (0, reference)  # before: "attention='flash' needs the flash_attn package"
 
 
+@pytest.mark.slow
 def test_script_prints_a_warning_as_one_line(files):
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), files["bare"], "the", "-g", "-l", "3",
