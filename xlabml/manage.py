@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("ckpt", "safetensors"), default="ckpt",
                         help="ckpt: one torch file; safetensors: weights + a JSON of hyperparameters (default: ckpt)")
     export.add_argument("-o", "--output-dir", default="exports", help="directory to write to (default: exports)")
+    from xlabml.interop.cli import add_commands  # export-hf, import-hf, export-gguf, evaluate: each sets args.run
+
+    add_commands(commands)
     return parser
 
 
@@ -187,6 +190,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                 print(f"exported {path} ({_human(size)}, {size / source:.0%} of {args.checkpoint})")
             else:
                 print(f"{path} already exists with this content; nothing written")
+        elif hasattr(args, "run"):  # the interop commands (xlabml.interop.cli)
+            args.run(args)
     except Exception as error:  # noqa: BLE001 - one line, non-zero exit
         if args.debug:
             raise
