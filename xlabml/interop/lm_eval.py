@@ -1,11 +1,12 @@
 """The ``xlab`` model of lm-evaluation-harness: evaluate an XLab checkpoint on any lm-eval task.
 
-    python -m xlabml.interop.lm_eval --model xlab --model_args pretrained=CKPT[,device=cuda,batch_size=16] --tasks ...
+    python -m xlabml.interop.lm_eval --model xlab --model_args pretrained=CKPT --device cpu --batch_size 16 --tasks ...
     ./manage.py evaluate CKPT --tasks hellaswag,arc_easy [--device cuda] [--batch-size 16]
 
 lm-eval finds models only in its own registry, so the ``xlab`` name exists once this module is imported: the
-``python -m`` form above imports it and then runs lm-eval's command line unchanged; in Python, ``import
-xlabml.interop.lm_eval`` before ``lm_eval.simple_evaluate(model="xlab", ...)``, or pass ``XLabLM(...)`` itself.
+``python -m`` form above imports it and then runs lm-eval's command line unchanged (whose ``--device`` defaults
+to ``cuda:0``: give ``--device cpu`` on a CPU); in Python, ``import xlabml.interop.lm_eval`` before
+``lm_eval.simple_evaluate(model="xlab", ...)``, or pass ``XLabLM(...)`` itself.
 
 Every scored or generated sequence starts with ``<sos>``, as the training documents do. ``loglikelihood`` and
 ``loglikelihood_rolling`` run batches of up to ``batch_size`` sequences (longest first, right-padded, one forward
@@ -24,7 +25,7 @@ from . import require
 
 lm_eval = require("lm_eval", "eval")
 from lm_eval.api.model import TemplateLM  # noqa: E402
-from lm_eval.api.registry import register_model  # noqa: E402
+from lm_eval.api.registry import model_registry  # noqa: E402
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
 
 
@@ -36,7 +37,6 @@ def _device(name: str) -> str:
     return name
 
 
-@register_model("xlab")
 class XLabLM(TemplateLM):
     """An XLab checkpoint as an lm-eval model.
 
@@ -47,13 +47,18 @@ class XLabLM(TemplateLM):
         tokenizer: the tokenizer model file (default: the one the checkpoint's data settings name).
         max_length: the longest context scored or kept (default and upper bound: the model's ``max_len``).
         chunk: tokens generated per round of ``generate_until`` between stop-string checks (default 32).
+        max_batch_size: accepted for lm-eval's command line, unused (``batch_size=auto`` means 16).
     """
 
     backend = "causal"
 
     def __init__(self, pretrained: str, device: str = "auto", batch_size: int | str = 1,
-                 tokenizer: str | None = None, max_length: int | None = None, chunk: int = 32, **kwargs):
+                 tokenizer: str | None = None, max_length: int | None = None, chunk: int = 32,
+                 max_batch_size: int | None = None, **unknown):
         super().__init__()
+        if unknown:  # lm-eval passes model_args through: a typo must not be ignored silently
+            raise ValueError(f"unknown xlab model_args {', '.join(sorted(unknown))}; expected pretrained, device, "
+                             "batch_size, tokenizer, max_length, chunk")
         from . import load_checkpoint
         from .hf import _tokenizer_for
 
@@ -219,6 +224,10 @@ class XLabLM(TemplateLM):
                 elif len(tokens) < step or len(generated[i]) >= max_new:  # <eos>, or the token budget spent
                     outputs[i], done[i] = text, True
         return outputs
+
+
+# By module path, not by class: `python -m` runs this file as __main__ too, and both copies register the same name.
+model_registry.register("xlab", target="xlabml.interop.lm_eval:XLabLM")
 
 
 def main(argv: list[str] | None = None) -> None:
