@@ -290,3 +290,20 @@ def test_custom_export_imports_back(tmp_path, tokenizer):
     assert open(tok_path, "rb").read() == open(tokenizer.path, "rb").read()
     for key, value in model.state_dict().items():
         assert torch.equal(back.state_dict()[key], value), key
+
+
+def test_custom_model_cache_beams_and_loss(tmp_path, tokenizer):
+    # XLabForCausalLM's own cache: beam search reorders it, so cached beams equal uncached ones; labels give the
+    # next-token loss XLab computes
+    model, outdir, cls, _ = _export(tmp_path, tokenizer, seed=7, position="alibi", sliding_window=6, qk_norm=True)
+    hf = _load(outdir, cls)
+    prompt = torch.tensor([[tokenizer.sos_id, 40, 41, 42]])
+    for beams in (1, 3):
+        cached = hf.generate(prompt, max_new_tokens=14, num_beams=beams, do_sample=False)
+        uncached = hf.generate(prompt, max_new_tokens=14, num_beams=beams, do_sample=False, use_cache=False)
+        assert cached.tolist() == uncached.tolist(), beams
+    x = torch.randint(4, len(tokenizer), (2, 20))
+    with torch.no_grad():
+        loss = hf(input_ids=x, labels=x).loss
+        expected = torch.nn.functional.cross_entropy(model(x)[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+    assert loss == pytest.approx(float(expected), abs=1e-5)
