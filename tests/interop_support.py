@@ -37,9 +37,14 @@ def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model
 
 
-def make_checkpoint(path: Path, tokenizer_path, seed: int = 0, extra: dict | None = None, **arch):
-    """A checkpoint as Lightning writes one (state_dict, hyper_parameters, datamodule_hyper_parameters)."""
+def make_checkpoint(path: Path, tokenizer_path, seed: int = 0, extra: dict | None = None, zero: tuple = (), **arch):
+    """A checkpoint as Lightning writes one (state_dict, hyper_parameters, datamodule_hyper_parameters); parameters
+    whose names end with one of ``zero`` are zeros."""
     model = randomize(XLabModel(**{**TINY, **arch}), seed).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(zero):
+                p.zero_()
     checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
                   "datamodule_hyper_parameters": {"tokenizer_path": str(tokenizer_path)}, "global_step": 10,
                   **(extra or {})}

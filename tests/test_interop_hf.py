@@ -65,16 +65,23 @@ STOCK_CASES = {
     "modern": (dict(position="rope", norm="rmsnorm", ffn="swiglu", n_kv_heads=2, tie_embeddings=True,
                     embedding_scale=1.0, bias=False), "LlamaForCausalLM"),
     "llama-untied-scaled": (dict(position="rope", norm="rmsnorm", ffn="swiglu", bias=False), "LlamaForCausalLM"),
+    "llama-biases": (dict(position="rope", norm="rmsnorm", ffn="swiglu", n_kv_heads=2, embedding_scale=1.0,
+                          zero=("head.bias",)), "LlamaForCausalLM"),
+    "mistral-zero-biases": (dict(position="rope", norm="rmsnorm", ffn="swiglu", sliding_window=3, embedding_scale=1.0,
+                                 zero=("bias",)), "MistralForCausalLM"),
     "mistral": (dict(position="rope", norm="rmsnorm", ffn="swiglu", n_kv_heads=2, sliding_window=5, bias=False,
                      embedding_scale=1.0), "MistralForCausalLM"),
     "qwen3": (dict(position="rope", norm="rmsnorm", ffn="swiglu", n_kv_heads=1, qk_norm=True, bias=False,
                    embedding_scale=1.0, tie_embeddings=True), "Qwen3ForCausalLM"),
     "gpt2": (dict(position="learned", bias=False, embedding_scale=1.0, tie_embeddings=True), "GPT2LMHeadModel"),
     "gpt2-relu": (dict(position="learned", ffn="relu", bias=False), "GPT2LMHeadModel"),
+    "gpt2-biases": (dict(position="learned", embedding_scale=1.0, zero=("head.bias",)), "GPT2LMHeadModel"),
     "neox-parallel": (dict(position="rope", rope_fraction=0.25, parallel_residual=True, bias=False),
                       "GPTNeoXForCausalLM"),
     "neox-tied": (dict(position="rope", rope_fraction=0.5, tie_embeddings=True, embedding_scale=1.0, bias=False),
                   "GPTNeoXForCausalLM"),
+    "neox-biases": (dict(position="rope", rope_fraction=0.25, parallel_residual=True, zero=("head.bias",)),
+                    "GPTNeoXForCausalLM"),
 }
 
 

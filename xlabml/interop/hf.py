@@ -22,8 +22,8 @@ zero biases. Everything else is written as ``XLabForCausalLM`` (``xlabml.interop
 ``trust_remote_code=True`` and ``pip install 'xlabml[hf]'``; ``export_hf`` says why no stock class fitted.
 
 ``import_hf(hf_dir, out_ckpt)`` reads a local ``LlamaForCausalLM`` or ``GPT2LMHeadModel`` directory (or an
-export of ours of any stock class above) into an XLab checkpoint (architecture, weights, and the tokenizer when
-the directory holds an XLab one).
+``XLabForCausalLM`` export) into an XLab checkpoint (architecture, weights, and the tokenizer when the directory
+holds an XLab one).
 """
 from __future__ import annotations
 
@@ -197,7 +197,7 @@ def _zeros_like_bias(sd, key, size, like):
     return sd[key] if key in sd else torch.zeros(size, dtype=like.dtype)
 
 
-def _llama_weights(arch, sd):
+def _llama_weights(arch, sd, biases=True):
     out = {"model.embed_tokens.weight": _embedding(arch, sd), "model.norm.weight": sd["norm.weight"]}
     if not arch["tie_embeddings"]:
         out["lm_head.weight"] = sd["head.weight"]
@@ -214,7 +214,7 @@ def _llama_weights(arch, sd):
         if arch["qk_norm"]:
             out[p + "self_attn.q_norm.weight"] = sd[b + "attn.q_norm.weight"]
             out[p + "self_attn.k_norm.weight"] = sd[b + "attn.k_norm.weight"]
-        if arch["bias"] and b + "attn.qkv.bias" in sd:  # Llama with attention_bias/mlp_bias
+        if biases and arch["bias"]:  # Llama's attention_bias/mlp_bias (Mistral, Qwen3: all zero, dropped)
             gate_b, up_b = sd[b + "ffn.fc.bias"].chunk(2)
             out.update({p + "self_attn.q_proj.bias": qb, p + "self_attn.k_proj.bias": kb,
                         p + "self_attn.v_proj.bias": vb, p + "self_attn.o_proj.bias": sd[b + "attn.proj.bias"],
@@ -275,9 +275,11 @@ def _neox_weights(arch, sd):
 STOCK = {
     "llama": ("LlamaForCausalLM", "LlamaConfig", _check_llama, _llama_config, _llama_weights),
     "mistral": ("MistralForCausalLM", "MistralConfig", _check_mistral,
-                lambda arch, ids: _llama_config(arch, ids, kind="mistral"), _llama_weights),
+                lambda arch, ids: _llama_config(arch, ids, kind="mistral"),
+                lambda arch, sd: _llama_weights(arch, sd, biases=False)),
     "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", _check_qwen3,
-              lambda arch, ids: _llama_config(arch, ids, kind="qwen3"), _llama_weights),
+              lambda arch, ids: _llama_config(arch, ids, kind="qwen3"),
+              lambda arch, sd: _llama_weights(arch, sd, biases=False)),
     "gpt2": ("GPT2LMHeadModel", "GPT2Config", _check_gpt2, _gpt2_config, _gpt2_weights),
     "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", _check_neox, _neox_config, _neox_weights),
 }
@@ -400,7 +402,7 @@ def model_card(checkpoint_path: str, hparams: dict, data_hparams: dict, cls_name
         f"`{Path(checkpoint_path).name}`" + (f" (step {step})" if step is not None else "") +
         f" on {datetime.date.today().isoformat()} as `{cls_name}`.", "",
         "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-        'tokenizer = AutoTokenizer.from_pretrained("PATH")',
+        f'tokenizer = AutoTokenizer.from_pretrained("PATH"{remote})',
         f'model = AutoModelForCausalLM.from_pretrained("PATH"{remote})',
         'inputs = tokenizer("Once upon a time", return_tensors="pt")  # starts with <sos>, as xlab-infer does',
         "outputs = model.generate(**inputs, max_new_tokens=50, do_sample=False)",
