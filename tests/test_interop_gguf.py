@@ -55,7 +55,8 @@ def test_tensors_and_metadata_read_back(tmp_path, tokenizer, name, arch, out_typ
             assert (np.abs(got.reshape(-1, 32) - blocks) <= step * (0.5 + 127 * 2.0 ** -11)).all(), key
             assert not np.array_equal(got, want)  # it was quantized
     hp = model.hparams
-    assert meta["general.architecture"] == name and meta["general.file_type"] == {"f32": 0, "f16": 1, "q8_0": 7}[out_type]
+    assert meta["general.architecture"] == name
+    assert meta["general.file_type"] == {"f32": 0, "f16": 1, "q8_0": 7}[out_type]
     assert meta[f"{name}.context_length"] == hp["max_len"] and meta[f"{name}.block_count"] == hp["n_layers"]
     assert meta[f"{name}.embedding_length"] == hp["d_model"] and meta[f"{name}.attention.head_count"] == hp["n_heads"]
     if name == "llama":

@@ -136,8 +136,9 @@ def test_local_tasks_end_to_end(setup, tmp_path, capsys):
                        include_path=str(tmp_path), include_defaults=False)["results"]
     # accuracy: the choice of highest log-likelihood, from the logits directly
     # (lm-eval scores " " + choice after the question: its default target delimiter)
-    correct = [max(range(len(d["choices"])), key=lambda c: _direct(model, tokenizer, d["question"], " " + d["choices"][c]))
-               == d["answer"] for d in DATA]
+    correct = [max(range(len(d["choices"])),
+                   key=lambda c: _direct(model, tokenizer, d["question"], " " + d["choices"][c])) == d["answer"]
+               for d in DATA]
     assert results["xlab_test_mc"]["acc,none"] == pytest.approx(sum(correct) / len(DATA))
     nll = -sum(_direct(model, tokenizer, "", d["text"]) for d in DATA)
     n_bytes = sum(len(d["text"].encode()) for d in DATA)

@@ -32,7 +32,7 @@ from xlabml.layers import swiglu_hidden
 from xlabml.tokenizer import Tokenizer
 
 from . import atomic_file, check_new, load_checkpoint, require
-from .hf import EPS, _common, _embedding, _embedding_scale, _nonzero_biases, _rotated, _split_qkv, decoder_arguments
+from .hf import EPS, _common, _embedding, _nonzero_biases, _rotated, _split_qkv, _with_bias, decoder_arguments
 
 TYPES = ("f32", "f16", "q8_0")
 APPROXIMATE = {"gpt2": "llama.cpp's gpt2 graph computes GELU with its tanh approximation (XLab's GELU is exact), "
@@ -79,6 +79,11 @@ def _interleave_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, d // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+# per block of llama.cpp's gpt2: (GGUF name, XLab name), both in Linear (out, in) layout
+GPT2_BLOCK = (("attn_norm", "norm1"), ("attn_qkv", "attn.qkv"), ("attn_output", "attn.proj"), ("ffn_norm", "norm2"),
+              ("ffn_up", "ffn.fc"), ("ffn_down", "ffn.proj"))
+
+
 def gguf_tensors(arch: dict, sd: dict, name: str) -> dict[str, torch.Tensor]:
     """llama.cpp's tensors (by GGUF name, PyTorch (out, in) layout) for architecture ``name``."""
     out = {"token_embd.weight": _embedding(arch, sd), "output_norm.weight": sd["norm.weight"]}
@@ -86,7 +91,7 @@ def gguf_tensors(arch: dict, sd: dict, name: str) -> dict[str, torch.Tensor]:
         out["output.weight"] = sd["head.weight"]
     if name == "gpt2":
         out["position_embd.weight"] = sd["position.embedding.weight"]
-        out["output_norm.bias"] = sd.get("norm.bias", torch.zeros(arch["d_model"]))
+        _with_bias(out, sd, "output_norm", "norm")
     for i in range(arch["n_layers"]):
         p, b = f"blk.{i}.", f"blocks.{i}."
         if name == "llama":
@@ -98,15 +103,8 @@ def gguf_tensors(arch: dict, sd: dict, name: str) -> dict[str, torch.Tensor]:
                         p + "ffn_up.weight": up, p + "ffn_down.weight": sd[b + "ffn.proj.weight"],
                         p + "attn_norm.weight": sd[b + "norm1.weight"], p + "ffn_norm.weight": sd[b + "norm2.weight"]})
         else:
-            c, f = arch["d_model"], arch["d_ff"]
-            bias = lambda key, n: sd.get(key, torch.zeros(n))  # noqa: E731  (bias: false -> zero biases)
-            out.update({p + "attn_norm.weight": sd[b + "norm1.weight"], p + "attn_norm.bias": bias(b + "norm1.bias", c),
-                        p + "attn_qkv.weight": sd[b + "attn.qkv.weight"], p + "attn_qkv.bias": bias(b + "attn.qkv.bias", 3 * c),
-                        p + "attn_output.weight": sd[b + "attn.proj.weight"],
-                        p + "attn_output.bias": bias(b + "attn.proj.bias", c),
-                        p + "ffn_norm.weight": sd[b + "norm2.weight"], p + "ffn_norm.bias": bias(b + "norm2.bias", c),
-                        p + "ffn_up.weight": sd[b + "ffn.fc.weight"], p + "ffn_up.bias": bias(b + "ffn.fc.bias", f),
-                        p + "ffn_down.weight": sd[b + "ffn.proj.weight"], p + "ffn_down.bias": bias(b + "ffn.proj.bias", c)})
+            for theirs, ours in GPT2_BLOCK:
+                _with_bias(out, sd, p + theirs, b + ours)
     return out
 
 

@@ -188,13 +188,12 @@ def _split_qkv(arch, sd, i):
     return w, (b.split(sizes) if b is not None else (None, None, None))
 
 
-def _put(out, name, tensor):
-    if tensor is not None:
-        out[name] = tensor
-
-
-def _zeros_like_bias(sd, key, size, like):
-    return sd[key] if key in sd else torch.zeros(size, dtype=like.dtype)
+def _with_bias(out: dict, sd: dict, theirs: str, ours: str, transpose: bool = False) -> None:
+    """``theirs.weight``/``.bias`` from XLab's ``ours``: zeros where XLab has no bias (GPT-2, GPT-NeoX and llama.cpp's
+    gpt2 always have them, and adding zero changes nothing)."""
+    weight = sd[ours + ".weight"]
+    out[theirs + ".weight"] = weight.t() if transpose else weight
+    out[theirs + ".bias"] = sd.get(ours + ".bias", torch.zeros(weight.shape[0]))
 
 
 def _llama_weights(arch, sd, biases=True):
@@ -223,51 +222,40 @@ def _llama_weights(arch, sd, biases=True):
     return out
 
 
+# per block: (GPT-2 name, XLab name); GPT-2's Conv1D layers store (in, out), the transpose of a Linear's weight
+GPT2_BLOCK = (("ln_1", "norm1"), ("attn.c_attn", "attn.qkv"), ("attn.c_proj", "attn.proj"), ("ln_2", "norm2"),
+              ("mlp.c_fc", "ffn.fc"), ("mlp.c_proj", "ffn.proj"))
+
+
 def _gpt2_weights(arch, sd):
-    c, f = arch["d_model"], arch["d_ff"]
-    like = sd["embedding.weight"]
-    zero = lambda key, n: _zeros_like_bias(sd, key, n, like)  # noqa: E731  (bias: false -> GPT-2's zero biases)
-    out = {"transformer.wte.weight": _embedding(arch, sd), "transformer.wpe.weight": sd["position.embedding.weight"],
-           "transformer.ln_f.weight": sd["norm.weight"], "transformer.ln_f.bias": zero("norm.bias", c)}
+    out = {"transformer.wte.weight": _embedding(arch, sd), "transformer.wpe.weight": sd["position.embedding.weight"]}
+    _with_bias(out, sd, "transformer.ln_f", "norm")
     if not arch["tie_embeddings"]:
         out["lm_head.weight"] = sd["head.weight"]
     for i in range(arch["n_layers"]):
-        p, b = f"transformer.h.{i}.", f"blocks.{i}."
-        out.update({  # GPT-2's Conv1D stores (in, out): the transpose of a Linear's weight
-            p + "ln_1.weight": sd[b + "norm1.weight"], p + "ln_1.bias": zero(b + "norm1.bias", c),
-            p + "attn.c_attn.weight": sd[b + "attn.qkv.weight"].t(), p + "attn.c_attn.bias": zero(b + "attn.qkv.bias", 3 * c),
-            p + "attn.c_proj.weight": sd[b + "attn.proj.weight"].t(), p + "attn.c_proj.bias": zero(b + "attn.proj.bias", c),
-            p + "ln_2.weight": sd[b + "norm2.weight"], p + "ln_2.bias": zero(b + "norm2.bias", c),
-            p + "mlp.c_fc.weight": sd[b + "ffn.fc.weight"].t(), p + "mlp.c_fc.bias": zero(b + "ffn.fc.bias", f),
-            p + "mlp.c_proj.weight": sd[b + "ffn.proj.weight"].t(), p + "mlp.c_proj.bias": zero(b + "ffn.proj.bias", c),
-        })
+        for theirs, ours in GPT2_BLOCK:
+            _with_bias(out, sd, f"transformer.h.{i}.{theirs}", f"blocks.{i}.{ours}", transpose=theirs[:2] != "ln")
     return out
 
 
 def _neox_weights(arch, sd):
-    c, f, h = arch["d_model"], arch["d_ff"], arch["n_heads"]
-    like = sd["embedding.weight"]
-    zero = lambda key, n: _zeros_like_bias(sd, key, n, like)  # noqa: E731
-    out = {"gpt_neox.embed_in.weight": _embedding(arch, sd), "gpt_neox.final_layer_norm.weight": sd["norm.weight"],
-           "gpt_neox.final_layer_norm.bias": zero("norm.bias", c)}
+    c, h = arch["d_model"], arch["n_heads"]
+    out = {"gpt_neox.embed_in.weight": _embedding(arch, sd)}
+    _with_bias(out, sd, "gpt_neox.final_layer_norm", "norm")
     if not arch["tie_embeddings"]:
         out["lm_head.weight"] = sd["head.weight"]
+    # the parallel block has one norm; GPT-NeoX's two norms then hold the same weights
+    norm2 = "norm1" if arch["parallel_residual"] else "norm2"
     for i in range(arch["n_layers"]):
         p, b = f"gpt_neox.layers.{i}.", f"blocks.{i}."
-        # GPT-NeoX's fused projection is per head: [q_h; k_h; v_h] for each head h
-        qkv_w = sd[b + "attn.qkv.weight"].view(3, h, c // h, c).transpose(0, 1).reshape(3 * c, c)
-        qkv_b = zero(b + "attn.qkv.bias", 3 * c).view(3, h, c // h).transpose(0, 1).reshape(3 * c)
-        # the parallel block has one norm; GPT-NeoX's two norms then hold the same weights
-        norm2 = "norm1" if arch["parallel_residual"] else "norm2"
-        out.update({
-            p + "input_layernorm.weight": sd[b + "norm1.weight"], p + "input_layernorm.bias": zero(b + "norm1.bias", c),
-            p + "post_attention_layernorm.weight": sd[b + norm2 + ".weight"],
-            p + "post_attention_layernorm.bias": zero(b + norm2 + ".bias", c),
-            p + "attention.query_key_value.weight": qkv_w, p + "attention.query_key_value.bias": qkv_b,
-            p + "attention.dense.weight": sd[b + "attn.proj.weight"], p + "attention.dense.bias": zero(b + "attn.proj.bias", c),
-            p + "mlp.dense_h_to_4h.weight": sd[b + "ffn.fc.weight"], p + "mlp.dense_h_to_4h.bias": zero(b + "ffn.fc.bias", f),
-            p + "mlp.dense_4h_to_h.weight": sd[b + "ffn.proj.weight"], p + "mlp.dense_4h_to_h.bias": zero(b + "ffn.proj.bias", c),
-        })
+        for theirs, ours in (("input_layernorm", "norm1"), ("post_attention_layernorm", norm2),
+                             ("attention.query_key_value", "attn.qkv"), ("attention.dense", "attn.proj"),
+                             ("mlp.dense_h_to_4h", "ffn.fc"), ("mlp.dense_4h_to_h", "ffn.proj")):
+            _with_bias(out, sd, p + theirs, b + ours)
+        # GPT-NeoX's fused projection is grouped by head, [q_h; k_h; v_h] for each head h; XLab's is [q; k; v]
+        qkv = p + "attention.query_key_value"
+        out[qkv + ".weight"] = out[qkv + ".weight"].view(3, h, c // h, c).transpose(0, 1).reshape(3 * c, c)
+        out[qkv + ".bias"] = out[qkv + ".bias"].view(3, h, c // h).transpose(0, 1).reshape(3 * c)
     return out
 
 
@@ -296,11 +284,6 @@ def stock_architecture(arch: dict, sd: dict) -> tuple[str | None, dict[str, str]
             return name, {}
         reasons[cls] = reason
     return None, reasons
-
-
-def decoder_state_dict(model) -> dict[str, torch.Tensor]:
-    """The decoder's weights (keys without the ``model.`` prefix), detached, on the CPU."""
-    return {k: v.detach().cpu() for k, v in model.model.state_dict().items()}
 
 
 # -------------------------------------------------------------------------------------------------- export
@@ -621,14 +604,10 @@ def _gpt2_from_hf(config, sd, approximate, notes):
            "head.weight": wte if tied else sd["lm_head.weight"],
            "head.bias": torch.zeros(config["vocab_size"], dtype=wte.dtype)}  # XLab's head has a bias with bias=True
     for i in range(arch["n_layers"]):
-        p, b = f"{prefix}h.{i}.", f"blocks.{i}."
-        out.update({
-            b + "norm1.weight": sd[p + "ln_1.weight"], b + "norm1.bias": sd[p + "ln_1.bias"],
-            b + "attn.qkv.weight": sd[p + "attn.c_attn.weight"].t().contiguous(), b + "attn.qkv.bias": sd[p + "attn.c_attn.bias"],
-            b + "attn.proj.weight": sd[p + "attn.c_proj.weight"].t().contiguous(), b + "attn.proj.bias": sd[p + "attn.c_proj.bias"],
-            b + "norm2.weight": sd[p + "ln_2.weight"], b + "norm2.bias": sd[p + "ln_2.bias"],
-            b + "ffn.fc.weight": sd[p + "mlp.c_fc.weight"].t().contiguous(), b + "ffn.fc.bias": sd[p + "mlp.c_fc.bias"],
-            b + "ffn.proj.weight": sd[p + "mlp.c_proj.weight"].t().contiguous(), b + "ffn.proj.bias": sd[p + "mlp.c_proj.bias"]})
+        for theirs, ours in GPT2_BLOCK:
+            weight = sd[f"{prefix}h.{i}.{theirs}.weight"]
+            out[f"blocks.{i}.{ours}.weight"] = weight if theirs[:2] == "ln" else weight.t().contiguous()
+            out[f"blocks.{i}.{ours}.bias"] = sd[f"{prefix}h.{i}.{theirs}.bias"]
     return arch, out
 
 
