@@ -88,23 +88,15 @@ class XLabForCausalLM(PreTrainedModel, GenerationMixin):
         return self.model.head
 
     def _init_weights(self, module):
-        # Only the constant tables (rotary and sinusoidal frequencies, ALiBi slopes: non-persistent buffers) are
-        # not in the weights file; take them from a one-layer decoder of the same architecture.
+        # A weights file holds every parameter; what it lacks are the constant tables (rotary and sinusoidal
+        # frequencies, ALiBi slopes: non-persistent buffers), taken from a one-layer decoder of the same architecture.
+        # A model built without weights gets XLab's own initialisation.
         if module is self.model.position:
             fresh = Decoder(**{**self.config.architecture, "n_layers": 1, "n_vocab": 1}).position
             for name, buffer in fresh.named_buffers(recurse=False):
                 module.register_buffer(name, buffer.to(getattr(module, name).device), persistent=False)
-        elif module is self:
-            return
-        elif not any(True for _ in module.parameters(recurse=False)):
-            return
-        else:  # weights a file lacks (never for an export): XLab's own initialisation
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif hasattr(module, "reset_parameters"):
-                module.reset_parameters()
+        elif module is self.model:
+            module.reset_parameters()
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, cache: XLabCache | None = None,
