@@ -132,6 +132,11 @@ def test_stock_classes_compute_xlab(tmp_path, tokenizer, name):
     model, outdir, got_cls, reasons = _export(tmp_path, tokenizer, **arch)
     assert got_cls == cls and reasons == {}
     _assert_parity(model, _load(outdir, cls), tokenizer)
+    # whatever tokenizer class transformers associates with the model type, the export's own is used
+    tok = transformers.AutoTokenizer.from_pretrained(outdir)
+    text = "def f(x):\n    return x  \u2581 \ue000u <eos>"
+    assert tok(text).input_ids == [tokenizer.sos_id] + tokenizer.encode(text)
+    assert tok.decode(tok(text).input_ids, skip_special_tokens=True) == text
 
 
 @pytest.mark.parametrize("index", range(len(SWEEP)), ids=lambda i: "-".join(

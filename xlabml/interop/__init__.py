@@ -8,6 +8,8 @@
   decoder for every variant no stock architecture computes.
 - ``xlabml.interop.gguf``: ``export_gguf`` for llama.cpp (Llama and GPT-2 layouts). Needs ``xlabml[gguf]``.
 - ``xlabml.interop.lm_eval``: the ``xlab`` model of lm-evaluation-harness. Needs ``xlabml[eval]``.
+- ``xlabml.interop.cli``: the ``export-hf``, ``import-hf``, ``export-gguf`` and ``evaluate`` commands of
+  ``./manage.py``.
 
 Every writer builds its output in a temporary sibling and renames it into place, and never replaces an existing
 file or directory.
