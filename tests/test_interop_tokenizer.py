@@ -82,3 +82,38 @@ def test_special_token_text_is_text(tokenizer, auto):
     # XLab encodes the text "<eos>" as characters, never as the special id
     ids = auto.encode("a <eos> b", add_special_tokens=False)
     assert tokenizer.eos_id not in ids and ids == tokenizer.encode("a <eos> b")
+
+
+def _documented_difference(tokenizer, ids):
+    """The two decode differences hf_tokenizer documents, on ids no text encodes to: an invalid byte run, an
+    escape character that starts no pair directly before a space."""
+    raw = tokenizer._sp.decode(ids)  # before unescaping
+    if "\ufffd" in raw:
+        return True
+    i = 0
+    while i < len(raw):
+        if raw[i] == E and raw[i + 1:i + 2] in (E, "u"):
+            i += 2
+            continue
+        if raw[i] == E and raw[i + 1:i + 2] == " ":
+            return True
+        i += 1
+    return False
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.data())
+def test_decode_of_any_ids(tokenizer, fast, data):
+    # sampled ids need not be any text's encoding; escape pieces are drawn often, they are where decoding is subtle
+    escapes = [i for i in range(len(tokenizer)) if E in tokenizer.get_token(i)]
+    piece = st.one_of(st.sampled_from(escapes), st.integers(4, len(tokenizer) - 1))
+    ids = data.draw(st.lists(piece, min_size=1, max_size=12))
+    if not _documented_difference(tokenizer, ids):
+        assert fast.decode(ids, skip_special_tokens=True) == tokenizer.decode(ids)
+
+
+def test_documented_decode_differences(tokenizer, fast):
+    invalid = [tokenizer["<0x99>"], tokenizer["<0x52>"]]  # a continuation byte alone, then "R"
+    assert tokenizer.decode(invalid) == "\ufffdR" and fast.decode(invalid) == "\ufffd\ufffd"
+    dangling = [tokenizer[E], tokenizer[M], tokenizer["x"]]  # E, space, x: the E starts no pair
+    assert tokenizer.decode(dangling) == E + " x" and fast.decode(dangling) == E + "x"

@@ -20,8 +20,11 @@ TGI) needs no custom code:
 ``<sos>`` is prepended by the post-processor (``add_special_tokens=True``, as ``xlab-infer`` does), ``<sos>``,
 ``<eos>``, ``<pad>`` and ``<unk>`` are the special tokens and decode to nothing with ``skip_special_tokens=True``
 (XLab decodes them to ''), and text such as ``"<eos>"`` is encoded as text (``split_special_tokens``), never as
-the special id. One difference remains on id sequences no text encodes to: a dangling ``E`` directly before a
-space (XLab keeps the ``E``; the pipeline drops it).
+the special id (a raw ``tokenizers.Tokenizer`` needs ``encode_special_tokens = True`` for that, which
+``tokenizer.json`` cannot store). Two differences remain, both on id sequences no text encodes to (a sampled
+continuation may be one): a run of byte pieces that is not valid UTF-8 decodes to one U+FFFD per byte of the whole
+run (``tokenizers``' ``ByteFallback``), where XLab replaces only the invalid bytes; and an ``E`` that starts no pair,
+directly before a space, is dropped (XLab keeps it).
 """
 from __future__ import annotations
 
