@@ -33,20 +33,12 @@ def _source_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
         _, weights, _ = read_hf_model(path, approximate=True)  # weights only: the architecture is the model's own
         return weights
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"init_from: {path} not found (expected an XLab checkpoint or a Hugging Face "
                                 "model directory)")
-    if path.suffix == ".safetensors":
-        from xlabml.manage import load_safetensors_export
+    from xlabml.interop import read_checkpoint
 
-        checkpoint = load_safetensors_export(path)
-    else:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as error:  # noqa: BLE001 - any unpickling failure means the same to the user
-            raise ValueError(f"init_from: {path} is not a loadable checkpoint ({type(error).__name__})") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"init_from: {path} is not an XLab checkpoint: it has no 'state_dict'")
+    checkpoint = read_checkpoint(path)
     return {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
 
 

@@ -31,6 +31,29 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu"):
     return load(str(path), device)
 
 
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The raw dict of a checkpoint (training checkpoint, ``.ckpt`` export, or ``.safetensors`` export with its
+    ``.json``), on the CPU, for what the model loader does not return (recorded metrics, the step, weights alone
+    for a warm start). One clear error for a file that is not a checkpoint."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    if path.suffix == ".safetensors":
+        from xlabml.manage import load_safetensors_export
+
+        checkpoint = load_safetensors_export(path)
+    else:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:  # noqa: BLE001 - any unpickling failure means the same to the user
+            raise ValueError(f"{path} is not a loadable checkpoint ({type(error).__name__}: {error})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{path} is not an XLab checkpoint: it has no 'state_dict'")
+    return checkpoint
+
+
 def require(module: str, extra: str):
     """Import an optional dependency, or raise one clear line naming the extra that provides it."""
     import importlib

@@ -40,7 +40,7 @@ import torch
 from xlabml.layers import Decoder, swiglu_hidden
 from xlabml.tokenizer import Tokenizer
 
-from . import atomic_dir, atomic_file, check_new, load_checkpoint, require
+from . import atomic_dir, atomic_file, check_new, load_checkpoint, read_checkpoint, require
 from .hf_tokenizer import tokenizer_sha256
 
 DECODER_ARGUMENTS = tuple(name for name in inspect.signature(Decoder).parameters)
@@ -355,14 +355,6 @@ def _metrics(checkpoint: dict) -> dict[str, Any]:
     return found
 
 
-def _raw_checkpoint(path: str) -> dict:
-    if str(path).endswith(".safetensors"):
-        from xlabml.manage import load_safetensors_export
-
-        return load_safetensors_export(path)
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-
-
 def _config_yaml(checkpoint_path: str) -> str | None:
     """The run's ``config.yaml`` (LightningCLI writes it to the log version directory, above ``checkpoints/``)."""
     path = Path(checkpoint_path).resolve()
@@ -457,7 +449,7 @@ def export_hf(checkpoint: str | os.PathLike, outdir: str | os.PathLike, *, token
         raise ValueError(f"tokenizer has {len(tok)} tokens but the model only {n_vocab} classes: not its tokenizer")
     hf, reasons = build_hf_model(model, tok, force_custom=force_custom)
     cls_name = type(hf).__name__
-    raw = _raw_checkpoint(checkpoint)
+    raw = read_checkpoint(checkpoint)
     generation = GenerationConfig(**special_ids(tok), suppress_tokens=excluded_ids(tok, n_vocab),
                                   max_length=model.hparams["max_len"])
     bars = logging.is_progress_bar_enabled()
