@@ -3,9 +3,10 @@ from pathlib import Path
 
 import torch
 
+from xlabml.checkpoints import DATA_STATE_KEY
 from xlabml.corpus import iter_builtin_texts
 from xlabml.models import XLabModel
-from xlabml.tokenizer import TokenizerTrainer
+from xlabml.tokenizer import Tokenizer, TokenizerTrainer
 
 VOCAB = 700  # tokenizer size
 N_VOCAB = 720  # model classes: a few rows past the tokenizer, as a model sized by num_tokens may have
@@ -48,6 +49,9 @@ def make_checkpoint(path: Path, tokenizer_path, seed: int = 0, extra: dict | Non
     checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
                   "datamodule_hyper_parameters": {"tokenizer_path": str(tokenizer_path)}, "global_step": 10,
                   **(extra or {})}
+    if Path(tokenizer_path).is_file():  # the tokenizer's identity, as XLabDataModule.state_dict records it
+        checkpoint[DATA_STATE_KEY] = {"tokenizer_hash": Tokenizer.load(tokenizer_path).content_hash,
+                                      "tokenizer_path": str(tokenizer_path)}
     torch.save(checkpoint, path)
     return path, model
 

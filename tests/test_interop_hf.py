@@ -12,9 +12,9 @@ transformers = pytest.importorskip("transformers")
 from interop_support import N_VOCAB, TINY, excluded, make_checkpoint, randomize, train_tokenizer  # noqa: E402
 
 from xlabml import inference  # noqa: E402
-from xlabml.infer_cli import load_checkpoint  # noqa: E402
+from xlabml.checkpoints import export_checkpoint, load_checkpoint  # noqa: E402
 from xlabml.interop.hf import STOCK, export_hf, import_hf  # noqa: E402
-from xlabml.manage import export_checkpoint, main  # noqa: E402
+from xlabml.manage import main  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ the variants swept
 
@@ -190,7 +190,7 @@ def test_directory_contents_and_model_card(tmp_path, tokenizer):
     config = json.loads((outdir / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["xlab"]["hyper_parameters"]["d_model"] == 32
     card = (outdir / "README.md").read_text()
-    assert "- val_loss: 2.5" in card and "- best val_loss: 2.25" in card and "(step 10)" in card
+    assert "- val_loss: 2.5" in card and "(step 10)" in card
     assert '"position": "rope"' in card and "d_model: 32" in card  # the training config and the run's config.yaml
     assert open(tokenizer.path, "rb").read() == (outdir / "tokenizer.model").read_bytes()
 
@@ -212,6 +212,21 @@ def test_safetensors_export_and_cli(tmp_path, tokenizer, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "already exists; refusing to overwrite" in err
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == before
+
+
+def test_wrong_tokenizer_is_one_line(tmp_path, tokenizer, capsys):
+    # the checkpoint records its tokenizer's content hash; another tokenizer is refused before anything is written
+    from xlabml.corpus import iter_builtin_texts
+    from xlabml.tokenizer import TokenizerTrainer
+
+    ckpt, _ = make_checkpoint(tmp_path / "model.ckpt", tokenizer.path)
+    other = TokenizerTrainer({"num_threads": 1}).train(list(iter_builtin_texts("python-topics"))[:10], 600,
+                                                       tmp_path / "other.model")
+    with pytest.raises(SystemExit):
+        main(["export-hf", str(ckpt), str(tmp_path / "hf"), "-t", other.path])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not the model's tokenizer" in err
+    assert not (tmp_path / "hf").exists()
 
 
 def test_missing_tokenizer_is_one_line(tmp_path, tokenizer, capsys):
@@ -253,8 +268,10 @@ def test_import_computes_the_hf_model(tmp_path, tokenizer, name, config, cls):
     hf = _random_hf(tmp_path / "hf", config, cls)
     out, tok_path, notes = import_hf(tmp_path / "hf", tmp_path / "imported.ckpt", tokenizer=tokenizer.path)
     assert notes == [] and tok_path == str(tmp_path / "imported.tokenizer.model")
-    model, data = load_checkpoint(str(out))
-    assert data["tokenizer_path"] == tok_path
+    loaded = load_checkpoint(out, tokenizer=False)
+    model, data = loaded.model.eval(), loaded.data_hparams
+    assert data["tokenizer_path"] == str((tmp_path / "imported.tokenizer.model").resolve())
+    assert load_checkpoint(out).tokenizer.content_hash == tokenizer.content_hash  # recorded, and checked
     x = torch.randint(0, N_VOCAB, (2, 24))
     with torch.no_grad():
         assert (model(x) - hf(input_ids=x).logits).abs().max() < 1e-5
@@ -281,7 +298,10 @@ def test_import_infers_and_refuses_clearly(tmp_path, tokenizer, capsys):
     main(["import-hf", str(tmp_path / "gpt2"), str(tmp_path / "a.ckpt"), "--approximate"])
     out = capsys.readouterr().out
     assert "approximation: activation_function='gelu_new'" in out and "no XLab tokenizer" in out
-    infer([str(tmp_path / "a.ckpt"), "def", "-g", "-l", "4", "-t", str(tokenizer.path)])
+    from xlabml.checkpoints import CheckpointWarning
+
+    with pytest.warns(CheckpointWarning, match="records no tokenizer hash"):  # weights only: nothing to check
+        infer([str(tmp_path / "a.ckpt"), "def", "-g", "-l", "4", "-t", str(tokenizer.path)])
     assert capsys.readouterr().out.startswith("def")
     # a model directory of another architecture, and a missing one: one line each
     (tmp_path / "other").mkdir()
@@ -298,7 +318,7 @@ def test_custom_export_imports_back(tmp_path, tokenizer):
     model, outdir, cls, _ = _export(tmp_path, tokenizer, seed=5, position="alibi", prenorm=False, tie_embeddings=True)
     assert cls == "XLabForCausalLM"
     out, tok_path, _ = import_hf(outdir, tmp_path / "back.ckpt")  # the export's tokenizer.model is XLab's
-    back, data = load_checkpoint(str(out))
+    back = load_checkpoint(out).model
     assert open(tok_path, "rb").read() == open(tokenizer.path, "rb").read()
     for key, value in model.state_dict().items():
         assert torch.equal(back.state_dict()[key], value), key

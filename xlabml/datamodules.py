@@ -19,6 +19,8 @@ from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
+from xlabml.atomic import atomic_path, write_atomic
+from xlabml.checkpoints import check_tokenizer
 from xlabml.datasets import SequenceDataset, TokenDataset, resolve_step
 from xlabml.sources import DEFAULT_SPLITS, SPLIT_NAMES, format_split_report, load_splits, text_lengths
 from xlabml.tokenizer import Tokenizer, TokenizerTrainer, escape, split_text
@@ -125,6 +127,7 @@ class XLabDataModule(L.LightningDataModule):
         self._texts = None
         self.split_report: dict[str, int] | None = None
         self.datasets: dict[str, SequenceDataset] = {}
+        self._checkpoint_tokenizer: dict[str, Any] | None = None  # the tokenizer a restored checkpoint needs
 
     # -------------------------------------------------------------------------------------- properties
 
@@ -236,6 +239,8 @@ class XLabDataModule(L.LightningDataModule):
         self._set_tokenizer(tokenizer)
 
     def _set_tokenizer(self, tokenizer: Tokenizer) -> None:
+        if self._checkpoint_tokenizer is not None:  # before any text is encoded with it
+            check_tokenizer(tokenizer, **self._checkpoint_tokenizer)
         n, limit = len(tokenizer), self.hparams.num_tokens
         if n > limit:
             raise ValueError(f"tokenizer {tokenizer.path} has {n} tokens, more than num_tokens={limit}: set "
@@ -244,6 +249,41 @@ class XLabDataModule(L.LightningDataModule):
             rank_zero_warn(f"tokenizer {tokenizer.path} has {n} tokens, fewer than num_tokens={limit}: "
                            f"{limit - n} embedding rows stay unused")
         self._tokenizer = tokenizer
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, **kwargs):
+        """The data module of a training checkpoint or an export, by ``xlabml.checkpoints.load_datamodule``
+        (every format, tokenizer path resolved and checked against the recorded hash); keywords override
+        recorded settings."""
+        if hparams_file is not None:
+            raise ValueError("XLabDataModule.load_from_checkpoint takes no hparams_file: pass settings to override "
+                             "as keywords")
+        from xlabml.checkpoints import load_datamodule
+        return load_datamodule(checkpoint_path, datamodule_class=cls, **kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Lightning saves this in every training checkpoint: the identity of the tokenizer the data is encoded
+        with (``tokenizer_hash``: ``Tokenizer.content_hash``; ``tokenizer_path``: the file it came from)."""
+        path = self.tokenizer_path
+        if self._tokenizer is None and not (path and os.path.isfile(path)):
+            return {}  # no tokenizer yet (nothing encoded either)
+        return {"tokenizer_hash": self.tokenizer.content_hash, "tokenizer_path": self.tokenizer.path}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Lightning calls this when it restores a checkpoint (``--ckpt_path`` of fit, validate, test, predict):
+        the tokenizer must be the one the checkpoint recorded. Checked now if the tokenizer is loaded or its file
+        exists, else as soon as it is trained or downloaded, before any text is encoded."""
+        if not state_dict.get("tokenizer_hash"):
+            return
+        self._checkpoint_tokenizer = {"expected_hash": state_dict["tokenizer_hash"],
+                                      "expected_path": state_dict.get("tokenizer_path")}
+        path = self.tokenizer_path
+        if self._tokenizer is not None:
+            check_tokenizer(self._tokenizer, **self._checkpoint_tokenizer)
+        elif path and os.path.isfile(path):
+            self.tokenizer  # noqa: B018 - loads it, and _set_tokenizer checks it
 
     # ------------------------------------------------------------------------------------------ loaders
 
@@ -360,8 +400,7 @@ class XLabDataModule(L.LightningDataModule):
                 text = text or ""
                 writer.writerow([name, index, reason, len(text), len(text.encode("utf-8")), text[:60]])
                 if dump_dir:
-                    with open(os.path.join(dump_dir, f"{name}-{index}.txt"), "x", encoding="utf-8") as f:
-                        f.write(text)
+                    write_atomic(os.path.join(dump_dir, f"{name}-{index}.txt"), text)
         return out.getvalue()
 
     def _split_texts(self, split: str):
@@ -406,17 +445,12 @@ def _iter_texts(dataset, batch_size: int = 1000):
 
 def _download(url: str, path: str) -> None:
     """Download `url` to `path` (created atomically; never overwrites)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    partial = f"{path}.part"
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as f:
-            shutil.copyfileobj(response, f)
+        with atomic_path(path) as partial:
+            with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as f:
+                shutil.copyfileobj(response, f)
+    except FileExistsError:
+        raise FileExistsError(f"tokenizer file appeared while downloading, refusing to overwrite it: {path}") from None
     except (urllib.error.URLError, OSError, ValueError) as e:
-        if os.path.exists(partial):
-            os.remove(partial)
         raise ConnectionError(f"could not download tokenizer_url={url!r} to {path}: {e}; check the network, "
                               "or set tokenizer_path to a local tokenizer file") from e
-    if os.path.exists(path):
-        os.remove(partial)
-        raise FileExistsError(f"tokenizer file appeared while downloading, refusing to overwrite it: {path}")
-    os.replace(partial, path)

@@ -48,11 +48,6 @@ def _available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def tokenizer_hash(tokenizer) -> str:
-    """Hash of the serialized tokenizer model: part of every cache key that depends on the tokenizer."""
-    return hashlib.sha256(tokenizer.model_proto).hexdigest()[:16]
-
-
 class _Encode:
     """Picklable batch encoder (the tokenizer is rebuilt from its model bytes in each worker process).
 
@@ -109,7 +104,7 @@ class TokenDataset(Dataset):
         cache_dir = os.path.expanduser(cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "xlabml"))
         os.makedirs(cache_dir, exist_ok=True)
         kind = "lengths" if dynamic else "ids"
-        key = hashlib.sha256(f"{_CACHE_VERSION}:{kind}:{texts._fingerprint}:{tokenizer_hash(tokenizer)}"
+        key = hashlib.sha256(f"{_CACHE_VERSION}:{kind}:{texts._fingerprint}:{tokenizer.content_hash}"
                              .encode()).hexdigest()[:24]
         cache_file = os.path.join(cache_dir, f"{kind}-{key}.arrow")
         num_proc = max(1, min(int(num_proc or 1), len(texts)))

@@ -36,7 +36,7 @@ def _source_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise FileNotFoundError(f"init_from: {path} not found (expected an XLab checkpoint or a Hugging Face "
                                 "model directory)")
-    from xlabml.interop import read_checkpoint
+    from xlabml.checkpoints import read_checkpoint
 
     checkpoint = read_checkpoint(path)
     return {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}

@@ -25,12 +25,15 @@ Decoding an arbitrary id sequence (a sampled continuation) leaves a dangling ``E
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
+
+from xlabml.atomic import write_atomic
 
 __all__ = ["Tokenizer", "TokenizerTrainer", "escape", "unescape", "split_text", "ESCAPE", "META"]
 
@@ -88,7 +91,7 @@ class Tokenizer:
 
     Attributes:
         path: the model file it was loaded from or saved to (None when loaded from bytes).
-        model_proto: the serialized SentencePiece model (bytes), e.g. to hash for a cache key.
+        model_proto: the serialized SentencePiece model (bytes); ``content_hash`` is its identity.
         num_threads: threads used by the batch ``encode``/``decode`` (default, or set to None: the CPUs this
             process may use).
     """
@@ -133,6 +136,14 @@ class Tokenizer:
         except IsADirectoryError:
             raise ValueError(f"tokenizer model path is a directory, expected a file: {path}") from None
         return cls(proto, path=path, num_threads=num_threads)
+
+    @property
+    def content_hash(self) -> str:
+        """16 hex digits of the SHA-256 of the model file's bytes: the tokenizer's identity, recorded in every
+        checkpoint and export and checked wherever a model meets a tokenizer, and part of the data cache's key.
+        Two files with the same content have the same hash wherever they are; a retrained tokenizer of the same
+        size does not."""
+        return hashlib.sha256(self.model_proto).hexdigest()[:16]
 
     @property
     def num_threads(self) -> int:
@@ -288,9 +299,7 @@ class TokenizerTrainer:
             )
         except RuntimeError as e:
             raise self._explain(e, num_tokens, stats) from None
-        os.makedirs(os.path.dirname(os.path.abspath(save_path)), exist_ok=True)
-        with open(save_path, "xb") as f:  # "x": fail rather than overwrite a file created meanwhile
-            f.write(writer.getvalue())
+        write_atomic(save_path, writer.getvalue())  # complete or absent, never overwriting one made meanwhile
         return Tokenizer(writer.getvalue(), path=save_path)
 
     @staticmethod

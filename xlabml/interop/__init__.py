@@ -11,8 +11,8 @@
 - ``xlabml.interop.cli``: the ``export-hf``, ``import-hf``, ``export-gguf`` and ``evaluate`` commands of
   ``./manage.py``.
 
-Every writer builds its output in a temporary sibling and renames it into place, and never replaces an existing
-file or directory.
+Every writer builds its output in a temporary sibling and moves it into place (``atomic_dir`` here for
+directories, ``xlabml.atomic`` for files), and never replaces an existing file or directory.
 """
 from __future__ import annotations
 
@@ -23,35 +23,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def load_checkpoint(path: str | os.PathLike, device: str = "cpu"):
-    """The one place interop reads an XLab checkpoint (training checkpoint or export): returns ``(model,
-    data_hparams)``, the ``XLabModel`` in eval mode and the data module's hyperparameters (tokenizer path)."""
-    from xlabml.infer_cli import load_checkpoint as load
+def load_model(checkpoint: str | os.PathLike, device: str = "cpu", tokenizer: str | os.PathLike | None = None):
+    """A checkpoint (training checkpoint or export) and its tokenizer through ``xlabml.checkpoints.load_checkpoint``
+    (which checks that the tokenizer is the one the model was trained with): a ``LoadedCheckpoint`` whose model is
+    in eval mode without gradients and whose ``tokenizer`` is set; one clear error when there is none."""
+    from xlabml.checkpoints import load_checkpoint
 
-    return load(str(path), device)
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """The raw dict of a checkpoint (training checkpoint, ``.ckpt`` export, or ``.safetensors`` export with its
-    ``.json``), on the CPU, for what the model loader does not return (recorded metrics, the step, weights alone
-    for a warm start). One clear error for a file that is not a checkpoint."""
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    if path.suffix == ".safetensors":
-        from xlabml.manage import load_safetensors_export
-
-        checkpoint = load_safetensors_export(path)
-    else:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as error:  # noqa: BLE001 - any unpickling failure means the same to the user
-            raise ValueError(f"{path} is not a loadable checkpoint ({type(error).__name__}: {error})") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{path} is not an XLab checkpoint: it has no 'state_dict'")
-    return checkpoint
+    loaded = load_checkpoint(checkpoint, device, overrides={"compile": False}, tokenizer=tokenizer)
+    if loaded.tokenizer is None:
+        raise ValueError(f"checkpoint {checkpoint} names no tokenizer; give one with -t/--tokenizer")
+    loaded.model.eval().requires_grad_(False)
+    return loaded
 
 
 def require(module: str, extra: str):
@@ -86,19 +68,3 @@ def atomic_dir(path: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-@contextmanager
-def atomic_file(path: str | os.PathLike):
-    """Yields a temporary file path beside ``path``; on success it is linked to ``path`` (which must not exist:
-    ``os.link`` fails rather than replace), on error it is removed."""
-    path = check_new(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        os.link(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -1,13 +1,11 @@
 """The interop subcommands of ``xlab-manage`` (``./manage.py``): ``export-hf``, ``import-hf``, ``export-gguf``,
-``evaluate``. ``add_commands`` registers them on ``manage.py``'s subparsers; each sets ``args.run``, which
-``manage.py`` calls. They parse arguments and call the library functions; errors surface as one line."""
+``evaluate``, as ``COMMANDS`` entries that ``manage.py`` adds to its own. They parse arguments and call the
+library functions; ``manage.py`` prints any error as one line."""
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
-
-COMMANDS = ("export-hf", "import-hf", "export-gguf", "evaluate")
 
 
 def _export_hf(args: argparse.Namespace) -> None:
@@ -47,7 +45,8 @@ def _export_gguf(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from . import atomic_file
+    from xlabml.atomic import write_atomic
+
     from .lm_eval import evaluate
 
     tasks = [t for t in args.tasks.split(",") if t]
@@ -62,46 +61,35 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     print(make_table(results))
     if args.output:
-        with atomic_file(args.output) as tmp:
-            tmp.write_text(json.dumps({k: results[k] for k in ("results", "versions", "n-shot", "config")
-                                       if k in results}, indent=2, default=str) + "\n")
+        write_atomic(args.output, json.dumps({k: results[k] for k in ("results", "versions", "n-shot", "config")
+                                              if k in results}, indent=2, default=str) + "\n")
         print(f"wrote {args.output}")
 
 
-def add_commands(commands) -> None:
-    """Register the interop subcommands on ``commands`` (an ``add_subparsers`` object)."""
-    p = commands.add_parser("export-hf", help="write a Hugging Face transformers model directory",
-                            description="Write CHECKPOINT as a transformers directory OUTDIR (safetensors, config, "
-                            "tokenizer, generation config, model card): a stock Llama/Mistral/Qwen3/GPT-2/GPT-NeoX "
-                            "class when the architecture is exactly one, else XLabForCausalLM (trust_remote_code). "
-                            "OUTDIR must not exist.")
+def _export_hf_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="training checkpoint or export (.ckpt, or .safetensors beside its .json)")
     p.add_argument("outdir", help="directory to create")
     p.add_argument("-t", "--tokenizer", help="tokenizer model file (default: the checkpoint's)")
     p.add_argument("--custom", action="store_true", help="write XLabForCausalLM even where a stock class fits")
-    p.set_defaults(run=_export_hf)
 
-    p = commands.add_parser("import-hf", help="convert a local Llama or GPT-2 transformers directory to a checkpoint",
-                            description="Convert a local LlamaForCausalLM or GPT2LMHeadModel directory into an XLab "
-                            "checkpoint OUT_CKPT (must not exist) for infer.py, --model.init_from and export-hf.")
+
+def _import_hf_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("hf_dir", help="transformers model directory (config.json + safetensors or .bin weights)")
     p.add_argument("out_ckpt", help="checkpoint file to create")
     p.add_argument("-t", "--tokenizer", help="an XLab tokenizer model file for the model (default: HF_DIR's "
                    "tokenizer.model if it is an XLab tokenizer, else none)")
     p.add_argument("--approximate", action="store_true",
                    help="accept what XLab computes only approximately (tanh GELU, another norm epsilon)")
-    p.set_defaults(run=_import_hf)
 
-    p = commands.add_parser("export-gguf", help="write a GGUF file for llama.cpp (Llama and GPT-2 layouts)",
-                            description="Write CHECKPOINT as a GGUF file OUT (must not exist) for llama.cpp.")
+
+def _export_gguf_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="training checkpoint or export")
     p.add_argument("out", help="GGUF file to create")
     p.add_argument("--type", choices=("f32", "f16", "q8_0"), default="f16", help="weight type (default f16)")
     p.add_argument("-t", "--tokenizer", help="tokenizer model file (default: the checkpoint's)")
-    p.set_defaults(run=_export_gguf)
 
-    p = commands.add_parser("evaluate", help="run lm-evaluation-harness tasks on a checkpoint",
-                            description="Evaluate CHECKPOINT on lm-eval tasks with the xlab model backend.")
+
+def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="training checkpoint or export")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -113,4 +101,27 @@ def add_commands(commands) -> None:
                    help="only the tasks under --include-path (skips indexing lm-eval's built-in tasks, ~15 s)")
     p.add_argument("-t", "--tokenizer", help="tokenizer model file (default: the checkpoint's)")
     p.add_argument("-o", "--output", help="write the results as JSON to this new file")
-    p.set_defaults(run=_evaluate)
+
+
+# name -> (one-line help, --help description, adds the arguments, runs it): manage.py makes each a Command
+COMMANDS = {
+    "export-hf": (
+        "write a Hugging Face transformers model directory",
+        "Write CHECKPOINT as a transformers directory OUTDIR (safetensors, config, tokenizer, generation config, "
+        "model card): a stock Llama/Mistral/Qwen3/GPT-2/GPT-NeoX class when the architecture is exactly one, else "
+        "XLabForCausalLM (trust_remote_code). OUTDIR must not exist.",
+        _export_hf_arguments, _export_hf),
+    "import-hf": (
+        "convert a local Llama or GPT-2 transformers directory to a checkpoint",
+        "Convert a local LlamaForCausalLM or GPT2LMHeadModel directory (or an XLabForCausalLM export) into an XLab "
+        "checkpoint OUT_CKPT (must not exist) for infer.py, warm starts and export-hf.",
+        _import_hf_arguments, _import_hf),
+    "export-gguf": (
+        "write a GGUF file for llama.cpp (Llama and GPT-2 layouts)",
+        "Write CHECKPOINT as a GGUF file OUT (must not exist) for llama.cpp.",
+        _export_gguf_arguments, _export_gguf),
+    "evaluate": (
+        "run lm-evaluation-harness tasks on a checkpoint",
+        "Evaluate CHECKPOINT on lm-eval tasks with the xlab model backend.",
+        _evaluate_arguments, _evaluate),
+}

@@ -31,7 +31,7 @@ import torch
 from xlabml.layers import swiglu_hidden
 from xlabml.tokenizer import Tokenizer
 
-from . import atomic_file, check_new, load_checkpoint, require
+from . import check_new, load_model, require
 from .hf import EPS, _common, _embedding, _nonzero_biases, _rotated, _split_qkv, _with_bias, decoder_arguments
 
 TYPES = ("f32", "f16", "q8_0")
@@ -147,21 +147,19 @@ def export_gguf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, out_ty
         (out, the llama.cpp architecture written: ``llama`` or ``gpt2``).
     """
     gguf = require("gguf", "gguf")
-    from .hf import _tokenizer_for
+    from xlabml.atomic import atomic_path
 
     if out_type not in TYPES:
         raise ValueError(f"unknown GGUF type {out_type!r}; expected one of {', '.join(TYPES)}")
     checkpoint, out = str(checkpoint), check_new(out)
-    model, data_hparams = load_checkpoint(checkpoint)
-    tok = _tokenizer_for(data_hparams, checkpoint, tokenizer)
+    loaded = load_model(checkpoint, tokenizer=tokenizer)
+    model, tok = loaded.model, loaded.tokenizer
     arch = decoder_arguments(dict(model.hparams))
     sd = {k: v.detach().cpu().float() for k, v in model.model.state_dict().items()}
     name = gguf_architecture(arch, sd)
-    if len(tok) > arch["n_vocab"]:
-        raise ValueError(f"tokenizer has {len(tok)} tokens but the model only {arch['n_vocab']} classes")
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[out_type]
-    with atomic_file(out) as tmp:
+    with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp), name)
         writer.add_name(Path(checkpoint).stem)
         writer.add_file_type(int(file_type))

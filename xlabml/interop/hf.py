@@ -33,15 +33,13 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from xlabml.layers import Decoder, swiglu_hidden
 from xlabml.tokenizer import Tokenizer
 
-from . import atomic_dir, atomic_file, check_new, load_checkpoint, read_checkpoint, require
-from .hf_tokenizer import tokenizer_sha256
+from . import atomic_dir, check_new, load_model, require
 
 DECODER_ARGUMENTS = tuple(name for name in inspect.signature(Decoder).parameters)
 EPS = 1e-5  # XLab's norms (xlabml.layers.LayerNorm, RMSNorm)
@@ -288,19 +286,6 @@ def stock_architecture(arch: dict, sd: dict) -> tuple[str | None, dict[str, str]
 
 # -------------------------------------------------------------------------------------------------- export
 
-def _tokenizer_for(data_hparams: dict, checkpoint: str, tokenizer: str | None) -> Tokenizer:
-    from xlabml.infer_cli import tokenizer_path_of
-
-    if tokenizer is None:
-        try:
-            tokenizer = tokenizer_path_of(data_hparams, checkpoint)
-        except ValueError:
-            raise ValueError(f"checkpoint {checkpoint} names no tokenizer; give one with --tokenizer") from None
-    if not Path(tokenizer).is_file():
-        raise FileNotFoundError(f"tokenizer {tokenizer} (named by {checkpoint}) not found; give one with --tokenizer")
-    return Tokenizer.load(tokenizer)
-
-
 def special_ids(tokenizer: Tokenizer) -> dict:
     return dict(bos_token_id=tokenizer.sos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
 
@@ -342,19 +327,6 @@ def build_hf_model(model, tokenizer: Tokenizer, force_custom: bool = False):
     return hf.eval(), reasons
 
 
-def _metrics(checkpoint: dict) -> dict[str, Any]:
-    """Monitored metrics a training checkpoint recorded (ModelCheckpoint's current and best scores)."""
-    found = {}
-    for key, state in (checkpoint.get("callbacks") or {}).items():
-        if not isinstance(state, dict) or not state.get("monitor"):
-            continue
-        monitor = state["monitor"]
-        for label, value in ((monitor, state.get("current_score")), (f"best {monitor}", state.get("best_model_score"))):
-            if value is not None and label not in found:
-                found[label] = round(float(value), 6)
-    return found
-
-
 def _config_yaml(checkpoint_path: str) -> str | None:
     """The run's ``config.yaml`` (LightningCLI writes it to the log version directory, above ``checkpoints/``)."""
     path = Path(checkpoint_path).resolve()
@@ -394,8 +366,8 @@ def model_card(checkpoint_path: str, hparams: dict, data_hparams: dict, cls_name
     else:
         lines += ["Not recorded in this checkpoint (an exported checkpoint keeps no callback state)."]
     lines += ["", "## Tokenizer", "",
-              f"XLab's reversible SentencePiece BPE ({len(tokenizer)} tokens, sha256 "
-              f"`{tokenizer_sha256(tokenizer)}`), as `tokenizer.json` (same ids and text as `xlabml.tokenizer."
+              f"XLab's reversible SentencePiece BPE ({len(tokenizer)} tokens, content hash "
+              f"`{tokenizer.content_hash}`), as `tokenizer.json` (same ids and text as `xlabml.tokenizer."
               "Tokenizer`) and as the original `tokenizer.model`. Special tokens: `<sos>` (prepended), `<eos>`, "
               "`<pad>`, `<unk>`; decode with `skip_special_tokens=True` to get XLab's text.", "",
               "## Training configuration", "", "Model:", "", "```json",
@@ -442,45 +414,41 @@ def export_hf(checkpoint: str | os.PathLike, outdir: str | os.PathLike, *, token
 
     checkpoint = str(checkpoint)
     outdir = check_new(outdir)
-    model, data_hparams = load_checkpoint(checkpoint)
-    tok = _tokenizer_for(data_hparams, checkpoint, tokenizer)
-    n_vocab = model.hparams["n_vocab"]
-    if len(tok) > n_vocab:
-        raise ValueError(f"tokenizer has {len(tok)} tokens but the model only {n_vocab} classes: not its tokenizer")
+    loaded = load_model(checkpoint, tokenizer=tokenizer)
+    model, tok, n_vocab = loaded.model, loaded.tokenizer, loaded.hparams["n_vocab"]
     hf, reasons = build_hf_model(model, tok, force_custom=force_custom)
     cls_name = type(hf).__name__
-    raw = read_checkpoint(checkpoint)
     generation = GenerationConfig(**special_ids(tok), suppress_tokens=excluded_ids(tok, n_vocab),
                                   max_length=model.hparams["max_len"])
     bars = logging.is_progress_bar_enabled()
     logging.disable_progress_bar()  # one line of output per export, not a bar per file
     try:
         with atomic_dir(outdir) as tmp:
-            _write(tmp, hf, generation, tok, model, checkpoint, data_hparams, cls_name, reasons, raw)
+            _write(tmp, hf, generation, loaded, cls_name, reasons)
     finally:
         if bars:
             logging.enable_progress_bar()
     return outdir, cls_name, reasons
 
 
-def _write(directory: Path, hf, generation, tok: Tokenizer, model, checkpoint: str, data_hparams: dict,
-           cls_name: str, reasons: dict, raw: dict) -> None:
+def _write(directory: Path, hf, generation, loaded, cls_name: str, reasons: dict) -> None:
     """The export's files: weights and config (``save_pretrained``), remote-code stubs for ``XLabForCausalLM``,
     the tokenizer, the source's hyperparameters in ``config.json["xlab"]``, the model card."""
     from . import hf_tokenizer
 
+    hparams, tok = dict(loaded.hparams), loaded.tokenizer
     hf.generation_config = generation
     hf.save_pretrained(directory, safe_serialization=True)
     if cls_name == "XLabForCausalLM":
         (directory / "configuration_xlab.py").write_text(_REMOTE_CONFIG)
         (directory / "modeling_xlab.py").write_text(_REMOTE_MODEL)
-    hf_tokenizer.save(tok, directory, model_max_length=model.hparams["max_len"])
+    hf_tokenizer.save(tok, directory, model_max_length=hparams["max_len"])
     config = json.loads((directory / "config.json").read_text())
-    config["xlab"] = {"source": Path(checkpoint).name, "tokenizer_sha256": hf_tokenizer.tokenizer_sha256(tok),
-                      "hyper_parameters": _jsonable(dict(model.hparams))}
+    config["xlab"] = {"source": Path(loaded.path).name, "tokenizer_hash": tok.content_hash,
+                      "hyper_parameters": _jsonable(hparams)}
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (directory / "README.md").write_text(model_card(checkpoint, dict(model.hparams), data_hparams, cls_name, reasons,
-                                                    _metrics(raw), tok, raw.get("global_step")))
+    (directory / "README.md").write_text(model_card(str(loaded.path), hparams, loaded.data_hparams, cls_name, reasons,
+                                                    loaded.metrics, tok, loaded.global_step))
 
 
 # -------------------------------------------------------------------------------------------------- import
@@ -680,32 +648,28 @@ def import_hf(hf_dir: str | os.PathLike, out_ckpt: str | os.PathLike, *, tokeniz
                          f"{unexpected[:3]})")
     import lightning
 
-    data_hparams = {}
-    tok_path = None
-    if tok is not None:
-        tok_path = out_ckpt.with_name(out_ckpt.stem + ".tokenizer.model")
-        data_hparams = {"tokenizer_path": str(tok_path.resolve())}
+    from xlabml.atomic import atomic_path, write_atomic
+    from xlabml.checkpoints import DATA_STATE_KEY
+
     checkpoint = {
         "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "hyper_parameters": dict(model.hparams),
-        "datamodule_hyper_parameters": data_hparams,
+        "datamodule_hyper_parameters": {},
         "pytorch-lightning_version": lightning.__version__,
         "epoch": 0, "global_step": 0,
-        "xlab_import": {"source": str(hf_dir.resolve()), "architecture": cls, "approximations": notes,
-                        "tokenizer_sha256": _sha(tok)},
+        "xlab_import": {"source": str(hf_dir.resolve()), "architecture": cls, "approximations": notes},
     }
-    if tok_path is not None:
-        with atomic_file(tok_path) as tmp:
-            tmp.write_bytes(tok.model_proto)
+    tok_path = None
+    if tok is not None:  # beside the checkpoint, recorded as a training checkpoint records its tokenizer
+        tok_path = out_ckpt.with_name(out_ckpt.stem + ".tokenizer.model")
+        checkpoint["datamodule_hyper_parameters"] = {"tokenizer_path": str(tok_path.resolve())}
+        checkpoint[DATA_STATE_KEY] = {"tokenizer_hash": tok.content_hash, "tokenizer_path": str(tok_path.resolve())}
+        write_atomic(tok_path, tok.model_proto)
     try:
-        with atomic_file(out_ckpt) as tmp:
+        with atomic_path(out_ckpt) as tmp:
             torch.save(checkpoint, tmp)
     except BaseException:
         if tok_path is not None:
             tok_path.unlink(missing_ok=True)
         raise
     return out_ckpt, (str(tok_path) if tok_path else None), notes
-
-
-def _sha(tok):
-    return None if tok is None else tokenizer_sha256(tok)

@@ -28,7 +28,6 @@ directly before a space, is dropped (XLab keeps it).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -40,11 +39,6 @@ from . import require
 
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<sos>", "eos_token": "<eos>", "pad_token": "<pad>"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
-
-
-def tokenizer_sha256(tokenizer: Tokenizer) -> str:
-    """sha256 (hex) of the SentencePiece model bytes: identifies the tokenizer a model was trained with."""
-    return hashlib.sha256(tokenizer.model_proto).hexdigest()
 
 
 def vocabulary(tokenizer: Tokenizer) -> tuple[list[str], list[float], list[str]]:
@@ -115,7 +109,7 @@ def save(tokenizer: Tokenizer, directory: str | os.PathLike, model_max_length: i
         "split_special_tokens": True,  # "<eos>" in a text is text, as for XLab's tokenizer
         "clean_up_tokenization_spaces": False,
         "model_input_names": ["input_ids", "attention_mask"],
-        "xlab_tokenizer_sha256": tokenizer_sha256(tokenizer),
+        "xlab_tokenizer_hash": tokenizer.content_hash,
     }
     if model_max_length is not None:
         config["model_max_length"] = model_max_length

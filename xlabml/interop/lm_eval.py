@@ -59,8 +59,7 @@ class XLabLM(TemplateLM):
         if unknown:  # lm-eval passes model_args through: a typo must not be ignored silently
             raise ValueError(f"unknown xlab model_args {', '.join(sorted(unknown))}; expected pretrained, device, "
                              "batch_size, tokenizer, max_length, chunk")
-        from . import load_checkpoint
-        from .hf import _tokenizer_for
+        from . import load_model
 
         if str(batch_size).startswith("auto"):
             batch_size = 16  # no memory probing: a fixed batch that suits a CPU and a small GPU model
@@ -68,11 +67,9 @@ class XLabLM(TemplateLM):
         if self.batch_size < 1:
             raise ValueError(f"batch_size={batch_size}; expected an integer >= 1")
         self._device = torch.device(_device(str(device)))
-        self.model, data_hparams = load_checkpoint(pretrained, str(self._device))
-        self.xlab_tokenizer = _tokenizer_for(data_hparams, str(pretrained), tokenizer)
-        self.n_vocab = self.model.hparams["n_vocab"]
-        if len(self.xlab_tokenizer) > self.n_vocab:
-            raise ValueError(f"tokenizer has {len(self.xlab_tokenizer)} tokens but the model only {self.n_vocab}")
+        loaded = load_model(pretrained, str(self._device), tokenizer=tokenizer)
+        self.model, self.xlab_tokenizer = loaded.model, loaded.tokenizer
+        self.n_vocab = loaded.hparams["n_vocab"]
         block = self.model.hparams["max_len"]
         self._max_length = block if max_length is None else min(int(max_length), block)
         self.chunk = int(chunk)
@@ -94,9 +91,7 @@ class XLabLM(TemplateLM):
 
     @property
     def tokenizer_name(self) -> str:
-        from .hf_tokenizer import tokenizer_sha256
-
-        return "xlab-" + tokenizer_sha256(self.xlab_tokenizer)[:16]
+        return "xlab-" + self.xlab_tokenizer.content_hash
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         """XLab's ids of ``string``, after ``<sos>`` unless ``add_special_tokens`` is False."""
