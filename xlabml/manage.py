@@ -69,6 +69,10 @@ COMMANDS: dict[str, Command] = {
         _export,
     ),
 }
+# export-hf, import-hf, export-gguf, evaluate: moving models to and from other tools (xlabml.interop.cli)
+from xlabml.interop.cli import COMMANDS as INTEROP_COMMANDS  # noqa: E402  (needs nothing of this module)
+
+COMMANDS.update({name: Command(*spec) for name, spec in INTEROP_COMMANDS.items()})
 
 
 def build_parser() -> argparse.ArgumentParser:
