@@ -8,13 +8,16 @@ CPU (``--threads``, default 2): 16-token prompt, 128 new tokens (no <eos>), toke
   matrix of the model (the head included) with the fastest of PyTorch's kernels for it (F.linear's BLAS GEMV, a
   matmul on the transposed matrix, oneDNN on a packed matrix; each is printed), the fastest any batch-1 decoder
   built on PyTorch kernels can go here.
+  Then, rounds interleaved: batch-1 greedy tokens/s eager and with ``compile=True`` (inductor with frozen weights;
+  its compile time printed), each in float32 and bfloat16 (``--dtypes``, ``--no-compile``); batch-8 sampling in
+  both dtypes; and the bfloat16 weight-streaming floor.
 GPU (when CUDA is available): batch-1 greedy decode tokens/s, eager and with ``compile=True``, and its fraction of
   the HBM roofline (bytes read per token x tokens/s / copy bandwidth measured here).
 
 Each figure is the best of ``--repeats`` timed runs after a warm-up (on a shared machine the best run is the one
 least disturbed by other work). The last line is JSON.
 
-    python bench/generate.py [--threads 2] [--repeats 3] [--no-gpu]
+    python bench/generate.py [--threads 2] [--repeats 3] [--no-gpu] [--no-compile] [--dtypes fp32 bf16]
 
 On a machine busy with other work, wall-clock figures at 2 threads mostly measure the scheduler (OpenMP workers
 spinning while descheduled); ``--omp-passive`` lets idle workers sleep, and ``--cpu-time`` times one thread by its
@@ -23,6 +26,7 @@ CPU time, whose ratios to the floor (measured the same way) hardly depend on the
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -109,27 +113,28 @@ def best_seconds(fn, repeats: int, sync=lambda: None) -> float:
 
 
 def decode_breakdown(model, prompt, n: int, block: int) -> dict:
-    """Where a batch-1 greedy token's time goes: one run with every linear layer's forward timed."""
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    """Where a batch-1 greedy token's time goes: one run with every linear layer's forward timed (plain, or
+    packed: generation swaps the model's linears for ``packed.PackedLinear`` stand-ins)."""
     spent = [0.0]
+    originals = {cls: cls.forward for cls in (torch.nn.Linear, packed.PackedLinear)}
 
     def timed(forward):
-        def wrapper(*args, **kwargs):
+        def wrapper(self, *args, **kwargs):
             start = CLOCK()
-            out = forward(*args, **kwargs)
+            out = forward(self, *args, **kwargs)
             spent[0] += CLOCK() - start
             return out
         return wrapper
 
-    for m in linears:
-        m.forward = timed(m.forward)  # an instance attribute shadows the class's forward
+    for cls, forward in originals.items():
+        cls.forward = timed(forward)
     try:
         start = CLOCK()
         inference.greedy_search(model, prompt, n, block)
         total = CLOCK() - start
     finally:
-        for m in linears:
-            del m.forward
+        for cls, forward in originals.items():
+            cls.forward = forward
     return {"ms_per_token": round(total / n * 1e3, 3), "matmul_ms_per_token": round(spent[0] / n * 1e3, 3)}
 
 
@@ -164,7 +169,44 @@ def bench_cpu(args) -> dict:
     results["sample_fraction_of_floor"] = round(results["sample_b1"] / floor, 3)
     results["breakdown"] = {**breakdown, "floor_pass_ms": round(1e3 / floor, 3),
                             "matmul_vs_floor": round(breakdown["matmul_ms_per_token"] * floor / 1e3, 2)}
+    results["variants"] = bench_variants(args, model, prompt, prompts8)
     return results
+
+
+def bench_variants(args, model, prompt, prompts8) -> dict:
+    """Batch-1 greedy (and batch-8 sampling) tokens/s of the same model eager and compiled, in float32 and
+    bfloat16, interleaved round by round (each figure the best of its rounds), with the bfloat16 floor."""
+    n, block = args.new, CONFIG["max_len"]
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    models = {"fp32": model, "bf16": half}
+    runs = {f"{kind}_{dtype}": (models[dtype], kind == "compiled") for dtype in args.dtypes
+            for kind in ("eager", "compiled") if kind == "eager" or args.compile}
+    out = {"compile_s": {}}
+    for name, (m, compile) in runs.items():  # warm-up; compiles once per model (timed)
+        start = time.perf_counter()
+        inference.greedy_search(m, prompt, n, block, compile=compile)
+        if compile:
+            out["compile_s"][name] = round(time.perf_counter() - start, 1)
+    best = {name: float("inf") for name in runs}
+    best_b8 = {dtype: float("inf") for dtype in args.dtypes}
+    for _ in range(args.repeats):
+        for name, (m, compile) in runs.items():
+            best[name] = min(best[name], once_seconds(
+                lambda: inference.greedy_search(m, prompt, n, block, compile=compile)))
+        for dtype in args.dtypes:
+            best_b8[dtype] = min(best_b8[dtype], once_seconds(lambda: inference.sample(
+                models[dtype], prompts8, n, block, generator=torch.Generator().manual_seed(0))))
+    out["greedy_b1"] = {name: round(n / seconds, 1) for name, seconds in best.items()}
+    out["sample_b8"] = {dtype: round(8 * n / seconds, 1) for dtype, seconds in best_b8.items()}
+    if "bf16" in args.dtypes:
+        out["floor_bf16_tok_s"] = round(1.0 / min(floor_pass_seconds(half).values()), 1)
+    return out
+
+
+def once_seconds(fn) -> float:
+    start = CLOCK()
+    fn()
+    return CLOCK() - start
 
 
 def copy_bandwidth(device) -> float:
@@ -211,6 +253,10 @@ def main() -> None:
     parser.add_argument("--gpu-new", type=int, default=256, help="new tokens per prompt (GPU)")
     parser.add_argument("--gpu-dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--no-gpu", action="store_true")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"),
+                        help="precisions of the eager/compiled comparison (default: both)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="skip the compiled decode step (inductor takes a minute or more per dtype on 2 cores)")
     parser.add_argument("--no-cpu", action="store_true")
     parser.add_argument("--cpu-time", action="store_true",
                         help="one thread, timed by its CPU time instead of the wall clock: the ratios to the floor "
@@ -253,6 +299,16 @@ def main() -> None:
         print(f"batch-1 greedy, per token: {b['ms_per_token']} ms, of which the matrix products "
               f"{b['matmul_ms_per_token']} ms ({b['matmul_vs_floor']}x the floor pass of {b['floor_pass_ms']} ms) "
               f"and everything else {b['ms_per_token'] - b['matmul_ms_per_token']:.3f} ms")
+        v = cpu["variants"]
+        eager = v["greedy_b1"].get("eager_fp32")
+        print("batch-1 greedy tokens/s, same run, rounds interleaved: " + ", ".join(
+            f"{name} {tok_s}" + (f" ({tok_s / eager:.2f}x eager fp32)" if eager and name != "eager_fp32" else "")
+            for name, tok_s in v["greedy_b1"].items()))
+        if v["compile_s"]:
+            print("  compile time (first call): " + ", ".join(f"{k} {s} s" for k, s in v["compile_s"].items()))
+        print("batch-8 sampling tokens/s: " + ", ".join(f"{k} {t}" for k, t in v["sample_b8"].items())
+              + (f"; bf16 weight-streaming floor {v['floor_bf16_tok_s']} passes/s" if v.get("floor_bf16_tok_s")
+                 else ""))
         result["targets_met"] = {name: cpu[name] >= TARGETS[name] for name in ("sample_b1", "greedy_b1", "beam4",
                                                                               "sample_b8")}
         result["targets_met"]["fraction_of_floor"] = cpu["fraction_of_floor"] >= TARGETS["fraction_of_floor"]

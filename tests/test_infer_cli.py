@@ -218,3 +218,15 @@ def test_last_means_the_newest_last_checkpoint_under_logs(files, capsys, tmp_pat
     code, out, err = infer(capsys, "last", "the quick", "-g", "-l", 10, "--no-stream")
     assert (code, err) == (0, "")
     assert out == expected_text(files, "the quick", inference.greedy_search, 10) + "\n"
+
+
+def test_dtype_casts_the_model_and_equals_the_library(files, capsys):
+    assert infer(capsys, files["ckpt"], "the quick", "-g", "-l", 20, "--dtype", "fp32")[1] == infer(
+        capsys, files["ckpt"], "the quick", "-g", "-l", 20)[1]  # auto on a CPU is fp32
+    code, out, err = infer(capsys, files["ckpt"], "the quick", "-g", "-l", 20, "--dtype", "bf16", "--no-stream")
+    assert (code, err) == (0, "")
+    half = dict(files, model=XLabModel(**files["model"].hparams).to(torch.bfloat16).eval())
+    half["model"].load_state_dict(files["model"].state_dict())
+    assert out == expected_text(half, "the quick", inference.greedy_search, 20) + "\n"
+    code, _, err = infer(capsys, files["ckpt"], "x", "--dtype", "fp8")
+    assert code != 0 and "--dtype" in err

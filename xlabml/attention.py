@@ -12,7 +12,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from xlabml.packed import Linear
 
 
 def apply_rotary(x, cos, sin):
@@ -28,7 +27,11 @@ class AttentionContext:
 
     ``mask(dtype)`` builds the explicit mask lazily and once: a boolean ``b|1 1 t s`` (True = may attend) or,
     with ALiBi, an additive ``b|1 h t s`` float mask; it returns ``(None, True)`` on the plain-causal fast
-    path and ``(None, False)`` when every key is visible (one new token over the filled cache prefix)."""
+    path and ``(None, False)`` when every key is visible (one new token over the filled cache prefix).
+
+    Slots are absolute indices: the columns of the input in training, the cache indices in cached inference
+    (``q_slots`` = ``input_pos``; ``k_slots`` = the index each read cache slot holds, negative where it holds
+    nothing yet). ``input_pos`` here are the physical cache slots written (the indices modulo the cache size)."""
 
     def __init__(self, *, kind, q_slots, k_slots, q_docs=None, k_docs=None, window=None, position=None,
                  rope=None, input_pos=None, lo=0, hi=None, doc_ids=None):
@@ -59,6 +62,8 @@ class AttentionContext:
             self.k_slots = torch.arange(self.lo, self.hi, device=self.q_slots.device)
         q, k = self.q_slots[:, None], self.k_slots[None, :]
         allowed = k <= q  # t s
+        if self.cached:
+            allowed = allowed & (k >= 0)  # slots not written since the cache was (re)filled
         if self.window is not None:
             allowed = allowed & (q - k < self.window)
         allowed = allowed[None]  # 1 t s
@@ -159,8 +164,8 @@ class Attention(nn.Module):
                  norm=nn.LayerNorm, bias=True):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d_model // n_heads
-        self.qkv = Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
-        self.proj = Linear(n_heads * self.head_dim, d_model, bias=bias)
+        self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
+        self.proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
         self.q_norm = norm(self.head_dim, bias=bias) if qk_norm else None
         self.k_norm = norm(self.head_dim, bias=bias) if qk_norm else None
         self.kernel = kernel()  # one of ATTENTIONS
@@ -195,9 +200,9 @@ class LayerKVCache(nn.Module):
         self.register_buffer('k', torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer('v', torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def update(self, input_pos, k, v, lo, hi):  # k, v: b g t d -> b g s d (slots lo..hi-1, views)
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+    def update(self, slots, k, v, lo, hi):  # k, v: b g t d -> b g s d (slots lo..hi-1, views)
+        self.k.index_copy_(2, slots, k.to(self.k.dtype))
+        self.v.index_copy_(2, slots, v.to(self.v.dtype))
         return self.k[:, :, lo:hi], self.v[:, :, lo:hi]
 
 
@@ -205,20 +210,29 @@ class KVCache(nn.Module):
     """The KV cache of a whole decoder: one ``LayerKVCache`` per block plus each slot's document id (so a
     left-padded batch works: pads get doc id -1, real tokens 0, and real tokens never see pads).
 
-    ``static=False`` (default) attends only over the written prefix of the cache (slots up to the largest
-    ``input_pos``; with a sliding window, only the window): cheapest on CPU, but it reads ``input_pos`` on the
-    host each forward. ``static=True`` always attends over all slots with a mask: fixed shapes and no host
-    syncs, for ``torch.compile``/CUDA graphs."""
+    Forwards write tokens at absolute cache indices (``input_pos``); index ``i`` lives in slot
+    ``i % max_len``. Indices below ``max_len`` fill the cache; past it, a ``rolling`` cache (set for a model
+    whose positions are relative: RoPE, ALiBi, none) keeps the most recent ``max_len`` indices, so decoding one
+    token at a time, every layer attends to (at most) the last ``max_len`` tokens, without a re-prefill: the
+    model run with a sliding window of ``max_len`` over the whole sequence. That equals a forward over the last
+    ``max_len`` tokens alone only when nothing older can reach the logits: ``reach``, the most recent tokens
+    that can (``n_layers * (sliding_window - 1) + 1`` for a model with a sliding window, None = all), is at most
+    ``max_len``. A cache of a model with absolute positions refuses indices past ``max_len``.
+
+    ``static=False`` (default) attends only over the written slots (with a sliding window, only the window):
+    cheapest on CPU, but it reads ``input_pos`` on the host each forward. ``static=True`` always attends over
+    all slots with a mask: fixed shapes and no host syncs, for ``torch.compile``/CUDA graphs (it cannot check
+    indices on the host: feed it what a dynamic cache accepts)."""
 
     def __init__(self, n_layers, batch_size, n_kv_heads, max_len, head_dim, device=None, dtype=None,
-                 static=False):
+                 static=False, rolling=False, reach=None):
         super().__init__()
         self.layers = nn.ModuleList(
             LayerKVCache(batch_size, n_kv_heads, max_len, head_dim, device, dtype) for _ in range(n_layers))
         self.register_buffer('doc_ids', torch.zeros(batch_size, max_len, dtype=torch.long, device=device),
                              persistent=False)  # b s
-        self.static = static
-        self.has_docs = False  # whether any forward gave doc ids; until then the doc mask is skipped
+        self.static, self.rolling, self.reach = static, rolling, reach
+        self.reset_state()
 
     @property
     def batch_size(self):
@@ -228,20 +242,49 @@ class KVCache(nn.Module):
     def max_len(self):
         return self.doc_ids.size(1)
 
+    def reset_state(self):
+        # whether any forward gave doc ids (until then the doc mask is skipped; a static cache always masks, so
+        # that padded and unpadded batches run the same graph), and the slots written so far (host-side)
+        self.has_docs = self.static
+        self.filled = self.max_len if self.static else 0
+
     def reset(self):
         """Empty the cache (zeros everywhere), keeping its buffers."""
         for layer in self.layers:
             layer.k.zero_()
             layer.v.zero_()
         self.doc_ids.zero_()
-        self.has_docs = False
+        self.reset_state()
 
     @torch.no_grad()
     def reorder(self, index):
         """Keep rows ``index`` (LongTensor (b',)) of every buffer, in that order; rows may repeat or vanish,
-        so the batch size may change (beam search)."""
+        so the batch size may change (beam search). The same batch size keeps the buffers (and their
+        addresses), copying only the written slots."""
         index = torch.as_tensor(index, dtype=torch.long, device=self.doc_ids.device)
+        if len(index) != self.batch_size:
+            for layer in self.layers:
+                layer.k = layer.k.index_select(0, index)
+                layer.v = layer.v.index_select(0, index)
+            self.doc_ids = self.doc_ids.index_select(0, index)
+            return
+        n = self.filled
         for layer in self.layers:
-            layer.k = layer.k.index_select(0, index)
-            layer.v = layer.v.index_select(0, index)
-        self.doc_ids = self.doc_ids.index_select(0, index)
+            layer.k[:, :, :n] = layer.k[:, :, :n].index_select(0, index)
+            layer.v[:, :, :n] = layer.v[:, :, :n].index_select(0, index)
+        self.doc_ids[:, :n] = self.doc_ids[:, :n].index_select(0, index)
+
+    @torch.no_grad()
+    def take(self, source: 'KVCache', index):
+        """Fill this cache's rows from ``source``'s: row i becomes source row ``index[i]`` (beam search copies
+        each prompt's prefill into its beams). The caches must match in every dimension but the batch."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.doc_ids.device)
+        if len(index) != self.batch_size or source.max_len != self.max_len or len(source.layers) != len(self.layers):
+            raise ValueError(f"cannot fill a cache of {self.batch_size} rows x {self.max_len} slots from "
+                             f"{len(index)} rows of a cache of {source.max_len} slots")
+        n = source.filled
+        for layer, other in zip(self.layers, source.layers):
+            layer.k[:, :, :n] = other.k[:, :, :n].index_select(0, index)
+            layer.v[:, :, :n] = other.v[:, :, :n].index_select(0, index)
+        self.doc_ids[:, :n] = source.doc_ids[:, :n].index_select(0, index)
+        self.has_docs, self.filled = self.has_docs or source.has_docs, max(self.filled, n)

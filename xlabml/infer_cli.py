@@ -17,6 +17,7 @@ from pathlib import Path
 
 PROG = "xlab-infer"
 SEPARATOR = "\n" + "-" * 40
+DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --dtype: torch dtype names
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,7 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="beam score = log-prob / length**z: > 0 favours longer outputs (default 0)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print tokens as they are generated (default: when stdout is a terminal)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays off on GPU)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="auto",
+                   help="weights, activations and KV cache in this precision (logits are sampled in float32); "
+                   "auto = bf16 on a GPU, fp32 on a CPU (default: auto)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step once (pays off on a GPU; on a CPU only for long runs: "
+                   "it takes tens of seconds)")
     p.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors; timings on stderr")
     return p
 
@@ -108,6 +114,15 @@ def escape_control(text: str) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------
 # running
+
+
+def _dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else (
+            torch.float16 if device == "cuda" else torch.float32)
+    return getattr(torch, DTYPES[name])
 
 
 def _device(name: str) -> str:
@@ -163,6 +178,7 @@ def run(args: argparse.Namespace, out=None) -> None:
     # compiling the whole model is for training; inference compiles its decode step (--compile)
     loaded = load_checkpoint(args.checkpoint, device, overrides={"compile": False}, tokenizer=args.tokenizer)
     model, tokenizer = loaded.model.eval().requires_grad_(False), loaded.tokenizer
+    model = model.to(_dtype(args.dtype, device))
     if tokenizer is None:
         raise ValueError(f"checkpoint {args.checkpoint} names no tokenizer; give one with -t/--tokenizer")
     n_vocab, block_size = model.hparams["n_vocab"], model.hparams["max_len"]

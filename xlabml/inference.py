@@ -9,27 +9,45 @@ Every strategy works on any module with the model's inference interface (an `XLa
 A prompt is prefilled once, then each step feeds one token per row. A batch of prompts of different lengths is
 left-padded: pads get doc id -1 so real tokens never see them, and each row gets its own positions.
 
-Context window rule (the same for every strategy and every row, so a batched row equals its lone run): the
-model sees the tokens of a row from a window start `s` to its end, at positions 0, 1, ...; a prompt longer than
-`block_size` starts with its last `block_size` tokens; when feeding one more token would make the window
-longer than `block_size`, the window restarts at the most recent `context_keep` tokens (default
-`block_size // 2`), which are prefilled again. Re-prefilling half a window every `block_size / 2` steps costs
-about one prefilled token per generated token; `context_keep=block_size` gives a full window at every step at the
-price of a full prefill per step.
+Context window rule (the same for every strategy and every row, so a batched row equals its lone run): by
+default the window slides exactly, as in nanoGPT's generate: every token is chosen from the logits of a forward
+over the row's most recent `block_size` tokens alone, at positions 0, 1, ... Until a row's window is full, the
+cache makes that one token's work per step. Once it is full, a deeper layer's cached keys of the oldest tokens
+still carry what those tokens saw before the window, so exactness takes a new prefill of the window at every
+step (a `block_size`-token forward per token), except where nothing older can reach the logits: a model with
+relative positions (RoPE, ALiBi, none) and a sliding window with `n_layers * (sliding_window - 1) < block_size`
+rolls its cache past `block_size` exactly, at one token's cost. Two trade-offs, for speed:
+
+- `context_keep=k`: when feeding one more token would make the window longer than `block_size`, the window
+  restarts at the most recent `k` tokens, which are prefilled again (`block_size // 2` costs about one
+  prefilled token per generated token). Any model.
+- `rolling=True` (relative positions only): the cache keeps its last `block_size` tokens and decoding goes on at
+  one token's cost, every layer attending to the last `block_size` tokens: the model run with a sliding window
+  of `block_size` over the whole text (after a prompt cut to its last `block_size` tokens), which sees further
+  back than the crop through its deeper layers. A model trained on full windows may degrade once its first
+  tokens leave the cache (the "attention sink" effect of StreamingLLM).
+
+Caches are allocated once per (model, batch size, block size, dtype, device) and reused by later calls
+(`release_caches(model)` frees them), so `compile=True` compiles the one-token decode step once: prompts of
+any length and any `output_length` reuse its graph (the prefill runs eagerly). Logits are chosen from in
+float32 whatever the model's dtype; the KV cache has the model's dtype.
 """
 from __future__ import annotations
 
 import inspect
 import math
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
 from torch import Tensor, nn
 
 from xlabml.packed import prepacked
 
-__all__ = ["sample", "greedy_search", "beam_search", "generate_stream"]
+__all__ = ["sample", "greedy_search", "beam_search", "generate_stream", "release_caches"]
 
 Prompts = Tensor | Sequence[Tensor] | Sequence[Sequence[int]]
 
@@ -44,6 +62,13 @@ def _model_device(model: nn.Module) -> torch.device:
     for b in model.buffers():
         return b.device
     return torch.device("cpu")
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.get_default_dtype()
 
 
 def _prompts(x: Prompts, device: torch.device) -> tuple[list[Tensor], bool]:
@@ -76,13 +101,15 @@ def _check_positive(name: str, value, allow_zero: bool = False) -> None:
         raise ValueError(f"{name}={value!r}; expected an integer >= {0 if allow_zero else 1}")
 
 
-def _window(block_size: int, context_keep: int | None) -> int:
+def _window(block_size: int, context_keep: int | None, rolling: bool = False) -> int | None:
     _check_positive("block_size", block_size)
-    keep = max(1, block_size // 2) if context_keep is None else context_keep
-    _check_positive("context_keep", keep)
-    if keep > block_size:
-        raise ValueError(f"context_keep={keep} exceeds block_size={block_size}")
-    return keep
+    if context_keep is not None:
+        _check_positive("context_keep", context_keep)
+        if context_keep > block_size:
+            raise ValueError(f"context_keep={context_keep} exceeds block_size={block_size}")
+        if rolling:
+            raise ValueError(f"context_keep={context_keep} and rolling=True exclude each other; choose one")
+    return context_keep
 
 
 def _excluded(exclude_classes, n_vocab: int, device: torch.device) -> Tensor | None:
@@ -121,23 +148,119 @@ def _eval_mode(model: nn.Module, pack: bool = True):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the batch of rows being generated, and their KV cache
-
-_compiled: dict[str, Callable] = {}
+# caches and compiled decode steps, kept per model across calls
 
 
-def _decode_fn(compile: bool | str, device: torch.device) -> Callable:
-    """The one-token decode step, optionally compiled (static shapes; CUDA graphs on GPU)."""
+class _CacheEntry:
+    def __init__(self, cache):
+        self.cache, self.busy = cache, False
 
-    def decode(model, x, positions, cache, input_pos):
-        return model(x, positions=positions, cache=cache, input_pos=input_pos)[:, -1]
 
+_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> OrderedDict(key -> _CacheEntry)
+_caches_lock = threading.Lock()
+CACHES_PER_MODEL = 2  # e.g. a prompt batch's and its beams'; the least recently used beyond this is dropped
+
+
+@contextmanager
+def _borrowed_cache(model: nn.Module, batch_size: int, max_len: int, device: torch.device, static: bool):
+    """The model's KV cache for this (batch size, length, dtype, device, static), emptied, for the duration: made
+    on first use and kept for later calls (never in the model's state dict: it lives here, keyed weakly by the
+    model). A cache in use (a stream still open, another thread) is not shared: a second user gets a new one."""
+    key = (batch_size, max_len, _model_dtype(model), device, static)
+    with _caches_lock:
+        entries = _caches.setdefault(model, OrderedDict())
+        entry = entries.get(key)
+        if entry is not None and not entry.busy:
+            entries.move_to_end(key)
+            entry.busy = True
+        else:
+            entry = None
+    if entry is not None:
+        _empty(entry.cache)
+    else:
+        extra = {"static": True} if static and _accepts(model.init_cache, "static") else {}
+        entry = _CacheEntry(model.init_cache(batch_size, max_len=max_len, device=device, **extra))
+        entry.busy = True
+        with _caches_lock:
+            entries = _caches.setdefault(model, OrderedDict())
+            if key not in entries or not entries[key].busy:
+                entries[key] = entry
+                entries.move_to_end(key)
+                for old in [k for k, e in entries.items() if not e.busy][:max(0, len(entries) - CACHES_PER_MODEL)]:
+                    del entries[old]
+    try:
+        yield entry.cache
+    finally:
+        with _caches_lock:
+            entry.busy = False
+            entries = _caches.get(model)
+            # a cache whose batch size changed (a model's own cache type reordered to another size) is not kept
+            if entries is not None and getattr(entry.cache, "batch_size", batch_size) != batch_size:
+                if entries.get(key) is entry:
+                    del entries[key]
+
+
+def _empty(cache) -> None:
+    """Empties a reused cache. A dynamic `KVCache` never reads a slot the current call has not written, so
+    forgetting what it holds suffices; a static one reads every slot (masked), so it is zeroed."""
+    if getattr(cache, "static", True) is False and hasattr(cache, "reset_state"):
+        cache.reset_state()
+    elif hasattr(cache, "reset"):
+        cache.reset()
+
+
+def release_caches(model: nn.Module) -> None:
+    """Frees the KV caches and compiled decode steps kept for `model` (made again on the next call)."""
+    with _caches_lock:
+        _caches.pop(model, None)
+    _compiled.pop(model, None)
+
+
+def _at_least_float32(logits: Tensor) -> Tensor:
+    """Logits of a bfloat16/float16 model in float32 (choosing among them needs the precision); float64 stays."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _decode(model, x, positions, cache, input_pos):
+    return _at_least_float32(model(x, positions=positions, cache=cache, input_pos=input_pos)[:, -1])
+
+
+_compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {mode: (weights' key, step)}
+
+
+def _weights_key(model: nn.Module) -> tuple:
+    """What changes when any weight does: its storage or its version counter (in-place writes; a tensor made
+    under inference mode has none)."""
+    return tuple((p.data_ptr(), 0 if p.is_inference() else p._version) for p in model.parameters())
+
+
+def _decode_fn(model: nn.Module, compile: bool | str, device: torch.device) -> Callable:
+    """The one-token decode step `(model, x, positions, cache, input_pos) -> logits (b, v)` (at least float32),
+    compiled with static shapes: on a GPU with CUDA graphs ("reduce-overhead"), on a CPU by inductor with
+    `freezing` (weights folded into the graph as constants, linear weights packed for MKL/oneDNN, the small
+    ops between matmuls fused). A compile mode name picks another mode. One compiled step per model: its
+    graphs never serve another model, and a change to the weights (in place or not) compiles it again, since
+    frozen weights are copies."""
     if not compile:
-        return decode
-    mode = compile if isinstance(compile, str) else ("reduce-overhead" if device.type == "cuda" else "default")
-    if mode not in _compiled:
-        _compiled[mode] = torch.compile(decode, mode=mode, dynamic=False)
-    return _compiled[mode]
+        return _decode
+    mode = compile if isinstance(compile, str) else ("reduce-overhead" if device.type == "cuda" else None)
+    freeze = device.type == "cpu" and not isinstance(compile, str)
+    steps = _compiled.setdefault(model, {})
+    key = _weights_key(model) if freeze else None
+    if mode not in steps or steps[mode][0] != key:
+        # a new code object per compiled step: dynamo keeps its graphs per code object, so this model's graphs
+        # never mix with another model's (nor count against their recompile limit)
+        fn = type(_decode)(_decode.__code__.replace(), _decode.__globals__, "decode_step")
+        compiled = torch.compile(fn, dynamic=False, **({"mode": mode} if mode else {}))
+        if freeze:
+            def step(*args, _compiled=compiled):
+                # dynamo reads the flag while tracing, inductor while compiling: both happen inside a call
+                with torch._inductor.config.patch(freezing=True):
+                    return _compiled(*args)
+        else:
+            step = compiled
+        steps[mode] = key, step
+    return steps[mode][1]
 
 
 def _mark_static(cache) -> None:
@@ -147,40 +270,53 @@ def _mark_static(cache) -> None:
         torch._dynamo.mark_static_address(buffer)
 
 
+def _static(compile: bool | str, device: torch.device) -> bool:
+    # a static cache (attention over all its slots, masked) has fixed shapes and needs no host reads: what
+    # compile wants, and what keeps a GPU's queue full; a CPU is faster attending to the filled slots only
+    return bool(compile) or device.type != "cpu"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the batch of rows being generated, and their KV cache
+
+
 class _Rows:
     """The token histories of a batch of rows, the window of each row that the KV cache holds, and the cache.
 
     `tokens` holds every row's prompt right-aligned at column `prompt_len`, then the generated tokens, so that
-    all rows end at the same column `end`; row i's window is its last `context[i]` tokens. The cache holds the
-    windows right-aligned in slots 0..fill-1 (shorter windows are preceded by pad slots of doc id -1).
+    all rows end at the same column `end`; row i's window is its last `context[i]` tokens, at positions 0 ..
+    context[i] - 1. The last prefill wrote the windows right-aligned at cache indices 0..n-1 (shorter windows
+    preceded by pads of doc id -1); each step writes the next index. A rolling cache maps it into its
+    `block_size` slots modulo, keeping the last `block_size` tokens (positions keep counting up: the model's
+    are relative). Otherwise a full window restarts at its last `keep` tokens (default `block_size`: a full
+    window at every step), prefilled again. See the module doc for when rolling is exact.
     """
 
-    def __init__(self, model: nn.Module, prompts: list[Tensor], block_size: int, keep: int, max_new: int,
-                 compile: bool | str = False):
+    def __init__(self, model: nn.Module, prompts: list[Tensor], block_size: int, keep: int | None,
+                 max_new: int, cache, compile: bool | str = False, rolling: bool = False):
         device = prompts[0].device
         lengths = torch.tensor([len(p) for p in prompts], device=device)
-        self.model, self.block_size, self.keep = model, block_size, keep
+        self.model, self.block_size, self.cache = model, block_size, cache
+        can_roll = bool(getattr(cache, "rolling", False))
+        if rolling and not can_roll:
+            raise ValueError("rolling=True needs a model whose positions are relative (rope, alibi, none); this "
+                             "model's are absolute: use context_keep to trade exactness for speed")
+        reach = getattr(cache, "reach", None)
+        exact = can_roll and keep is None and reach is not None and reach <= block_size
+        self.rolling = rolling or exact
+        self.keep = block_size if keep is None else keep
         self.prompt_len = max(len(p) for p in prompts)
         self.tokens = torch.zeros(len(prompts), self.prompt_len + max_new, dtype=torch.long, device=device)
         for i, p in enumerate(prompts):
             self.tokens[i, self.prompt_len - len(p):self.prompt_len] = p
         self.end = self.prompt_len
         self.context = lengths.clamp(max=block_size)  # b
-        # a static cache (attention over all its slots, masked) has fixed shapes and needs no host reads: what
-        # compile wants, and what keeps a GPU's queue full; a CPU is faster attending to the filled slots only
-        static = bool(compile) or device.type != "cpu"
-        extra = {"static": True} if static and _accepts(model.init_cache, "static") else {}
-        # slots the windows can fill: fewer than block_size for a short generation, which makes beam search's
-        # cache reordering and a static cache's attention cheaper (windows never outgrow it; see step)
-        self.capacity = min(block_size, int(self.context.max()) + max_new)
-        self.cache = model.init_cache(len(prompts), max_len=self.capacity, device=device, **extra)
         if compile and device.type == "cuda":
-            _mark_static(self.cache)
+            _mark_static(cache)
         self.last_only = {"last_only": True} if _accepts(model.forward, "last_only") else {}
-        self.fill = 0
-        self.slots = torch.arange(self.capacity, device=device)
+        self.fill = 0  # cache indices written since the last prefill
         self.input_pos = torch.zeros(1, dtype=torch.long, device=device)  # updated in place: static for graphs
-        self.decode = _decode_fn(compile, device)
+        self.decode = _decode_fn(model, compile, device)
         self.compiled = bool(compile)
 
     @property
@@ -191,20 +327,20 @@ class _Rows:
         """Runs every row's window through the model from an empty cache; returns the last logits (b, v)."""
         n = int(self.context.max())
         x = self.tokens[:, self.end - n:self.end]  # b t
-        slots = self.slots[:n]
-        positions = slots - (n - self.context)[:, None]  # b t, negative on pad slots
+        index = torch.arange(n, device=x.device)
+        positions = index - (n - self.context)[:, None]  # b t, negative on pad slots
         # doc ids only where rows are padded: without them the model's decode steps need no mask
         doc_ids = torch.where(positions >= 0, 0, -1) if bool((self.context < n).any()) else None
         logits = self.model(x, positions=positions.clamp(min=0), doc_ids=doc_ids, cache=self.cache,
-                            input_pos=slots, **self.last_only)
+                            input_pos=index, **self.last_only)
         self.fill = n
-        return logits[:, -1]
+        return _at_least_float32(logits[:, -1])
 
     def step(self, token: Tensor) -> Tensor:
-        """Appends one token per row (b,) and returns the next logits (b, v)."""
+        """Appends one token per row (b,) and returns the next logits (b, v), float32 or float64."""
         self.tokens[:, self.end] = token
         self.end += 1
-        if self.fill < self.capacity:  # below block_size unless every window holds block_size tokens
+        if self.rolling or self.fill < self.block_size:
             self.input_pos.fill_(self.fill)
             positions = self.context[:, None]  # b 1: each new token follows its row's window
             logits = self.decode(self.model, token[:, None], positions, self.cache, self.input_pos)
@@ -217,11 +353,16 @@ class _Rows:
         self.context = torch.where(grown > self.block_size, self.keep, grown)
         return self.prefill()
 
-    def reorder(self, index: Tensor) -> None:
-        """Keeps/duplicates rows: row i becomes old row index[i] (the batch size may change)."""
+    def reorder(self, index: Tensor, cache=None) -> None:
+        """Keeps/duplicates rows: row i becomes old row index[i] (the batch size may change). With `cache` (of
+        the new batch size), the rows are copied into it, which then replaces the current cache."""
         self.tokens = self.tokens[index]
         self.context = self.context[index]
-        self.cache.reorder(index)
+        if cache is not None and hasattr(cache, "take"):
+            cache.take(self.cache, index)
+            self.cache = cache
+        else:
+            self.cache.reorder(index)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -328,11 +469,11 @@ def _draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
 # greedy search and sampling
 
 
-def _token_steps(model, prompts, output_length, block_size, keep, choose_args, eos_class, compile
+def _token_steps(model, prompts, output_length, block_size, keep, rolling, choose_args, eos_class, compile, cache
                  ) -> Iterator[Tensor]:
     """Yields the next token of every row (b,) per step; stops after `output_length` steps or when every row
     has produced `eos_class`. Rows keep going after their own <eos>; callers cut them."""
-    rows = _Rows(model, prompts, block_size, keep, output_length, compile)
+    rows = _Rows(model, prompts, block_size, keep, output_length, cache, compile, rolling)
     logits = rows.prefill()
     choose = _Chooser(prompts, logits.shape[-1], **choose_args)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=logits.device)
@@ -357,16 +498,18 @@ def _cut(tokens: Tensor, eos_class: int | None) -> list[Tensor]:
     return [row[:n] for row, n in zip(tokens.unbind(0), lengths)]
 
 
-def _generate(model, x, output_length, block_size, eos_class, context_keep, compile, **choose_args):
+def _generate(model, x, output_length, block_size, eos_class, context_keep, rolling, compile, **choose_args):
     _check_positive("output_length", output_length, allow_zero=True)
-    keep = _window(block_size, context_keep)
+    keep = _window(block_size, context_keep, rolling)
     with _eval_mode(model, pack=not compile):
         prompts, batched = _prompts(x, _model_device(model))
         if output_length == 0:
             tokens = torch.zeros(len(prompts), 0, dtype=torch.long, device=prompts[0].device)
         else:
-            steps = list(_token_steps(model, prompts, output_length, block_size, keep, choose_args, eos_class,
-                                      compile))
+            device = prompts[0].device
+            with _borrowed_cache(model, len(prompts), block_size, device, _static(compile, device)) as cache:
+                steps = list(_token_steps(model, prompts, output_length, block_size, keep, rolling, choose_args,
+                                          eos_class, compile, cache))
             tokens = torch.stack(steps, dim=1)  # b t
         outputs = [row.clone() for row in _cut(tokens, eos_class)]
     return outputs if batched else outputs[0]
@@ -375,8 +518,8 @@ def _generate(model, x, output_length, block_size, eos_class, context_keep, comp
 def sample(model: nn.Module, x: Prompts, output_length: int, block_size: int, eos_class: int | None = None,
            exclude_classes: Sequence[int] | None = None, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, generator: torch.Generator | None = None, *, min_p: float | None = None,
-           repetition_penalty: float = 1.0, context_keep: int | None = None, compile: bool | str = False
-           ) -> Tensor | list[Tensor]:
+           repetition_penalty: float = 1.0, context_keep: int | None = None, rolling: bool = False,
+           compile: bool | str = False) -> Tensor | list[Tensor]:
     """Samples up to `output_length` new tokens after each prompt.
 
     Args:
@@ -394,23 +537,28 @@ def sample(model: nn.Module, x: Prompts, output_length: int, block_size: int, eo
         min_p: drop classes less likely than `min_p` times the most likely one.
         repetition_penalty: > 1 makes classes already in the prompt or output less likely (logits divided by
             it when positive, multiplied when negative).
-        context_keep: tokens kept when the context window slides (default `block_size // 2`).
-        compile: `torch.compile` the one-token decode step (True, or a compile mode name).
+        context_keep: when given, a full window restarts at its most recent `context_keep` tokens (faster, not
+            exact; see the module doc). Default: an exact sliding window of `block_size` tokens.
+        rolling: past `block_size`, roll the KV cache instead (relative positions only; one token's cost per
+            step, not exact; see the module doc).
+        compile: `torch.compile` the one-token decode step (True, or a compile mode name); compiled once per
+            model and batch size, whatever the prompt lengths and `output_length` (the prefill stays eager).
+            Pays off on a GPU; on a CPU see `bench/generate.py`.
 
     Returns:
         the new ids (1-D LongTensor, without the prompt and without <eos>) for a 1-D `x`; for a batch, a list of
         such tensors, one per prompt.
     """
-    return _generate(model, x, output_length, block_size, eos_class, context_keep, compile,
+    return _generate(model, x, output_length, block_size, eos_class, context_keep, rolling, compile,
                      exclude_classes=exclude_classes, temperature=temperature, top_k=top_k, top_p=top_p,
                      min_p=min_p, repetition_penalty=repetition_penalty, generator=generator)
 
 
 def greedy_search(model: nn.Module, x: Prompts, output_length: int, block_size: int, eos_class: int | None = None,
                   exclude_classes: Sequence[int] | None = None, *, context_keep: int | None = None,
-                  compile: bool | str = False) -> Tensor | list[Tensor]:
+                  rolling: bool = False, compile: bool | str = False) -> Tensor | list[Tensor]:
     """Generates the most likely next token at each step (argmax); arguments and result as for `sample`."""
-    return _generate(model, x, output_length, block_size, eos_class, context_keep, compile,
+    return _generate(model, x, output_length, block_size, eos_class, context_keep, rolling, compile,
                      exclude_classes=exclude_classes, temperature=0.0)
 
 
@@ -418,12 +566,12 @@ def generate_stream(model: nn.Module, x: Tensor, output_length: int, block_size:
                     eos_class: int | None = None, exclude_classes: Sequence[int] | None = None,
                     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                     generator: torch.Generator | None = None, *, min_p: float | None = None,
-                    repetition_penalty: float = 1.0, context_keep: int | None = None,
+                    repetition_penalty: float = 1.0, context_keep: int | None = None, rolling: bool = False,
                     compile: bool | str = False) -> Iterator[int]:
     """Like `sample` for one prompt `x` (t,), but yields each new id (an int) as soon as it is chosen, stopping
     before <eos>. Use temperature=0 for greedy search. The result equals `sample`'s with the same arguments."""
     _check_positive("output_length", output_length, allow_zero=True)
-    keep = _window(block_size, context_keep)
+    keep = _window(block_size, context_keep, rolling)
     if not isinstance(x, Tensor) or x.dim() != 1:
         raise ValueError("generate_stream takes one prompt: a 1-D tensor of token ids")
     choose_args = dict(exclude_classes=exclude_classes, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -431,10 +579,15 @@ def generate_stream(model: nn.Module, x: Tensor, output_length: int, block_size:
     training = model.training
     model.eval()
     try:
-        with prepacked(model) if not compile else nullcontext():  # spans the yields: used only without autograd
+        with ExitStack() as stack:
+            if not compile:  # spans the yields: packed weights are used only without autograd
+                stack.enter_context(prepacked(model))
             with torch.inference_mode():
                 prompts, _ = _prompts(x, _model_device(model))
-                steps = _token_steps(model, prompts, output_length, block_size, keep, choose_args, None, compile)
+                device = prompts[0].device
+                cache = stack.enter_context(_borrowed_cache(model, 1, block_size, device, _static(compile, device)))
+                steps = _token_steps(model, prompts, output_length, block_size, keep, rolling, choose_args, None,
+                                     compile, cache)
             while True:
                 with torch.inference_mode():  # not held across yields: the caller's code runs in between
                     token = next(steps, None)
@@ -454,7 +607,8 @@ def generate_stream(model: nn.Module, x: Tensor, output_length: int, block_size:
 
 def beam_search(model: nn.Module, x: Prompts, beam_width: int, output_length: int, block_size: int,
                 eos_class: int | None = None, exclude_classes: Sequence[int] | None = None,
-                length_penalty: float = 0.0, *, context_keep: int | None = None) -> Tensor | list[Tensor]:
+                length_penalty: float = 0.0, *, context_keep: int | None = None, rolling: bool = False
+                ) -> Tensor | list[Tensor]:
     """Beam search for the most likely continuation of each prompt.
 
     All beams of all prompts advance together in one batched forward per step. At each step the W×V
@@ -473,25 +627,34 @@ def beam_search(model: nn.Module, x: Prompts, beam_width: int, output_length: in
     """
     _check_positive("beam_width", beam_width)
     _check_positive("output_length", output_length, allow_zero=True)
-    keep = _window(block_size, context_keep)
+    keep = _window(block_size, context_keep, rolling)
     lp = float(length_penalty)
     with _eval_mode(model):
         prompts, batched = _prompts(x, _model_device(model))
-        outputs = _beam_search(model, prompts, beam_width, output_length, block_size, keep, eos_class,
+        outputs = _beam_search(model, prompts, beam_width, output_length, block_size, keep, rolling, eos_class,
                                exclude_classes, lp) if output_length else [p[:0] for p in prompts]
         outputs = [row.clone() for row in outputs]
     return outputs if batched else outputs[0]
 
 
-def _beam_search(model, prompts, W, output_length, block_size, keep, eos_class, exclude_classes, lp):
+def _beam_search(model, prompts, W, output_length, block_size, keep, rolling, eos_class, exclude_classes, lp):
     n, device = len(prompts), prompts[0].device
-    rows = _Rows(model, prompts, block_size, keep, output_length)
-    logits = rows.prefill()  # n v: the W beams of a prompt start identical, so prefill each prompt once
+    with ExitStack() as stack:
+        cache = stack.enter_context(_borrowed_cache(model, n, block_size, device, _static(False, device)))
+        rows = _Rows(model, prompts, block_size, keep, output_length, cache, rolling=rolling)
+        logits = rows.prefill()  # n v: the W beams of a prompt start identical, so prefill each prompt once
+        if W > 1:
+            expand = torch.arange(n, device=device).repeat_interleave(W)
+            rows.reorder(expand, stack.enter_context(
+                _borrowed_cache(model, n * W, block_size, device, _static(False, device))))
+            logits = logits[expand]
+        return _beams(rows, logits, n, W, output_length, eos_class, exclude_classes, lp)
+
+
+def _beams(rows, logits, n, W, output_length, eos_class, exclude_classes, lp):
+    device = logits.device
     V = logits.shape[-1]
     excluded = _excluded(exclude_classes, V, device)
-    expand = torch.arange(n, device=device).repeat_interleave(W)
-    rows.reorder(expand)
-    logits = logits[expand]
     scores = torch.full((n, W), -math.inf, device=device)  # summed log-probs of the open beams
     scores[:, 0] = 0.0  # one live beam at first, so the first step does not pick the same token W times
     beams = torch.zeros(n, W, output_length, dtype=torch.long, device=device)  # tokens of the open beams

@@ -7,7 +7,7 @@ Lightning (see ``xlabml.models``).
 
 Attention rule (shared by every backend): the query in slot ``i`` may see the key in slot ``j`` iff ``j <= i``,
 the two document ids are equal (when given), and ``i - j < sliding_window`` (when set). A slot is a column of
-the input during training and a cache slot during cached inference. ALiBi uses the slot distance ``i - j``;
+the input during training and a cache index (``input_pos``) during cached inference. ALiBi uses ``i - j``;
 sinusoidal, learned and rotary encodings use ``positions``, so a packed document (positions restarting at 0,
 its own doc id) gets exactly the logits it would get alone.
 
@@ -26,7 +26,6 @@ from xlabml.attention import (  # noqa: F401  (re-exported: every model part in 
     ATTENTIONS, Attention, AttentionContext, FlashKernel, KVCache, LayerKVCache, NaiveKernel, SDPAKernel,
     apply_rotary,
 )
-from xlabml.packed import Linear
 
 
 def pick(registry: dict, kind: str, name: str):
@@ -162,19 +161,25 @@ NORMS = {'layernorm': LayerNorm, 'rmsnorm': RMSNorm}
 
 # ------------------------------------------------------------------------------------------- feed-forward
 
+ACTIVATIONS = {'gelu': nn.GELU, 'relu': nn.ReLU}
+
+
 class MLP(nn.Module):
-    """Linear -> activation -> (dropout) -> linear, hidden size ``d_ff``. The activation is a name in
-    ``xlabml.packed.ACTIVATIONS``, applied by the first linear (fused into its matmul at CPU inference)."""
+    """Linear -> activation -> (dropout) -> linear, hidden size ``d_ff``; ``activation`` names a module in
+    ``ACTIVATIONS``."""
     activation = 'gelu'
+    # act is applied directly to fc's output, so a transformation may compute both in one (xlabml.packed)
+    fusable_activations = {'fc': 'act'}
 
     def __init__(self, d_model, d_ff, *, dropout=0.0, bias=True):
         super().__init__()
-        self.fc = Linear(d_model, d_ff, bias=bias)
+        self.fc = nn.Linear(d_model, d_ff, bias=bias)
+        self.act = ACTIVATIONS[self.activation]()
         self.dropout = _dropout(dropout, True)
-        self.proj = Linear(d_ff, d_model, bias=bias)
+        self.proj = nn.Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x):  # b t c
-        return self.proj(self.dropout(self.fc(x, self.activation)))  # b t c (hidden b t f)
+        return self.proj(self.dropout(self.act(self.fc(x))))  # b t c (hidden b t f)
 
 
 class GELUMLP(MLP):
@@ -197,9 +202,9 @@ class SwiGLU(nn.Module):
     def __init__(self, d_model, d_ff, *, dropout=0.0, bias=True):
         super().__init__()
         self.hidden = swiglu_hidden(d_ff)
-        self.fc = Linear(d_model, 2 * self.hidden, bias=bias)
+        self.fc = nn.Linear(d_model, 2 * self.hidden, bias=bias)
         self.dropout = _dropout(dropout, True)
-        self.proj = Linear(self.hidden, d_model, bias=bias)
+        self.proj = nn.Linear(self.hidden, d_model, bias=bias)
 
     def forward(self, x):  # b t c
         gate, up = self.fc(x).chunk(2, dim=-1)  # b t f', b t f'
@@ -325,7 +330,7 @@ class Decoder(nn.Module):
                 norm_cls, d_model, dropout_residual=dropout * dropout_residual, bias=bias,
             ) for _ in range(n_layers))
         self.norm = norm_cls(d_model, bias=bias) if final_norm else nn.Identity()
-        self.head = Linear(d_model, n_vocab, bias=bias)
+        self.head = nn.Linear(d_model, n_vocab, bias=bias)
         self.embedding_scale = math.sqrt(d_model) if embedding_scale is None else float(embedding_scale)
         self.reset_parameters()
         if tie_embeddings:
@@ -344,13 +349,24 @@ class Decoder(nn.Module):
             for proj in (block.attn.proj, block.ffn.proj):
                 nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.n_layers))
 
+    @property
+    def relative_positions(self) -> bool:
+        """Whether positions reach the logits only through the distances between tokens (RoPE, ALiBi, none: no
+        vector is added per position), so shifting every position of a sequence changes nothing and a KV
+        cache may roll past ``max_len`` (see ``KVCache``)."""
+        return type(self.position).embed is Position.embed
+
     def init_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None, *,
                    static: bool = False) -> KVCache:
         """A fresh, zeroed KV cache for ``batch_size`` rows and ``max_len`` slots (default: the model's
-        ``max_len``), on the model's device and dtype unless given. See ``KVCache`` for ``static``."""
+        ``max_len``), on the model's device and dtype unless given. See ``KVCache`` for ``static``; the cache
+        rolls past ``max_len`` when the model's positions are relative."""
         weight = self.head.weight
+        window = self.sliding_window
         return KVCache(self.n_layers, batch_size, self.n_kv_heads, max_len or self.max_len, self.head_dim,
-                       device=device or weight.device, dtype=dtype or weight.dtype, static=static)
+                       device=device or weight.device, dtype=dtype or weight.dtype, static=static,
+                       rolling=self.relative_positions,
+                       reach=None if window is None else self.n_layers * (window - 1) + 1)
 
     def forward(self, x, positions=None, doc_ids=None, cache: KVCache | None = None, input_pos=None, *,
                 last_only: bool = False):
@@ -361,8 +377,8 @@ class Decoder(nn.Module):
             positions: position ids (b, t); default ``0..t-1``, or ``input_pos`` with a cache.
             doc_ids: document id of each token (b, t); tokens attend only to equal ids. Default: one document.
             cache: a ``KVCache`` from ``init_cache`` (inference only).
-            input_pos: LongTensor (t,), strictly increasing cache slots written by these tokens (same for all
-                rows); required with a cache.
+            input_pos: LongTensor (t,), strictly increasing cache indices of these tokens (same for all rows;
+                index i lives in slot ``i % cache.max_len``, see ``KVCache``); required with a cache.
             last_only: compute logits for the last position only (b, 1, v): cheaper prefill/decode.
         Returns:
             logits (b, t, v), or (b, 1, v) with ``last_only``; float of the model's dtype.
@@ -406,43 +422,61 @@ class Decoder(nn.Module):
     def _cached_context(self, x, positions, doc_ids, cache, input_pos):
         b, t = x.shape
         if input_pos is None:
-            raise ValueError("a forward with a cache needs input_pos, the cache slots of the new tokens")
+            raise ValueError("a forward with a cache needs input_pos, the cache indices of the new tokens")
         if b != cache.batch_size:
             raise ValueError(f"batch of {b} rows but the cache holds {cache.batch_size}; use cache.reorder()")
         if positions is None:
             positions = input_pos.expand(b, t)
+        size, window = cache.max_len, self.sliding_window
         if doc_ids is not None:
-            cache.doc_ids[:, input_pos] = doc_ids
             cache.has_docs = True
-        elif cache.has_docs:
-            cache.doc_ids[:, input_pos] = 0
-        window = self.sliding_window
-        if cache.static:
-            lo, hi, kind = 0, cache.max_len, 'explicit'
+        if cache.static:  # fixed shapes and no host reads: every slot, masked by the index it holds
+            slots = input_pos % size
+            last = input_pos[-1]
+            k_slots = last - (last - torch.arange(size, device=x.device)) % size  # s, negative if unwritten
+            lo, hi, kind = 0, size, 'explicit'
         else:
             ends = input_pos[::max(t - 1, 1)].tolist()  # one host read per forward, not per layer
             first, last = ends[0], ends[-1]
-            if last >= cache.max_len:
-                raise ValueError(f"cache slot {last} is past the cache's max_len={cache.max_len}")
-            hi = last + 1
-            lo = max(0, first - window + 1) if window is not None else 0
-            if window is not None and window >= hi:
-                window = None
-            if cache.has_docs or self.uses_bias:
-                kind = 'explicit'
-            elif t == 1:
-                kind = 'all'  # one token sees every key in lo..hi-1: the prefix, or exactly its window
-            elif first == 0 and hi == t and window is None:
-                kind = 'causal'
-            else:
-                kind = 'explicit'
+            if last < size:
+                slots, k_slots = input_pos, None  # keys: slots lo..hi-1, which hold their own indices
+                hi = last + 1
+                lo = max(0, first - window + 1) if window is not None else 0
+                if window is not None and window >= hi:
+                    window = None
+                if cache.has_docs or self.uses_bias:
+                    kind = 'explicit'
+                elif t == 1:
+                    kind = 'all'  # one token sees every key in lo..hi-1: the prefix, or exactly its window
+                elif first == 0 and hi == t and window is None:
+                    kind = 'causal'
+                else:
+                    kind = 'explicit'
+            else:  # past max_len: slot j holds the latest index <= last that is j modulo size
+                if not cache.rolling:
+                    raise ValueError(f"cache index {last} is past the cache's max_len={size}, and a model with "
+                                     "absolute positions cannot roll its cache")
+                if t > 1:
+                    raise ValueError(f"{t} tokens at cache indices up to {last} (max_len={size}) would overwrite "
+                                     "keys their own queries see; past max_len feed one token at a time")
+                slots = input_pos % size
+                k_slots = last - (last - torch.arange(size, device=x.device)) % size  # s
+                lo, hi = 0, size
+                if window is not None and window >= size:
+                    window = None
+                kind = 'explicit' if cache.has_docs or self.uses_bias or window is not None else 'all'
+            cache.filled = max(cache.filled, hi)
+        if doc_ids is not None:
+            cache.doc_ids[:, slots] = doc_ids
+        elif cache.has_docs:
+            cache.doc_ids[:, slots] = 0
         q_docs = k_docs = None
         if cache.has_docs:
             q_docs = doc_ids if doc_ids is not None else torch.zeros_like(x)
             k_docs = cache.doc_ids[:, lo:hi]
-        ctx = AttentionContext(kind=kind, q_slots=input_pos, k_slots=None,
+        ctx = AttentionContext(kind=kind, q_slots=input_pos, k_slots=k_slots,
                                q_docs=q_docs, k_docs=k_docs, window=window, position=self.position,
-                               input_pos=input_pos, lo=lo, hi=hi)
+                               input_pos=slots, lo=lo, hi=hi)
         return ctx, positions
 
     def num_parameters(self) -> int:

@@ -1,17 +1,35 @@
-"""CPU inference with weights in oneDNN's blocked layout.
+"""CPU inference with weights in oneDNN's blocked layout: a transformation of a built model.
 
 On a CPU, ``F.linear`` with a few rows (batch-1 decoding, beams, small batches) goes to a BLAS GEMV/GEMM that
 streams the weight matrix far below the memory bandwidth. oneDNN's matmul on a weight reordered once into its
 blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, the packing ``torch.compile`` applies to frozen CPU
-linears) reads the same matrix 2-2.7x faster at 1 row and 3-5x faster at 4-8 rows on these machines
-(``bench/generate.py`` prints the matrix-vector figures of both next to each other).
+linears) reads the same matrix 2-2.7x faster at 1 row and 3-5x faster at 4-8 rows on these machines, and
+about 2x faster again for a bfloat16 matrix (``bench/generate.py`` prints the matrix-vector figures).
 
-``Linear`` is an ``nn.Linear`` (same parameters, same state dict) that uses such a packed copy of its weight
-inside ``prepacked(model)``, and only where it is valid: no autograd, CPU tensors of the weight's dtype
-(float32 or bfloat16). The copy is made on first use and remade when the weight changes (its storage or
-version counter moves: an optimizer step, ``load_state_dict``); ``release(model)`` frees the copies, which
-take as much memory as the matrices themselves. Elsewhere (training, GPU, a build without oneDNN) it is
-exactly ``nn.Linear``.
+The model definition knows nothing of this. ``pack(model)`` swaps every plain ``nn.Linear`` inside `model`
+whose weight can be packed (on a CPU, float32 or bfloat16, at least ``MIN_PACKED_NUMEL`` weights, oneDNN
+present) for a ``PackedLinear`` holding the same parameters under the same names, so the state dict, in-place
+updates and ``load_state_dict`` all reach the original tensors. A module that applies an activation directly
+to a linear's output says so in ``fusable_activations`` (``{'fc': 'act'}``: ``act(fc(x))``); when ``act`` is
+an ``nn.GELU`` or ``nn.ReLU`` and ``fc`` is packed, the activation runs inside the matmul (a oneDNN post-op)
+and ``act`` is swapped for ``nn.Identity`` meanwhile. ``pack`` returns a ``Packing`` whose ``undo()`` puts
+every original module back; ``prepacked(model)`` does both around a block::
+
+    with torch.inference_mode(), packed.prepacked(model):
+        logits = model(x)
+
+``PackedLinear`` multiplies by the packed copy only where that is valid: no autograd (training through a
+packed model computes ``F.linear`` on the real weight), a CPU input of the weight's dtype. The copy is made on
+first use, kept across ``pack`` calls (keyed weakly by the weight tensor, so it never enters a state dict, a
+deep copy or a pickle) and remade when the weight changes (its storage or version counter moves: an optimizer
+step, ``load_state_dict``); ``release(model)`` frees the copies, which take as much memory as the matrices.
+
+Composing with other transformations (LoRA adapters, quantization, ``torch.compile``): ``pack`` touches only
+modules whose type is exactly ``nn.Linear``, so a quantized linear or any ``nn.Linear`` subclass is left alone,
+and a wrapper such as a LoRA adapter keeps working with its inner plain linears packed. Apply such swaps
+before packing and undo in the reverse order (``undo`` refuses to put a module back where another
+transformation has replaced its packed stand-in). Do not pack a model for ``torch.compile``: inductor with
+``freezing`` packs frozen weights itself (``xlabml.inference`` compiles the unpacked model).
 """
 from __future__ import annotations
 
@@ -20,13 +38,14 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 _DTYPES = (torch.float32, torch.bfloat16)
 # below this many weights a oneDNN call's fixed cost (~14 us here) outweighs its faster streaming: F.linear
 MIN_PACKED_NUMEL = 1 << 16
-# activations oneDNN applies to the matmul's output in the same pass: name -> (post-op, its algorithm, eager)
-ACTIVATIONS = {"gelu": ("gelu", "none", F.gelu), "relu": ("relu", "", F.relu)}
 _supported: bool | None = None
+# weight tensor -> (key of the weight's state when packed, packed copy)
+_copies = WeakIdKeyDictionary()
 
 
 def supported() -> bool:
@@ -45,44 +64,78 @@ def supported() -> bool:
     return _supported
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` that multiplies by a oneDNN-packed copy of its weight inside ``prepacked`` (see the
-    module's docstring); ``y = act(x W^T + b)`` either way, where ``activation`` (a name in ``ACTIVATIONS``,
-    default none) is fused into the packed matmul."""
+def packable(weight: torch.Tensor) -> bool:
+    """Whether a linear layer with this weight is worth packing (see the module's docstring)."""
+    return (weight.device.type == "cpu" and weight.dtype in _DTYPES and weight.numel() >= MIN_PACKED_NUMEL
+            and supported())
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.use_packed = False  # set by prepacked()
-        self._packed = None  # (key, packed weight)
 
-    def forward(self, x, activation: str | None = None):
-        if self.use_packed and not torch.is_grad_enabled() and x.device.type == "cpu":
-            packed = self.packed_weight(x.dtype)
-            if packed is not None:
-                if activation is None:
-                    return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
-                op, algorithm, _ = ACTIVATIONS[activation]
-                return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, op, [], algorithm)
-        y = F.linear(x, self.weight, self.bias)
-        return y if activation is None else ACTIVATIONS[activation][2](y)
+def packed_weight(weight: torch.Tensor, dtype: torch.dtype):
+    """The packed copy of `weight` for inputs of `dtype`, made or remade as needed; None where packing does not
+    apply (another dtype, not on a CPU, no oneDNN)."""
+    entry = _packed_entry(weight, dtype)
+    return None if entry is None else entry[1]
 
-    def packed_weight(self, dtype: torch.dtype):
-        """The packed copy of the weight for inputs of `dtype`, made or remade as needed; None where packing
-        does not apply (another dtype, not on a CPU, a matrix smaller than ``MIN_PACKED_NUMEL``, no oneDNN)."""
-        weight = self.weight
-        if (dtype != weight.dtype or weight.dtype not in _DTYPES or weight.device.type != "cpu"
-                or weight.numel() < MIN_PACKED_NUMEL):
+
+def _packed_entry(weight: torch.Tensor, dtype: torch.dtype):
+    """(key of the weight's state, its packed copy), or None; see ``packed_weight``."""
+    if dtype != weight.dtype or weight.dtype not in _DTYPES or weight.device.type != "cpu":
+        return None
+    key = _key(weight)
+    entry = _copies.get(weight)
+    if entry is None or entry[0] != key:
+        if not supported():
             return None
-        key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
-        if self._packed is None or self._packed[0] != key:
-            if not supported():
-                return None
-            with torch.no_grad():
-                self._packed = key, torch.ops.mkldnn._reorder_linear_weight(weight.detach())
-        return self._packed[1]
+        with torch.no_grad():
+            entry = key, torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+        _copies[weight] = entry
+    return entry
 
-    def release(self) -> None:
-        self._packed = None
+
+def _key(weight: torch.Tensor) -> tuple:
+    # what changes when the weight does: its storage, or its version counter (in-place writes); a tensor made
+    # under inference mode has no version counter, and can only be written in place under it again
+    version = 0 if weight.is_inference() else weight._version
+    return weight.data_ptr(), version, weight.dtype, tuple(weight.shape)
+
+
+def _fusable(activation: nn.Module) -> tuple[str, str] | None:
+    """(oneDNN post-op, its algorithm) computing `activation`, or None."""
+    if type(activation) is nn.GELU and activation.approximate in ("none", "tanh"):
+        return "gelu", activation.approximate
+    if type(activation) is nn.ReLU:
+        return "relu", ""
+    return None
+
+
+class PackedLinear(nn.Module):
+    """Stand-in for an ``nn.Linear`` while packed: the same ``weight`` and ``bias`` parameters, ``y = act(x W^T +
+    b)`` where ``act`` is the fused activation (none by default). Multiplies by the weight's packed copy where
+    valid (see the module's docstring), else by the weight itself."""
+
+    def __init__(self, linear: nn.Linear, activation: nn.Module | None = None):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        post_op = _fusable(activation) if activation is not None else None
+        if activation is not None and post_op is None:
+            raise ValueError(f"activation {activation!r} cannot be fused into a packed linear; expected "
+                             "nn.GELU or nn.ReLU")
+        self.post_op, self.algorithm = post_op or ("none", "")
+        self.activation = activation  # the eager activation, for the unpacked path
+        self._packed = None  # (key, packed copy): the shared entry of ``_copies``, held to skip its lookup
+
+    def forward(self, x):
+        if not torch.is_grad_enabled() and x.device.type == "cpu":
+            weight, entry = self.weight, self._packed
+            if entry is None or weight.dtype != x.dtype or entry[0] != _key(weight):
+                entry = self._packed = _packed_entry(weight, x.dtype)
+            if entry is not None:
+                return torch.ops.mkldnn._linear_pointwise(x, entry[1], self.bias, self.post_op, [],
+                                                          self.algorithm)
+        y = F.linear(x, self.weight, self.bias)
+        return y if self.activation is None else self.activation(y)
 
     def __getstate__(self):
         # the packed copy is an opaque oneDNN tensor that cannot be pickled or deep-copied; a copy repacks lazily
@@ -90,25 +143,73 @@ class Linear(nn.Linear):
         state["_packed"] = None
         return state
 
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"post_op={self.post_op}")
+
+
+class Packing:
+    """The swaps made by ``pack``: ``undo()`` restores the original modules (once; later calls do nothing)."""
+
+    def __init__(self, swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]]):
+        self.swaps = swaps  # (parent, attribute, original module, its stand-in), in the order made
+
+    def __len__(self) -> int:
+        return sum(isinstance(new, PackedLinear) for _, _, _, new in self.swaps)
+
+    def undo(self) -> None:
+        for parent, name, _, new in self.swaps:
+            if getattr(parent, name) is not new:
+                raise RuntimeError(f"{type(parent).__name__}.{name} was replaced after packing; undo the "
+                                   "transformations applied after pack() first (in reverse order)")
+        for parent, name, old, _ in reversed(self.swaps):
+            setattr(parent, name, old)
+        self.swaps = []
+
+
+def pack(model: nn.Module) -> Packing:
+    """Swaps the packable plain ``nn.Linear`` modules inside `model` for ``PackedLinear`` stand-ins, fusing the
+    activations their parents declare (see the module's docstring). Modules of any other type, and linears
+    that are not worth packing, are left alone; a model with nothing to pack (on a GPU, a build without oneDNN,
+    a model already packed) comes back unchanged. Returns the ``Packing`` to undo."""
+    if type(model) is nn.Linear:
+        raise TypeError("pack() swaps the linear layers inside a model; for a lone nn.Linear use "
+                        "PackedLinear(linear)")
+    swaps = []
+    for parent in list(model.modules()):
+        fusable = getattr(parent, "fusable_activations", {})
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear or not packable(child.weight):
+                continue
+            act_name = fusable.get(name)
+            activation = getattr(parent, act_name, None) if act_name else None
+            if activation is not None and _fusable(activation) is None:
+                activation = None  # e.g. SiLU, or an activation another transformation has wrapped
+            stand_in = PackedLinear(child, activation)
+            setattr(parent, name, stand_in)
+            swaps.append((parent, name, child, stand_in))
+            if activation is not None:
+                identity = nn.Identity()
+                setattr(parent, act_name, identity)
+                swaps.append((parent, act_name, activation, identity))
+    return Packing(swaps)
+
 
 @contextmanager
 def prepacked(model: nn.Module):
-    """For the duration, every ``Linear`` of `model` uses its packed weight where valid (see the module's
-    docstring). Nests; other modules are untouched, so any model may be passed."""
-    layers = [m for m in model.modules() if isinstance(m, Linear)]
-    before = [m.use_packed for m in layers]
-    enable = supported()
-    for m in layers:
-        m.use_packed = enable
+    """``pack(model)`` for the duration of the block, undone afterwards. Nests (an inner block finds nothing
+    left to pack); any model may be passed."""
+    packing = pack(model)
     try:
         yield model
     finally:
-        for m, state in zip(layers, before):
-            m.use_packed = state
+        packing.undo()
 
 
 def release(model: nn.Module) -> None:
-    """Frees the packed copies of `model`'s ``Linear`` weights (they are remade on the next use)."""
+    """Frees the packed copies of the weights of `model`'s linear layers (they are remade on the next use)."""
     for m in model.modules():
-        if isinstance(m, Linear):
-            m.release()
+        if isinstance(m, (nn.Linear, PackedLinear)):
+            _copies.pop(m.weight, None)
+        if isinstance(m, PackedLinear):
+            m._packed = None
