@@ -55,7 +55,9 @@ EXPORT_KEYS = (
     "datamodule_hparams_name",
     "datamodule_hyper_parameters",
     DATA_STATE_KEY,
+    "quantization",
 )
+QUANTIZATION_KEY = "quantization"  # an export of quantized weights: the scheme, which load_checkpoint applies
 
 
 class CheckpointWarning(UserWarning):
@@ -251,6 +253,8 @@ class LoadedCheckpoint:
         global_step, epoch: training progress when it was saved (None if not recorded).
         metrics: monitored metrics when it was saved, e.g. ``{"val_loss": 2.31}`` (may be empty).
         lightning_version: the Lightning version that wrote the training checkpoint.
+        quantization: the weight quantization the checkpoint stores (``{"scheme": "int8"}``, see
+            ``xlabml.quantize``), applied to the model; None for float weights.
     """
 
     model: Any
@@ -265,6 +269,7 @@ class LoadedCheckpoint:
     epoch: Optional[int] = None
     metrics: dict[str, float] = field(default_factory=dict)
     lightning_version: Optional[str] = None
+    quantization: Optional[dict[str, Any]] = None
 
 
 def load_checkpoint(
@@ -320,6 +325,7 @@ def load_checkpoint(
                              f"model's vocabulary has {hparams['n_vocab']}: it is not the model's tokenizer")
         tokenizer_path = loaded_tokenizer.path
     model = model_class(**hparams)
+    quantization = _quantize(model, checkpoint.get(QUANTIZATION_KEY), path)
     try:
         model.load_state_dict(checkpoint["state_dict"], strict=strict)
     except RuntimeError as error:
@@ -330,7 +336,21 @@ def load_checkpoint(
         model=model, path=path, format=_format(path, checkpoint), hparams=dict(model.hparams),
         data_hparams=data, tokenizer_path=tokenizer_path, tokenizer_hash=recorded.get("tokenizer_hash"),
         tokenizer=loaded_tokenizer, global_step=checkpoint.get("global_step"), epoch=checkpoint.get("epoch"),
-        metrics=checkpoint_metrics(checkpoint), lightning_version=checkpoint.get("pytorch-lightning_version"))
+        metrics=checkpoint_metrics(checkpoint), lightning_version=checkpoint.get("pytorch-lightning_version"),
+        quantization=quantization)
+
+
+def _quantize(model, spec: Any, path) -> Optional[dict[str, Any]]:
+    """Quantizes a freshly built model as an export of quantized weights records (its values are loaded next)."""
+    if spec is None:
+        return None
+    from xlabml.quantize import quantize
+
+    try:
+        quantize(model, **spec)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path} records a quantization this xlabml cannot apply ({spec!r}: {error})") from None
+    return dict(spec)
 
 
 def load_datamodule(path: str | os.PathLike, datamodule_class: Optional[type] = None, **overrides: Any):
@@ -478,18 +498,23 @@ EXPORT_FORMATS = {"ckpt": _serialize_ckpt, "safetensors": _serialize_safetensors
 
 
 def export_checkpoint(
-    ckpt_path: str | os.PathLike, output_dir: str | os.PathLike = "exports", format: str = "ckpt"
+    ckpt_path: str | os.PathLike, output_dir: str | os.PathLike = "exports", format: str = "ckpt",
+    quantize: Optional[str] = None, group_size: Optional[int] = None,
 ) -> tuple[Path, bool]:
     """Export a training checkpoint; returns (path of the main file, whether it was written now).
 
-    The name is ``<checkpoint stem>-<first 8 hex digits of the main file's sha256>.<ext>``; if that file already
-    exists it holds the same content and nothing is written. Each file is written atomically and never
-    overwrites. The recorded tokenizer hash is kept; the tokenizer the checkpoint names, where it exists, must
-    match it.
+    The name is ``<checkpoint stem>-<first 8 hex digits of the main file's sha256>.<ext>`` (with ``-<scheme>``
+    before the digits when quantized); if that file already exists it holds the same content and nothing is
+    written. Each file is written atomically and never overwrites. The recorded tokenizer hash is kept; the
+    tokenizer the checkpoint names, where it exists, must match it. With `quantize` (``'int8'`` or ``'int4'``,
+    `group_size` for int4; see ``xlabml.quantize``) the export stores the quantized weights and their scales and
+    records the scheme, so that ``load_checkpoint`` rebuilds the quantized model.
     """
     if format not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {format!r}; expected one of {sorted(EXPORT_FORMATS)}")
     checkpoint = read_checkpoint(ckpt_path)
+    if quantize is not None:
+        checkpoint = _quantized(checkpoint, ckpt_path, quantize, group_size)
     model_hparams(checkpoint, ckpt_path)  # an export must be loadable
     recorded = tokenizer_state(checkpoint)
     tokenizer_path = resolve_tokenizer_path(data_hparams(checkpoint), ckpt_path)
@@ -502,7 +527,8 @@ def export_checkpoint(
     files = EXPORT_FORMATS[format](slim_checkpoint(checkpoint))
     main_ext = "." + format
     digest = hashlib.sha256(files[main_ext]).hexdigest()[:EXPORT_HASH_CHARS]
-    stem = f"{Path(ckpt_path).stem}-{digest}"
+    scheme = f"-{quantize}" if quantize is not None else ""
+    stem = f"{Path(ckpt_path).stem}{scheme}-{digest}"
     targets = {ext: Path(output_dir) / f"{stem}{ext}" for ext in files}
     existing = [ext for ext, target in targets.items() if target.exists()]
     for ext in existing:
@@ -514,6 +540,19 @@ def export_checkpoint(
         if ext not in existing:
             write_atomic(targets[ext], data)
     return targets[main_ext], True
+
+
+def _quantized(checkpoint: dict[str, Any], path, scheme: str, group_size: Optional[int]) -> dict[str, Any]:
+    """The checkpoint with its model's weights quantized (``xlabml.quantize``) and the scheme recorded."""
+    if checkpoint.get(QUANTIZATION_KEY):
+        raise ValueError(f"{path} holds weights quantized already ({checkpoint[QUANTIZATION_KEY]}); export its "
+                         "float checkpoint instead")
+    from xlabml.quantize import quantize
+
+    spec = {"scheme": scheme, **({"group_size": group_size} if group_size is not None else {})}
+    model = load_checkpoint(path, "cpu", overrides={"compile": False}, tokenizer=False).model
+    quantize(model, **spec)  # an unknown scheme or group size: its own one-line error
+    return {**checkpoint, "state_dict": model.state_dict(), QUANTIZATION_KEY: spec}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=tuple(DTYPES), default="auto",
                    help="weights, activations and KV cache in this precision (logits are sampled in float32); "
                    "auto = bf16 on a GPU, fp32 on a CPU (default: auto)")
+    p.add_argument("--quantize", choices=("int8", "int4"),
+                   help="quantize the weights after loading (xlabml.quantize): int8 per output channel, int4 in groups "
+                   "of 128; an export written with export-checkpoint --quantize loads quantized without it")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step once (pays off on a GPU; on a CPU only for long runs: "
                    "it takes tens of seconds)")
@@ -135,6 +138,20 @@ def _device(name: str) -> str:
     return name
 
 
+def _apply_quantize(model, scheme, stored, checkpoint) -> None:
+    """Quantizes the model as --quantize asks, unless its checkpoint stores it quantized that way already."""
+    if scheme is None:
+        return
+    if stored is not None:
+        if stored.get("scheme") != scheme:
+            raise ValueError(f"checkpoint {checkpoint} holds {stored.get('scheme')} weights; --quantize {scheme} "
+                             "needs its float checkpoint")
+        return
+    from .quantize import quantize
+
+    quantize(model, scheme)
+
+
 class _StreamPrinter:
     """Prints a growing id sequence's text: only what is settled (no trailing half character)."""
 
@@ -179,6 +196,7 @@ def run(args: argparse.Namespace, out=None) -> None:
     loaded = load_checkpoint(args.checkpoint, device, overrides={"compile": False}, tokenizer=args.tokenizer)
     model, tokenizer = loaded.model.eval().requires_grad_(False), loaded.tokenizer
     model = model.to(_dtype(args.dtype, device))
+    _apply_quantize(model, args.quantize, loaded.quantization, args.checkpoint)
     if tokenizer is None:
         raise ValueError(f"checkpoint {args.checkpoint} names no tokenizer; give one with -t/--tokenizer")
     n_vocab, block_size = model.hparams["n_vocab"], model.hparams["max_len"]

@@ -179,6 +179,8 @@ def _borrowed_cache(model: nn.Module, batch_size: int, max_len: int, device: tor
         _empty(entry.cache)
     else:
         extra = {"static": True} if static and _accepts(model.init_cache, "static") else {}
+        if _accepts(model.init_cache, "dtype"):  # the activations' dtype: a quantized model's weights are integers
+            extra["dtype"] = key[2]
         entry = _CacheEntry(model.init_cache(batch_size, max_len=max_len, device=device, **extra))
         entry.busy = True
         with _caches_lock:
