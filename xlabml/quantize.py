@@ -82,7 +82,7 @@ class Int8Linear(nn.Module):
         self.weight = _frozen(torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.scale = _frozen(torch.ones(out_features, dtype=dtype or torch.float32, device=device))
         self.bias = _frozen(torch.zeros(out_features, dtype=dtype or torch.float32, device=device)) if bias else None
-        self._operands = None  # (key of weight and scale, CPU kernel's weight, its scale): made on first use
+        self._operands = None  # (key of the weight, its copy padded for the CPU kernel): made on first use
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, quantized: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -102,32 +102,39 @@ class Int8Linear(nn.Module):
         return self.weight.to(self.scale.dtype) * self.scale[:, None]
 
     def forward(self, x):
-        if x.device.type == "cpu" and x.dtype != torch.float64 and not (torch.is_grad_enabled() and x.requires_grad):
+        if x.is_cpu and x.dtype != torch.float64 and not (x.requires_grad and torch.is_grad_enabled()):
             return self._cpu(x)
         y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def _cpu(self, x):
-        weight, scale = self._kernel_operands()
         shape = x.shape
-        x = x.reshape(-1, shape[-1]).to(_KERNEL_DTYPE)
-        if weight.shape[1] != shape[-1]:
+        x = x.reshape(-1, shape[-1])
+        if x.dtype != _KERNEL_DTYPE:
+            x = x.to(_KERNEL_DTYPE)
+        weight, scale, bias = self.weight, self.scale, self.bias
+        if shape[-1] % _K_MULTIPLE:
+            weight = self._padded_weight()
             x = F.pad(x, (0, weight.shape[1] - shape[-1]))
-        y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight, scale).view(*shape[:-1], self.out_features)
-        if self.bias is not None:
-            return torch.add(y, self.bias)  # in the bias' dtype (type promotion): one op, not a cast and an add
-        return y.to(self.scale.dtype)
+        if scale.dtype == _KERNEL_DTYPE:  # a bfloat16 model: the kernel scales, then the bias
+            y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight, scale)
+            y = y.view(*shape[:-1], self.out_features)
+            return y if bias is None else y + bias
+        # else the kernel's products unscaled, then scale and bias in the model's dtype in one op: no bfloat16
+        # copy of the scales to keep in step with them
+        y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight, _ones(self.out_features, x.device))
+        y = y.view(*shape[:-1], self.out_features)
+        return y * scale if bias is None else torch.addcmul(bias, y, scale)
 
-    def _kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The CPU kernel's weight (rows padded to a multiple of 16) and scale (bfloat16); made once and remade
-        when the parameters change. Traced by torch.compile, they are computed inline (constants once frozen)."""
-        weight, scale = self.weight, self.scale
+    def _padded_weight(self) -> torch.Tensor:
+        """The weight with zero columns up to a multiple of 16 (the kernel reads rows in blocks of 16): made once,
+        remade when the weight changes; computed inline when traced by torch.compile (a constant once frozen)."""
         if torch.compiler.is_compiling():
-            return _padded(weight), scale.to(_KERNEL_DTYPE)
-        key = _key(weight, scale)
+            return _padded(self.weight)
+        key = _key(self.weight)
         if self._operands is None or self._operands[0] != key:
-            self._operands = key, _padded(weight), scale.to(_KERNEL_DTYPE)
-        return self._operands[1], self._operands[2]
+            self._operands = key, _padded(self.weight)
+        return self._operands[1]
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -136,6 +143,19 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+_ones_cache: dict = {}
+
+
+def _ones(n: int, device) -> torch.Tensor:
+    """A bfloat16 vector of n ones: the int8 kernel's scales when the layer scales its output itself."""
+    if torch.compiler.is_compiling():
+        return torch.ones(n, dtype=_KERNEL_DTYPE, device=device)
+    key = n, device
+    if key not in _ones_cache:
+        _ones_cache[key] = torch.ones(n, dtype=_KERNEL_DTYPE, device=device)
+    return _ones_cache[key]
 
 
 def _padded(weight: torch.Tensor) -> torch.Tensor:
@@ -243,7 +263,7 @@ class Int4Linear(nn.Module):
         return w.view(self.out_features, self.in_features)
 
     def forward(self, x):
-        if x.device.type == "cpu" and x.dtype != torch.float64 and not (torch.is_grad_enabled() and x.requires_grad):
+        if x.is_cpu and x.dtype != torch.float64 and not (x.requires_grad and torch.is_grad_enabled()):
             weight, scales_and_zeros = self._kernel_operands()
             shape = x.shape
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(_KERNEL_DTYPE).contiguous(),
