@@ -232,3 +232,17 @@ def test_infer_draft_option(tmp_path, capsys):
     assert other.content_hash in err and tokenizer.content_hash in err
     code, _, err = infer(target, "def main", "-b", "--draft", draft)
     assert code == 1 and "--draft works with sampling and greedy search, not beam search" in err
+
+
+@pytest.mark.slow
+def test_compiled_draft_step_gives_the_same_output():
+    # the draft's one-token steps compiled (a static cache, attention over every slot masked, rewound by index)
+    target, draft = make_model(7), make_model(8, n_layers=1)
+    p = prompt(4)
+    expected = inference.greedy_search(target, p, 30, BLOCK)
+    stats = SpeculativeStats()
+    assert torch.equal(speculative_greedy_search(target, draft, p, 30, BLOCK, compile=True, stats=stats), expected)
+    eager = SpeculativeStats()
+    speculative_greedy_search(target, draft, p, 30, BLOCK, stats=eager)
+    assert stats == eager  # the draft proposed the same tokens
+    inference.release_caches(draft)

@@ -252,7 +252,7 @@ def run(args: argparse.Namespace, out=None) -> None:
     speculating = {}
     if draft is not None:
         speculating = dict(draft_tokens=args.draft_tokens, draft_block_size=min(block_size, draft.hparams["max_len"]),
-                           stats=stats)
+                           stats=stats, compile=args.compile)  # compiles the draft's one-token step
     loaded = time.perf_counter()
     generated = 0
     for run_index in range(args.runs):

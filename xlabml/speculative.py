@@ -103,12 +103,15 @@ class _Context:
     token at a time)."""
 
     def __init__(self, model: nn.Module, cache, block_size: int, keep: int, rolling: bool, text: Tensor,
-                 n_vocab: int):
+                 n_vocab: int, compile: bool | str = False):
         self.model, self.cache, self.block_size, self.keep, self.rolling = model, cache, block_size, keep, rolling
         self.text = text  # the shared token buffer (capacity,)
         self.n_vocab = n_vocab  # logits are cut or padded (-inf) to this many classes
         self.start = self.end = 0
         self.last_only = {"last_only": True} if inference._accepts(model.forward, "last_only") else {}
+        # one-token steps through the compiled decode step (a static cache); longer feeds run eagerly
+        self.decode = inference._decode_fn(model, compile, text.device) if compile else None
+        self.index = torch.zeros(1, dtype=torch.long, device=text.device)  # updated in place: static for graphs
 
     def reset(self, start: int) -> None:
         """An empty cache whose window begins at ``text[start]``."""
@@ -148,9 +151,13 @@ class _Context:
 
     def _forward(self, end: int, last_only: bool) -> Tensor:
         x = self.text[self.end:end][None]  # 1 t
-        index = torch.arange(self.end - self.start, end - self.start, device=x.device)  # t: cache indices
-        logits = self.model(x, positions=index[None], cache=self.cache, input_pos=index,
-                            **(self.last_only if last_only else {}))[0]  # t v
+        if self.decode is not None and end - self.end == 1 and last_only:
+            self.index.fill_(self.end - self.start)
+            logits = self.decode(self.model, x, self.index[None], self.cache, self.index).clone()  # 1 v
+        else:
+            index = torch.arange(self.end - self.start, end - self.start, device=x.device)  # t: cache indices
+            logits = self.model(x, positions=index[None], cache=self.cache, input_pos=index,
+                                **(self.last_only if last_only else {}))[0]  # t v
         self.end = end
         v = logits.shape[-1]
         if v > self.n_vocab:  # a draft with classes the target has not: never proposed
@@ -170,7 +177,7 @@ def _n_vocab(model: nn.Module, prompt: Tensor) -> int:
 
 
 def _steps(target, draft, prompt, output_length, block_size, draft_block_size, draft_tokens, keep, rolling,
-           eos_class, choose_args, stats) -> Iterator[Tensor]:
+           eos_class, choose_args, stats, compile) -> Iterator[Tensor]:
     """Yields the tokens each round (or plain step) emits (1-D, a copy), until `output_length` tokens or one
     equal to `eos_class` (included: callers cut)."""
     device = prompt.device
@@ -180,8 +187,9 @@ def _steps(target, draft, prompt, output_length, block_size, draft_block_size, d
     text[:P] = prompt
     choose = inference._Chooser([prompt], n_vocab, **choose_args)
     with ExitStack() as stack:
-        caches = [stack.enter_context(inference._borrowed_cache(m, 1, size, device, False))
-                  for m, size in ((target, block_size), (draft, draft_block_size))]
+        caches = [stack.enter_context(inference._borrowed_cache(m, 1, size, device, static))
+                  for m, size, static in ((target, block_size, False),
+                                          (draft, draft_block_size, inference._static(compile, device)))]
         can_roll = bool(getattr(caches[0], "rolling", False))
         if rolling and not can_roll:
             raise ValueError("rolling=True needs a target model whose positions are relative (rope, alibi, none); "
@@ -189,7 +197,8 @@ def _steps(target, draft, prompt, output_length, block_size, draft_block_size, d
         reach = getattr(caches[0], "reach", None)
         rolls = rolling or (can_roll and keep is None and reach is not None and reach <= block_size)
         big = _Context(target, caches[0], block_size, block_size if keep is None else keep, rolls, text, n_vocab)
-        small = _Context(draft, caches[1], draft_block_size, max(1, draft_block_size // 2), False, text, n_vocab)
+        small = _Context(draft, caches[1], draft_block_size, max(1, draft_block_size // 2), False, text, n_vocab,
+                         compile)
         # the target's cache takes the prompt's window but its last token; each round feeds that one and the drafts
         big.reset(max(0, P - block_size))
         if big.start < P - 1:
@@ -270,7 +279,7 @@ def speculative_sample(target: nn.Module, draft: nn.Module, x: Prompts, output_l
                        generator: torch.Generator | None = None, *, min_p: float | None = None,
                        repetition_penalty: float = 1.0, context_keep: int | None = None, rolling: bool = False,
                        draft_tokens: int = 4, draft_block_size: int | None = None,
-                       stats: SpeculativeStats | None = None) -> Tensor | list[Tensor]:
+                       stats: SpeculativeStats | None = None, compile: bool | str = False) -> Tensor | list[Tensor]:
     """Samples from `target` as ``inference.sample`` does, with `draft` proposing tokens (see the module doc).
 
     Args:
@@ -280,6 +289,9 @@ def speculative_sample(target: nn.Module, draft: nn.Module, x: Prompts, output_l
         draft_tokens: the most tokens the draft proposes per round (k).
         draft_block_size: the draft's context window (default `block_size`; at most the draft's ``max_len``).
         stats: a ``SpeculativeStats`` to add this call's counts to (rounds, drafted, accepted tokens).
+        compile: ``torch.compile`` the draft's one-token step (as ``inference.sample``'s `compile`): the draft's
+            steps are many and small, where eager Python costs most; the target's forwards take several tokens
+            and run eagerly.
         Other arguments as for ``inference.sample`` (temperature 0 or top_k 1: greedy).
     Returns:
         as ``inference.sample``: the new ids of one prompt (1-D), or a list of them for a batch.
@@ -288,12 +300,12 @@ def speculative_sample(target: nn.Module, draft: nn.Module, x: Prompts, output_l
         target, draft, output_length, block_size, context_keep, rolling, draft_tokens, draft_block_size, stats,
         dict(exclude_classes=exclude_classes, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
              repetition_penalty=repetition_penalty, generator=generator))
-    with inference._eval_mode(target), inference._eval_mode(draft):
+    with inference._eval_mode(target), inference._eval_mode(draft, pack=not compile):
         prompts, batched = inference._prompts(x, device)
         outputs = []
         for p in prompts:
             chunks = list(_steps(target, draft, p, output_length, block_size, draft_block_size, draft_tokens, keep,
-                                 rolling, eos_class, choose_args, stats)) if output_length else []
+                                 rolling, eos_class, choose_args, stats, compile)) if output_length else []
             tokens = torch.cat(chunks) if chunks else p[:0]
             outputs.append(inference._cut(tokens[None], eos_class)[0][:output_length].clone())
     return outputs if batched else outputs[0]
@@ -305,7 +317,7 @@ def speculative_stream(target: nn.Module, draft: nn.Module, x: Tensor, output_le
                        generator: torch.Generator | None = None, *, min_p: float | None = None,
                        repetition_penalty: float = 1.0, context_keep: int | None = None, rolling: bool = False,
                        draft_tokens: int = 4, draft_block_size: int | None = None,
-                       stats: SpeculativeStats | None = None) -> Iterator[int]:
+                       stats: SpeculativeStats | None = None, compile: bool | str = False) -> Iterator[int]:
     """Like ``speculative_sample`` for one prompt `x` (t,), but yields each new id (an int) as soon as its round
     settles it, stopping before <eos>; the same ids as ``speculative_sample`` with the same arguments."""
     if not isinstance(x, Tensor) or x.dim() != 1:
@@ -322,11 +334,12 @@ def speculative_stream(target: nn.Module, draft: nn.Module, x: Tensor, output_le
     try:
         with ExitStack() as stack:
             stack.enter_context(prepacked(target))  # spans the yields: packed weights are used only without autograd
-            stack.enter_context(prepacked(draft))
+            if not compile:  # inductor packs the compiled step's weights itself
+                stack.enter_context(prepacked(draft))
             with torch.inference_mode():
                 prompts, _ = inference._prompts(x, device)
                 steps = _steps(target, draft, prompts[0], output_length, block_size, draft_block_size, draft_tokens,
-                               keep, rolling, eos_class, choose_args, stats)
+                               keep, rolling, eos_class, choose_args, stats, compile)
             stack.callback(steps.close)  # hands the caches back when the caller stops early
             produced = 0
             while produced < output_length:
@@ -348,11 +361,11 @@ def speculative_greedy_search(target: nn.Module, draft: nn.Module, x: Prompts, o
                               block_size: int, eos_class: int | None = None,
                               exclude_classes: Sequence[int] | None = None, *, context_keep: int | None = None,
                               rolling: bool = False, draft_tokens: int = 4,
-                              draft_block_size: int | None = None, stats: SpeculativeStats | None = None
-                              ) -> Tensor | list[Tensor]:
+                              draft_block_size: int | None = None, stats: SpeculativeStats | None = None,
+                              compile: bool | str = False) -> Tensor | list[Tensor]:
     """``inference.greedy_search``'s output, with `draft` proposing tokens; arguments as for
     ``speculative_sample``."""
     return speculative_sample(target, draft, x, output_length, block_size, eos_class, exclude_classes,
                               temperature=0.0, context_keep=context_keep,
                               rolling=rolling, draft_tokens=draft_tokens, draft_block_size=draft_block_size,
-                              stats=stats)
+                              stats=stats, compile=compile)
