@@ -150,9 +150,7 @@ _ones_cache: dict = {}
 
 def _ones(n: int, device) -> torch.Tensor:
     """A bfloat16 vector of n ones: the int8 kernel's scales when the layer scales its output itself."""
-    if torch.compiler.is_compiling():
-        return torch.ones(n, dtype=_KERNEL_DTYPE, device=device)
-    key = n, device
+    key = n, device  # traced by torch.compile too: a stored tensor, which inductor's int8 lowering needs
     if key not in _ones_cache:
         _ones_cache[key] = torch.ones(n, dtype=_KERNEL_DTYPE, device=device)
     return _ones_cache[key]
