@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from xlabml.packed import prepacked
 
-__all__ = ["sample", "greedy_search", "beam_search", "generate_stream", "release_caches"]
+__all__ = ["sample", "greedy_search", "beam_search", "generate_stream", "release_caches", "GenerationBatch"]
 
 Prompts = Tensor | Sequence[Tensor] | Sequence[Sequence[int]]
 
@@ -703,3 +703,145 @@ def _beams(rows, logits, n, W, output_length, eos_class, exclude_classes, lp):
             rows.reorder(order)
         logits = rows.step(token.view(-1))
     return [best_tokens[i, :n_i] for i, n_i in enumerate(best_len.tolist())]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# step-level generation: rows that join and leave between steps (continuous batching, e.g. a server)
+
+
+class _BatchRow:
+    def __init__(self, ids: list[int], max_new: int, eos_class: int | None, chooser: _Chooser):
+        self.ids, self.max_new, self.eos_class, self.chooser = ids, max_new, eos_class, chooser
+        self.generated, self.done = 0, False
+
+
+class GenerationBatch:
+    """Sampling one token per step for a set of rows that may change between steps: continuous batching.
+
+        with inference.GenerationBatch(model, block_size) as batch:   # in the thread that will step it
+            row = batch.add(prompt, 64, eos_class=eos, temperature=0.8, generator=generator)
+            while batch:
+                for row, token, finished in batch.step():  # every row's next token, in one forward
+                    ...                                    # batch.remove(row) ends a row early (a stop string)
+
+    Each row keeps its own window (the module doc's rule), its own `_Chooser` and generator, so its tokens are
+    the ones `sample` gives for its prompt and arguments alone, whatever else is in the batch and whenever it
+    joined. A row added joins at the next `step`, which prefills every row's window anew (one forward over all
+    windows, left-padded: what a join costs); a finished or removed row leaves by a reorder of the KV cache.
+    Rows and their tokens stay on the model's device; `step` reads the chosen tokens to the host once.
+
+    Entering the batch (a context manager) puts the model in eval mode with packed CPU weights until exit, and
+    holds a KV cache of the current row count (borrowed as `sample` borrows its caches, and released on exit).
+    Enter and step it in one thread: the model must not be used elsewhere meanwhile.
+
+    Args:
+        model: as for `sample`.
+        block_size: the longest context the model sees (normally the model's `max_len`).
+        n_vocab: the model's output classes; default: read from one forward of one token on entry.
+    """
+
+    def __init__(self, model: nn.Module, block_size: int, *, n_vocab: int | None = None):
+        _check_positive("block_size", block_size)
+        self.model, self.block_size, self.n_vocab = model, block_size, n_vocab
+        self.device = _model_device(model)
+        self._rows: dict[int, _BatchRow] = {}  # row id -> row, live or joining
+        self._order: list[int] = []  # ids of the rows of `_batch`, in its row order
+        self._joining: list[int] = []
+        self._batch: _Rows | None = None
+        self._pending: Tensor | None = None  # the last tokens chosen for `_order`'s rows, fed at the next step
+        self._next_id = 0
+        self._stack: ExitStack | None = None
+        self._cache_stack = ExitStack()
+
+    def __enter__(self) -> GenerationBatch:
+        self._stack = ExitStack()
+        self._stack.enter_context(_eval_mode(self.model))
+        self._stack.callback(self._cache_stack.close)
+        if self.n_vocab is None:
+            self.n_vocab = self.model(torch.zeros(1, 1, dtype=torch.long, device=self.device)).shape[-1]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._rows.clear()
+        self._order, self._joining, self._batch, self._pending = [], [], None, None
+        self._stack.close()
+        self._stack = None
+
+    def __len__(self) -> int:
+        """The rows still generating (joining or live, not finished nor removed)."""
+        return sum(not row.done for row in self._rows.values())
+
+    def add(self, prompt: Tensor | Sequence[int], max_new_tokens: int, eos_class: int | None = None,
+            exclude_classes: Sequence[int] | None = None, temperature: float = 1.0, top_k: int | None = None,
+            top_p: float | None = None, generator: torch.Generator | None = None, *, min_p: float | None = None,
+            repetition_penalty: float = 1.0) -> int:
+        """Adds a row that joins at the next `step` and finishes after `max_new_tokens` tokens or at its
+        `eos_class` (which is returned, as its last token). Sampling arguments as for `sample` (temperature 0 is
+        greedy). Returns the row's id. Raises ValueError for a bad argument, before anything changes."""
+        if self._stack is None:
+            raise RuntimeError("GenerationBatch.add outside its `with` block; enter the batch first")
+        _check_positive("max_new_tokens", max_new_tokens)
+        with torch.inference_mode():
+            prompts, _ = _prompts(torch.as_tensor(prompt), self.device)
+            chooser = _Chooser(prompts, self.n_vocab, exclude_classes=exclude_classes, temperature=temperature,
+                               top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                               generator=generator)
+        row = self._next_id
+        self._next_id += 1
+        self._rows[row] = _BatchRow(prompts[0].tolist(), max_new_tokens, eos_class, chooser)
+        self._joining.append(row)
+        return row
+
+    def remove(self, row: int) -> None:
+        """Ends a row now: it gets no more tokens (a finished or already removed row: nothing to do)."""
+        if row in self._rows:
+            self._rows[row].done = True
+
+    def step(self) -> list[tuple[int, int, bool]]:
+        """Chooses every unfinished row's next token: returns `(row id, token, finished)` per row, finished when
+        the token is the row's `eos_class` or its last one. An empty list when no row is left."""
+        with torch.inference_mode():
+            self._drop_done()
+            if self._joining:
+                logits = self._rebuild()
+            elif self._order:
+                logits = self._batch.step(self._pending)
+            else:
+                return []
+            rows = [self._rows[i] for i in self._order]
+            self._pending = torch.cat([row.chooser(logits[i:i + 1]) for i, row in enumerate(rows)])  # b
+            tokens = self._pending.tolist()
+        for row, token in zip(rows, tokens):
+            row.ids.append(token)
+            row.generated += 1
+            row.done = token == row.eos_class or row.generated == row.max_new
+        return [(i, token, row.done) for i, row, token in zip(self._order, rows, tokens)]
+
+    def _drop_done(self) -> None:
+        self._joining = [i for i in self._joining if not self._rows[i].done]
+        keep = [k for k, i in enumerate(self._order) if not self._rows[i].done]
+        if len(keep) < len(self._order):
+            self._order = [self._order[k] for k in keep]
+            if keep:
+                index = torch.tensor(keep, device=self.device)
+                self._batch.reorder(index)
+                self._pending = self._pending[index]
+            else:
+                self._batch, self._pending = None, None
+                self._cache_stack.close()
+        for i in [i for i, row in self._rows.items() if row.done]:
+            del self._rows[i]
+
+    def _rebuild(self) -> Tensor:
+        """Every row's window (its prompt and tokens so far, joining rows too) prefilled into a new batch."""
+        self._batch, self._pending = None, None
+        self._cache_stack.close()
+        self._order += self._joining
+        self._joining = []
+        rows = [self._rows[i] for i in self._order]
+        prompts = [torch.tensor(row.ids[-self.block_size:], device=self.device) for row in rows]
+        max_new = max(row.max_new - row.generated for row in rows)
+        cache = self._cache_stack.enter_context(_borrowed_cache(
+            self.model, len(rows), self.block_size, self.device, _static(False, self.device)))
+        self._batch = _Rows(self.model, prompts, self.block_size, None, max_new, cache)
+        return self._batch.prefill()
