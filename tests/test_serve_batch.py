@@ -37,12 +37,12 @@ def rows():
     """Prompts of different lengths (one longer than BLOCK), limits that run past BLOCK, greedy and sampled
     rows with their own settings."""
     specs = []
-    for i in range(7):
+    for i, (length, limit) in enumerate([(10, 30), (3, 6), (6, 10), (2, 14), (20, 8), (5, 18), (4, 22)]):
         sampling = {"temperature": 0.0} if i % 3 == 0 else {
             "temperature": 0.7 + 0.1 * i, "top_p": 0.9 if i % 2 else None, "top_k": 12 if i == 4 else None,
             "repetition_penalty": 1.3 if i == 5 else 1.0, "seed": 100 + i}
-        prompt = torch.randint(0, V, (2 + 3 * i,), generator=torch.Generator().manual_seed(i))
-        specs.append((prompt, 6 + 4 * i, sampling))
+        prompt = torch.randint(0, V, (length,), generator=torch.Generator().manual_seed(i))
+        specs.append((prompt, limit, sampling))
     return specs
 
 
@@ -79,7 +79,7 @@ def test_rows_joining_and_leaving_between_steps_equal_their_lone_runs(variant):
     with inference.GenerationBatch(model, BLOCK) as batch:
         step = 0
         while len(ids) < len(specs) or batch:
-            if len(ids) < len(specs) and step % 3 == len(ids) % 2:  # one row joins every few steps
+            if len(ids) < len(specs) and step % 3 == 0:  # a row joins every third step
                 k = len(ids)
                 ids[add(batch, eos, *specs[k])] = k
                 got[k] = []
@@ -89,6 +89,7 @@ def test_rows_joining_and_leaving_between_steps_equal_their_lone_runs(variant):
                 if done:
                     finished.add(row)
             step += 1
+        assert batch.merges > 0 and batch.rebuilds > 1  # joins of both kinds happened
     assert [got[k] for k in range(len(specs))] == expected
     assert expected[0][-1] == eos and any(len(e) == s[1] for e, s in zip(expected, specs))
     assert max(len(s[0]) + len(e) for s, e in zip(specs, expected)) > BLOCK  # windows slid

@@ -323,10 +323,13 @@ class _Rows:
     def batch_size(self) -> int:
         return self.tokens.shape[0]
 
-    def prefill(self) -> Tensor:
-        """Runs every row's window through the model from an empty cache; returns the last logits (b, v)."""
-        n = int(self.context.max())
-        x = self.tokens[:, self.end - n:self.end]  # b t
+    def prefill(self, width: int | None = None) -> Tensor:
+        """Runs every row's window through the model from an empty cache, left-padded to `width` cache indices
+        (default: the longest window's); returns the last logits (b, v)."""
+        n = int(self.context.max()) if width is None else width
+        x = self.tokens[:, max(0, self.end - n):self.end]  # b t
+        if x.shape[1] < n:  # wider than every history: more pads
+            x = torch.cat([x.new_zeros(x.shape[0], n - x.shape[1]), x], dim=1)
         index = torch.arange(n, device=x.device)
         positions = index - (n - self.context)[:, None]  # b t, negative on pad slots
         # doc ids only where rows are padded: without them the model's decode steps need no mask
@@ -750,13 +753,14 @@ class GenerationBatch:
         self._batch: _Rows | None = None
         self._pending: Tensor | None = None  # the last tokens chosen for `_order`'s rows, fed at the next step
         self._next_id = 0
+        self.merges = self.rebuilds = 0  # joins done by copying cache rows, and by prefilling every window
         self._stack: ExitStack | None = None
         self._cache_stack = ExitStack()
 
     def __enter__(self) -> GenerationBatch:
         self._stack = ExitStack()
         self._stack.enter_context(_eval_mode(self.model))
-        self._stack.callback(self._cache_stack.close)
+        self._stack.callback(lambda: self._cache_stack.close())  # the stack of the cache held at exit
         if self.n_vocab is None:
             self.n_vocab = self.model(torch.zeros(1, 1, dtype=torch.long, device=self.device)).shape[-1]
         return self
@@ -803,7 +807,7 @@ class GenerationBatch:
         with torch.inference_mode():
             self._drop_done()
             if self._joining:
-                logits = self._rebuild()
+                logits = self._join()
             elif self._order:
                 logits = self._batch.step(self._pending)
             else:
@@ -832,16 +836,81 @@ class GenerationBatch:
         for i in [i for i, row in self._rows.items() if row.done]:
             del self._rows[i]
 
+    def _join(self) -> Tensor:
+        """The joining rows' windows prefilled into the batch; returns every row's next logits (b, v).
+
+        The live rows step as usual (their pending tokens at cache index `fill`); the joining rows' windows are
+        prefilled in a cache of their own, left-padded to the same `fill + 1` indices, and the two caches' rows
+        are copied into one: a join costs its own rows' prefill. Where that cannot be done (no live rows, a
+        window longer than the live rows' span, a batch about to re-prefill or roll, a cache of another type)
+        the batch is rebuilt instead: every window prefilled anew."""
+        live, joining = self._batch, [self._rows[i] for i in self._joining]
+        width = None if live is None else live.fill + 1  # the cache indices the live rows span after this step
+        if (live is None or live.fill >= self.block_size or width > self.block_size
+                or max(len(row.ids) for row in joining) > width or not _plain_cache(live.cache)):
+            return self._rebuild()
+        logits = live.step(self._pending)
+        with ExitStack() as scratch:
+            cache = scratch.enter_context(_borrowed_cache(
+                self.model, len(joining), self.block_size, self.device, _static(False, self.device)))
+            new = _Rows(self.model, [torch.tensor(row.ids, device=self.device) for row in joining], self.block_size,
+                        None, 1, cache)
+            logits = torch.cat([logits, new.prefill(width)])
+            self._order += self._joining
+            self._joining = []
+            merged = self._borrow(len(self._order))
+            _copy_rows(merged, [live.cache, cache], width)
+        # no window has slid (the live rows span fewer than block_size indices): each is its row's whole history,
+        # as _Rows takes it
+        self._batch = self._rows_for(merged)
+        self._batch.fill = width
+        self.merges += 1
+        return logits
+
     def _rebuild(self) -> Tensor:
         """Every row's window (its prompt and tokens so far, joining rows too) prefilled into a new batch."""
-        self._batch, self._pending = None, None
-        self._cache_stack.close()
         self._order += self._joining
         self._joining = []
+        self._batch = self._rows_for(self._borrow(len(self._order)))
+        self.rebuilds += 1
+        return self._batch.prefill()
+
+    def _borrow(self, batch_size: int):
+        """A cache for `batch_size` rows, in place of the batch's current one (held until the next)."""
+        stack = ExitStack()
+        cache = stack.enter_context(_borrowed_cache(self.model, batch_size, self.block_size, self.device,
+                                                    _static(False, self.device)))
+        self._batch, self._pending = None, None
+        self._cache_stack.close()
+        self._cache_stack = stack
+        return cache
+
+    def _rows_for(self, cache) -> _Rows:
+        """`_Rows` of the batch's rows (each with its last `block_size` tokens so far) over `cache`."""
         rows = [self._rows[i] for i in self._order]
         prompts = [torch.tensor(row.ids[-self.block_size:], device=self.device) for row in rows]
         max_new = max(row.max_new - row.generated for row in rows)
-        cache = self._cache_stack.enter_context(_borrowed_cache(
-            self.model, len(rows), self.block_size, self.device, _static(False, self.device)))
-        self._batch = _Rows(self.model, prompts, self.block_size, None, max_new, cache)
-        return self._batch.prefill()
+        return _Rows(self.model, prompts, self.block_size, None, max_new, cache)
+
+
+def _plain_cache(cache) -> bool:
+    """Whether `cache` is a plain `KVCache`, whose rows `_copy_rows` can copy (another type is rebuilt)."""
+    from xlabml.attention import KVCache, LayerKVCache
+
+    return type(cache) is KVCache and all(type(layer) is LayerKVCache for layer in cache.layers)
+
+
+def _copy_rows(target, sources: list, n: int) -> None:
+    """Fills `target`'s rows with the rows of `sources` in order: their first `n` cache indices, keys, values
+    and doc ids (a source that never had pads holds no doc ids: its tokens are all real, doc id 0)."""
+    start = 0
+    for source in sources:
+        rows = slice(start, start + source.batch_size)
+        for layer, other in zip(target.layers, source.layers):
+            layer.k[rows, :, :n] = other.k[:, :, :n]
+            layer.v[rows, :, :n] = other.v[:, :, :n]
+        target.doc_ids[rows, :n] = source.doc_ids[:, :n] if source.has_docs else 0
+        start += source.batch_size
+    target.has_docs = True
+    if not target.static:
+        target.filled = n
