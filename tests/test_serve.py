@@ -373,6 +373,25 @@ def test_client_that_hangs_up_is_dropped(server):
     assert server.engine.peak_rows == 0 and server.engine.live_rows == 0
 
 
+def test_a_failed_step_fails_its_requests_and_the_server_goes_on(server, monkeypatch):
+    step, failures = inference.GenerationBatch.step, []
+
+    def failing_once(batch):
+        if not failures:
+            failures.append(len(batch))
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return step(batch)
+
+    monkeypatch.setattr(inference.GenerationBatch, "step", failing_once)
+    params = dict(model="tiny", prompt="fox", max_tokens=6, seed=2)
+    with pytest.raises(openai.InternalServerError, match=r"generation failed \(RuntimeError: CUDA out of memory"):
+        server.client.completions.create(**params)
+    assert failures == [1] and server.engine.live_rows == 0
+    expected = reference(server, prompt_ids(server, "fox"), 6, seed=2)
+    assert call(server.client, "completion", True, **params) == ([expected[0]], [expected[1]],
+                                                                  (len(prompt_ids(server, "fox")), expected[2]))
+
+
 def test_api_key_is_required_when_set(trained):
     app = create_app(trained.model, trained.tokenizer, name="tiny", limits=LIMITS, api_key="s3cret")
     with running(app) as url:
@@ -416,11 +435,18 @@ def test_command_line_serves_a_checkpoint(trained, monkeypatch, capsys):
     (["missing.ckpt"], "checkpoint missing.ckpt not found"),
     (["{ckpt}", "-t", "{tmp}/nope.model"], "tokenizer model file not found"),
     (["{ckpt}", "--port", "70000"], "--port 70000 is not a port number"),
+    (["{ckpt}", "--port", "{taken}"], "cannot listen on 127.0.0.1:{taken} (Address already in use)"),
 ])
 def test_command_line_errors_are_one_line(trained, capsys, argv, message):
-    argv = [a.format(ckpt=trained.ckpt, tmp=trained.tmp) for a in argv]
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    argv = [a.format(ckpt=trained.ckpt, tmp=trained.tmp, taken=port) for a in argv]
+    message = message.format(taken=port)
     with pytest.raises(SystemExit) as exit:
         cli.main(argv)
     err = capsys.readouterr().err
-    assert exit.value.code == 1 and err.startswith("xlab-serve: error: ") and message in err
+    taken.close()
+    assert exit.value.code == 1 and err.startswith("xlab-serve: error: ") and message in err, err
     assert err.count("\n") == 1

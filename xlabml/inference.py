@@ -729,9 +729,10 @@ class GenerationBatch:
 
     Each row keeps its own window (the module doc's rule), its own `_Chooser` and generator, so its tokens are
     the ones `sample` gives for its prompt and arguments alone, whatever else is in the batch and whenever it
-    joined. A row added joins at the next `step`, which prefills every row's window anew (one forward over all
-    windows, left-padded: what a join costs); a finished or removed row leaves by a reorder of the KV cache.
-    Rows and their tokens stay on the model's device; `step` reads the chosen tokens to the host once.
+    joined. Rows added join together at the next `step`: their windows are prefilled on their own and their
+    cache rows copied in beside the live rows' (see `_join`; where that cannot be done, every row's window is
+    prefilled anew: `merges` and `rebuilds` count the two). A finished or removed row leaves by a reorder of
+    the KV cache. Tokens stay on the model's device; `step` reads the chosen ones to the host once.
 
     Entering the batch (a context manager) puts the model in eval mode with packed CPU weights until exit, and
     holds a KV cache of the current row count (borrowed as `sample` borrows its caches, and released on exit).
@@ -846,8 +847,8 @@ class GenerationBatch:
         the batch is rebuilt instead: every window prefilled anew."""
         live, joining = self._batch, [self._rows[i] for i in self._joining]
         width = None if live is None else live.fill + 1  # the cache indices the live rows span after this step
-        if (live is None or live.fill >= self.block_size or width > self.block_size
-                or max(len(row.ids) for row in joining) > width or not _plain_cache(live.cache)):
+        if (live is None or width > self.block_size or max(len(row.ids) for row in joining) > width
+                or not _plain_cache(live.cache)):
             return self._rebuild()
         logits = live.step(self._pending)
         with ExitStack() as scratch:

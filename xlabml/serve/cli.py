@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -83,15 +84,32 @@ def build(args: argparse.Namespace):
                       checkpoint=loaded, created=int(Path(args.checkpoint).stat().st_mtime))
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), or one clear error (e.g. the port is taken)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port} ({error.strerror or error})") from None
+    return sock
+
+
 def run(args: argparse.Namespace) -> None:
     app = build(args)
     import uvicorn
 
-    auth = "an API key" if args.api_key else "no API key"
-    print(f"{PROG}: serving {app.state.served.name!r} at http://{args.host}:{args.port}/v1 with {auth}",
-          file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.debug else "warning",
-                access_log=args.debug)
+    sock = listen(args.host, args.port)
+    if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"{PROG}: warning: serving on {args.host} without an API key: anyone who can reach this port can "
+              f"use the model (set --api-key or ${API_KEY_ENV})", file=sys.stderr)
+    host, port = sock.getsockname()[:2]
+    print(f"{PROG}: serving {app.state.served.name!r} at http://{host}:{port}/v1 "
+          f"({'an API key is required' if args.api_key else 'no API key'})", file=sys.stderr)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info" if args.debug else "warning",
+                                           access_log=args.debug))
+    server.run(sockets=[sock])
 
 
 def main(argv: list[str] | None = None) -> None:
