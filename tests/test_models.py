@@ -1,3 +1,4 @@
+import copy
 import math
 from functools import partial
 
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from xlabml.models import XLabModel, default_optimizer
+from xlabml.roles import parameter_roles, unwrapped_name
 from xlabml.schedules import WarmupCosine
 
 PAD = 3
@@ -216,3 +218,58 @@ def test_compile_option_keeps_checkpoint_names():
     model.configure_model()  # Lightning calls this before fitting; compilation itself happens on first call
     assert model.model._compiled_call_impl is not None
     assert set(model.state_dict()) == names and not any('_orig_mod' in n for n in names)
+
+
+# ------------------------------------------------------------------------------- roles and parameter groups
+
+ROLE_VARIANTS = {
+    'default': dict(), 'learned': dict(position='learned'),
+    'modern': dict(position='rope', norm='rmsnorm', ffn='swiglu', n_kv_heads=2, tie_embeddings=True, bias=False,
+                   qk_norm=True),
+    'postnorm-parallel': dict(prenorm=False, parallel_residual=True, final_norm=False),
+}
+
+
+@pytest.mark.parametrize('variant', ROLE_VARIANTS)
+def test_parameter_roles_by_module(variant):
+    model = tiny(**ROLE_VARIANTS[variant])
+    roles = parameter_roles(model.model)
+    assert list(roles) == [n for n, _ in model.model.named_parameters()]  # every parameter, a tied one once
+    assert 'other' not in roles.values()
+    for name, role in roles.items():
+        leaf = name.rsplit('.', 2)
+        expected = ('bias' if leaf[-1] == 'bias' else
+                    'embedding' if name == 'embedding.weight' else
+                    'position' if name.startswith('position.') else
+                    'head' if name == 'head.weight' else
+                    'matrix' if leaf[-2] in ('qkv', 'proj', 'fc') else
+                    'norm')
+        assert role == expected, name
+    assert ('head.weight' in roles) == (not ROLE_VARIANTS[variant].get('tie_embeddings', False))
+
+
+def test_parameter_roles_see_through_wrappers():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    from xlabml.layers import Block
+    model = tiny(position='learned', tie_embeddings=True)
+    plain = parameter_roles(model.model)
+    wrapped = copy.deepcopy(model)
+    apply_activation_checkpointing(wrapped.model, check_fn=lambda m: isinstance(m, Block))
+    names = [n for n, _ in wrapped.model.named_parameters()]
+    assert any('_checkpoint_wrapped_module' in n for n in names)
+    assert parameter_roles(wrapped.model) == plain
+    assert parameter_roles(torch.compile(model.model)) == plain  # '_orig_mod.' names
+    assert unwrapped_name('model.blocks.0._fsdp_wrapped_module._checkpoint_wrapped_module.attn.qkv.weight') == \
+        'model.blocks.0.attn.qkv.weight'
+
+
+def test_weight_decay_groups_do_not_depend_on_parameter_shapes():
+    # FSDP hands configure_optimizers 1-D shards of every parameter: the groups must be the same
+    model = tiny(position='learned')
+    names = {id(p): n for n, p in model.model.named_parameters()}
+    before = [[names[id(p)] for p in g['params']] for g in model.parameter_groups()]
+    for p in model.parameters():
+        p.data = p.data.flatten()
+    after = [[names[id(p)] for p in g['params']] for g in model.parameter_groups()]
+    assert after == before
+    assert len(before[0]) == 2 * 4 + 1  # four matrices per block and the head

@@ -28,7 +28,12 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import grad_norm
 
 from .layers import Decoder
+from .roles import parameter_roles, unwrapped_name
 from .schedules import WarmupCosine  # noqa: F401  (re-exported: xlabml.models.WarmupCosine)
+
+# roles (xlabml.roles) whose parameters decay; embedding and position tables too with weight_decay_embeddings
+DECAY_ROLES = frozenset({'matrix', 'head'})
+EMBEDDING_ROLES = frozenset({'embedding', 'position'})
 
 
 def default_optimizer(params, fused: bool | None = None) -> torch.optim.Optimizer:
@@ -207,19 +212,17 @@ class XLabModule(L.LightningModule):
             self.log_dict(grad_norm(self.model, norm_type=2))
 
     def parameter_groups(self):
-        """``[decay, no_decay]`` parameter groups: matrices (dim >= 2) decay; biases, norm weights and (unless
-        ``weight_decay_embeddings``) embedding tables, including a head tied to the embedding, do not. The
-        decay group takes the optimizer's weight_decay, the other 0."""
-        embeddings = {id(m.weight) for m in self.model.modules() if isinstance(m, nn.Embedding)}
-        decay, no_decay, seen = [], [], set()
-        for p in self.model.parameters():
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            if p.dim() >= 2 and (self.weight_decay_embeddings or id(p) not in embeddings):
-                decay.append(p)
-            else:
-                no_decay.append(p)
+        """``[decay, no_decay]`` parameter groups, chosen by role (``xlabml.roles.parameter_roles``), so they are
+        the same when FSDP has flattened every parameter into a 1-D shard: hidden matrices and an untied head
+        decay; biases, norm gains and (unless ``weight_decay_embeddings``) the embedding and learned position
+        tables, a head tied to the embedding included, do not; nor does a parameter of a module type XLab does
+        not know (role ``other``). The decay group takes the optimizer's weight_decay, the other 0."""
+        decaying = DECAY_ROLES | (EMBEDDING_ROLES if self.weight_decay_embeddings else frozenset())
+        roles = parameter_roles(self.model)
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():  # a tied weight once
+            if p.requires_grad:
+                (decay if roles[unwrapped_name(name)] in decaying else no_decay).append(p)
         return [{'params': decay}, {'params': no_decay, 'weight_decay': 0.0}]
 
     def _clips_mixed(self):
