@@ -367,8 +367,8 @@ class Decoder(nn.Module):
                        device=device or weight.device, dtype=dtype or weight.dtype, static=static)
 
     def forward(self, x, positions=None, doc_ids=None, cache: KVCache | None = None, input_pos=None, *,
-                last_only: bool = False):
-        """Next-token logits.
+                last_only: bool = False, return_hidden: bool = False):
+        """Next-token logits (or, with ``return_hidden``, the final hidden states the head would read).
 
         Args:
             x: token ids, LongTensor (b, t).
@@ -378,6 +378,8 @@ class Decoder(nn.Module):
             input_pos: LongTensor (t,), strictly increasing cache slots written by these tokens (same for all
                 rows); required with a cache.
             last_only: compute logits for the last position only (b, 1, v): cheaper prefill/decode.
+            return_hidden: return the final (normed) hidden states (b, t, c) instead of logits, for a loss that
+                applies the head itself, a chunk of rows at a time (``xlabml.losses.linear_cross_entropy``).
         Returns:
             logits (b, t, v), or (b, 1, v) with ``last_only``; float of the model's dtype.
         """
@@ -403,7 +405,8 @@ class Decoder(nn.Module):
                 h = block(h, ctx)
         if last_only:
             h = h[:, -1:]  # b 1 c
-        return self.head(self.norm(h))  # b t v
+        h = self.norm(h)
+        return h if return_hidden else self.head(h)  # b t c | b t v
 
     def _context(self, x, positions, doc_ids):
         b, t = x.shape
