@@ -253,6 +253,24 @@ class XLabModule(L.LightningModule):
                 (decay if roles[unwrapped_name(name)] in decaying else no_decay).append(p)
         return [{'params': decay}, {'params': no_decay, 'weight_decay': 0.0}]
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Lightning's clipping, except clipping by norm under FSDP: the norm must be taken over every shard,
+        which only the root FSDP module can do (``clip_grad_norm_``); Lightning's FSDP precision plugin refuses
+        it instead."""
+        root = self._fsdp_root()
+        if root is not None and gradient_clip_val and (gradient_clip_algorithm or 'norm') == 'norm':
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def _fsdp_root(self):
+        """The root ``FullyShardedDataParallel`` module that Lightning wrapped this module in, if any."""
+        if self._trainer is None or not torch.distributed.is_available():
+            return None
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        model = self.trainer.strategy.model
+        return model if isinstance(model, FullyShardedDataParallel) else None
+
     def _clips_mixed(self):
         if self._trainer is None:
             return False
