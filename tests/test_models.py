@@ -383,3 +383,49 @@ def test_loss_chunk_size_is_validated_and_backward_runs_once():
     nll.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match='once'):  # its gradients were scaled in place
         nll.backward()
+
+
+# ----------------------------------------------------------------------------------- schedule on resume
+
+class LRLog(L.Callback):
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]['lr'])
+
+
+def test_resume_with_more_steps_stretches_the_whole_run_schedule(tmp_path):
+    import warnings
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    schedule = partial(WarmupCosine, warmup_steps=2, total_steps=None, min_lr_ratio=0.1)
+    batches = char_batches(batch_size=2)  # 5 batches an epoch
+    make = lambda: tiny(optimizer=partial(torch.optim.AdamW, lr=1e-2), scheduler=schedule)
+    expected = [1e-2 * WarmupCosine(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), 2, 12,
+                                    0.1).factor(s) for s in range(12)]
+    straight = LRLog()
+    every_3 = ModelCheckpoint(dirpath=tmp_path / 'straight', every_n_train_steps=3, save_top_k=-1,
+                              filename='{step}')
+    trainer(tmp_path, max_steps=12, limit_val_batches=0, callbacks=[straight, every_3],
+            enable_checkpointing=True).fit(make(), batches)
+    assert straight.lrs == pytest.approx(expected)
+
+    six = LRLog()
+    fit = trainer(tmp_path, max_steps=6, limit_val_batches=0, callbacks=[six])
+    fit.fit(make(), batches)
+    fit.save_checkpoint(tmp_path / 'six.ckpt')
+    assert six.lrs[-1] < six.lrs[2]  # a 6-step cosine: decaying
+    resumed = LRLog()
+    with pytest.warns(UserWarning, match='schedule over 6 steps; it now follows this run.s 12 steps'):
+        fit = trainer(tmp_path, max_steps=12, limit_val_batches=0, callbacks=[resumed])
+        fit.fit(make(), batches, ckpt_path=tmp_path / 'six.ckpt')
+    assert fit.lr_scheduler_configs[0].scheduler.total_steps == 12
+    assert resumed.lrs == pytest.approx(expected[6:])  # not the 6-step run's floor of 1e-3
+
+    # the same horizon: the rates continue exactly, without a warning
+    again = LRLog()
+    with warnings.catch_warnings():
+        warnings.filterwarnings('error', message='WarmupCosine')
+        trainer(tmp_path, max_steps=12, limit_val_batches=0, callbacks=[again]).fit(
+            make(), batches, ckpt_path=tmp_path / 'straight' / 'step=3.ckpt')
+    assert again.lrs == straight.lrs[3:]
