@@ -121,8 +121,8 @@ def _add_matmul(total, grad, grad32, h):
     elif not total.is_cuda:  # no mixed-dtype matmul on CPU: a float32 one, in place, beats a bf16 product that
         total.addmm_(grad32.T, h.to(total.dtype))  # is then converted and added (v x c memory traffic per chunk)
     elif _MIXED_ADDMM[0]:
-        try:  # bf16 operands accumulated into float32 in place: the plain loss's matmul, without its bf16 output
-            torch.addmm(total, grad.T, h, out_dtype=total.dtype, out=total)
+        try:  # bf16 operands, float32 accumulation and output: no bf16 product to convert and add
+            total.copy_(torch.addmm(total, grad.T, h, out_dtype=total.dtype))
         except (RuntimeError, TypeError, NotImplementedError):
             _MIXED_ADDMM[0] = False
             _add_matmul(total, grad, grad32, h)
