@@ -10,15 +10,21 @@ What is measured:
     optimizer state; its peak above the memory held between steps (weights and AdamW state) is the activations,
     gradients and logits. Target: the chunked step at most 5% slower than the plain one.
 
-On CPU (default when there is no CUDA device) the batch is scaled down (``--batch``, rows of 512 tokens) and
-memory is the growth of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs before the
-measured step) over its resident set before it, each variant in a fresh process run with glibc's mmap threshold
-fixed at 64 KiB, so that a freed tensor leaves the resident set at once. Attention dropout is off on CPU: there
-SDPA with dropout falls back to the math kernel, which keeps (b, h, t, t) float32 scores that a GPU's
-flash/memory-efficient kernels never store. On a GPU the batch is the release one (256) and memory is
-``torch.cuda.max_memory_allocated``; a variant that runs out of memory is reported as such.
+On CPU (default when there is no CUDA device) the batch is scaled down (``--batch``, default 8 rows of 512
+tokens) with chunks of 512 rows (8 chunks a batch; below about 512 rows a chunk's share of the head's weight
+gradient costs CPU time), and memory is the growth of the process's peak resident set (VmHWM, reset through
+/proc/self/clear_refs before the measured step) over its resident set before it, each variant in a fresh process
+run with glibc's mmap threshold fixed at 64 KiB, so that a freed tensor leaves the resident set at once. Attention
+dropout is off on CPU: there SDPA with dropout falls back to the math kernel, which keeps (b, h, t, t) float32
+scores that a GPU's flash/memory-efficient kernels never store. Step times on CPU are judged by the process's CPU
+time (a shared machine's wall time includes waiting for a core). On a GPU the batch is the release one (256),
+the chunk the model's default, and memory is ``torch.cuda.max_memory_allocated``; a variant that runs out of
+memory is reported as such.
 
-    python bench/memory.py [--batch 2] [--repeats 5] [--chunk 8192] [--threads 2] [--cpu]
+Then the per-GPU memory of the release run is derived from these figures (see ``derive``): arithmetic, labelled
+as such, not a GPU measurement.
+
+    python bench/memory.py [--batch 8] [--chunk 512] [--repeats 3] [--threads 2] [--cpu]
 
 The last line printed is one JSON object with all figures.
 """
@@ -113,41 +119,64 @@ def measure_loss(chunk, rows, device):
     return {'peak_bytes': peak.stop(), 'loss': loss.item()}
 
 
-def measure_step(chunk, checkpointing, rows, device, steps=1):
-    """Peak memory above the weights and AdamW state of one training step (after a first one), the loss of the
-    first step, and the wall and CPU time of each of ``steps`` further steps."""
-    from xlabml.models import default_optimizer
-    model = build(chunk, checkpointing, device)
-    optimizer = default_optimizer(model.parameter_groups())
-    batch = batch_of(rows, device)
+class Trainee:
+    """The release model, its AdamW and a fixed batch: ``step()`` is one training step."""
 
-    def step():
-        with autocast(device):
-            loss, _, _ = model.batch_loss(batch, accuracy=False)
+    def __init__(self, chunk, checkpointing, rows, device):
+        from xlabml.models import default_optimizer
+        self.device = device
+        self.model = build(chunk, checkpointing, device)
+        self.optimizer = default_optimizer(self.model.parameter_groups())
+        self.batch = batch_of(rows, device)
+
+    def step(self):
+        with autocast(self.device):
+            loss, _, _ = self.model.batch_loss(self.batch, accuracy=False)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         return loss
 
-    first = step().item()
-    peak = Peak(device)
-    peak.start()
-    step()
-    peak_bytes = peak.stop()
-    times, cpu_times = [], []
-    for _ in range(steps):
-        if device.type == 'cuda':
+    def timed_step(self):
+        """(wall seconds, CPU seconds of this process) of one step."""
+        if self.device.type == 'cuda':
             torch.cuda.synchronize()
         start, cpu_start = time.perf_counter(), time.process_time()
-        step()
-        if device.type == 'cuda':
+        self.step()
+        if self.device.type == 'cuda':
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
-    held = sum(p.numel() * p.element_size() for p in model.parameters())
-    held += sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-                if torch.is_tensor(t))
-    return {'peak_bytes': peak_bytes, 'held_bytes': held, 'loss': first, 'step_s': times, 'cpu_s': cpu_times}
+        return time.perf_counter() - start, time.process_time() - cpu_start
+
+    def held_bytes(self):
+        held = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return held + sum(t.numel() * t.element_size() for s in self.optimizer.state.values() for t in s.values()
+                          if torch.is_tensor(t))
+
+
+def measure_step(chunk, checkpointing, rows, device):
+    """Peak memory above the weights and AdamW state of one training step (after a first one), and the loss of
+    the first step."""
+    trainee = Trainee(chunk, checkpointing, rows, device)
+    first = trainee.step().item()
+    peak = Peak(device)
+    peak.start()
+    trainee.step()
+    return {'peak_bytes': peak.stop(), 'held_bytes': trainee.held_bytes(), 'loss': first}
+
+
+def time_steps(chunks, rows, device, repeats):
+    """Wall and CPU seconds of ``repeats`` steps of each model (no checkpointing), taken in turn so that load
+    from elsewhere hits all alike, after one untimed step each."""
+    trainees = {name: Trainee(chunk, False, rows, device) for name, chunk in chunks.items()}
+    for trainee in trainees.values():
+        trainee.step()
+    times = {name: ([], []) for name in trainees}
+    for _ in range(repeats):
+        for name, trainee in trainees.items():
+            wall, cpu = trainee.timed_step()
+            times[name][0].append(wall)
+            times[name][1].append(cpu)
+    return times
 
 
 def saved_per_token(checkpointing, device, rows=2):
@@ -176,7 +205,7 @@ def child(spec):
     if spec['what'] == 'loss':
         result = measure_loss(spec['chunk'], spec['rows'], device)
     else:
-        result = measure_step(spec['chunk'], spec['ckpt'], spec['rows'], device, spec.get('steps', 0))
+        result = measure_step(spec['chunk'], spec['ckpt'], spec['rows'], device)
     print(json.dumps(result))
 
 
@@ -195,7 +224,7 @@ def run(spec, device):
     try:
         if spec['what'] == 'loss':
             return measure_loss(spec['chunk'], spec['rows'], device)
-        return measure_step(spec['chunk'], spec['ckpt'], spec['rows'], device, spec.get('steps', 0))
+        return measure_step(spec['chunk'], spec['ckpt'], spec['rows'], device)
     except torch.cuda.OutOfMemoryError:
         return {'oom': True}
 
@@ -251,11 +280,11 @@ def gib(n):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--batch', type=int, default=None,
-                        help=f'rows of 512 tokens (default: 2 on CPU, {RELEASE_BATCH} on GPU)')
+                        help=f'rows of 512 tokens (default: 8 on CPU, {RELEASE_BATCH} on GPU)')
     parser.add_argument('--chunk', type=int, default=None,
                         help="loss_chunk_size of the chunked loss (rows; default: XLabModel's default, scaled down "
                         "with the batch on CPU so that a batch has as many chunks as the release batch)")
-    parser.add_argument('--repeats', type=int, default=5, help='timed steps per variant, interleaved')
+    parser.add_argument('--repeats', type=int, default=3, help='timed steps per variant, interleaved')
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--cpu', action='store_true', help='measure on the CPU even with a CUDA device')
     parser.add_argument('--child', help=argparse.SUPPRESS)
@@ -275,16 +304,16 @@ def main():
     loss = {name: run(dict(base, what='loss', chunk=variants[name][0]), device) for name in ('plain', 'chunked')}
     steps = {name: run(dict(base, what='step', chunk=chunk, ckpt=ckpt), device)
              for name, (chunk, ckpt) in variants.items()}
-    # step times: plain and chunked (no checkpointing) in turn, so that load from elsewhere hits both alike; on a
-    # shared CPU the process's CPU time is the steadier figure (wall time includes waiting for a core)
-    times = {'plain': [], 'chunked': []}
-    cpu_times = {'plain': [], 'chunked': []}
-    for _ in range(args.repeats if device.type == 'cpu' else 1):
-        for name in times:
-            result = measure_step(variants[name][0], False, rows, device,
-                                  steps=1 if device.type == 'cpu' else args.repeats)
-            times[name] += result['step_s']
-            cpu_times[name] += result['cpu_s']
+    # step times: on a shared CPU the process's CPU time is the steadier figure (wall time includes waiting)
+    chunks = {name: variants[name][0] for name in ('plain', 'chunked')}
+    try:
+        measured = time_steps(chunks, rows, device, args.repeats)
+    except torch.cuda.OutOfMemoryError:  # the plain loss at the release batch on a smaller GPU
+        torch.cuda.empty_cache()
+        measured = {'chunked': time_steps({'chunked': chunks['chunked']}, rows, device, args.repeats)['chunked'],
+                    'plain': ([], [])}
+    times = {name: measured[name][0] for name in chunks}
+    cpu_times = {name: measured[name][1] for name in chunks}
     median = {k: statistics.median(v) if v else None for k, v in times.items()}
     saved = {ckpt: saved_per_token(ckpt, device) for ckpt in (False, True)}
     cpu_median = {k: statistics.median(v) if v else None for k, v in cpu_times.items()}
@@ -298,7 +327,8 @@ def main():
     step_rel = (abs(steps['chunked']['loss'] - steps['plain']['loss']) / steps['plain']['loss']
                 if not (steps['plain'].get('oom') or steps['chunked'].get('oom')) else None)
     slowdown = median['chunked'] / median['plain'] - 1 if median['plain'] and median['chunked'] else None
-    cpu_slowdown = cpu_median['chunked'] / cpu_median['plain'] - 1 if device.type == 'cpu' else None
+    cpu_slowdown = (cpu_median['chunked'] / cpu_median['plain'] - 1 if device.type == 'cpu' and cpu_median['plain']
+                    else None)
     # on a CPU the target is judged on CPU time (see above), on a GPU on wall time
     judged = cpu_slowdown if device.type == 'cpu' else slowdown
     name = torch.cuda.get_device_name() if device.type == 'cuda' else f'{platform.machine()} CPU'
@@ -320,10 +350,11 @@ def main():
     seconds = lambda d: ', '.join(f"{k} {v:.3f} s" for k, v in d.items() if v is not None)
     print(f"  step time, median of {args.repeats} (same run): wall {seconds(median)}"
           + (f"; CPU time {seconds(cpu_median)}" if device.type == 'cpu' else ''))
-    print(f"  chunked vs plain step: {judged:+.1%} ({'CPU' if device.type == 'cpu' else 'wall'} time; target <= "
-          f"+5%); first-step loss relative difference {step_rel if step_rel is None else f'{step_rel:.1e}'}")
+    print(f"  chunked vs plain step: {'n/a' if judged is None else f'{judged:+.1%}'} ({'CPU' if device.type == 'cpu' else 'wall'} "
+          f"time; target <= +5%); first-step loss relative difference {step_rel if step_rel is None else f'{step_rel:.1e}'}")
     derived = derive(loss, saved, rows, args.chunk)
-    print("derived for conf/xlab.yaml, per GPU (arithmetic on the figures above, not measured on a GPU):")
+    print("derived for conf/xlab.yaml, per GPU (arithmetic on the figures above, not measured on a GPU; each total "
+          "is the sum of parts that peak at different moments, an upper bound):")
     for line in derived['lines']:
         print('  ' + line)
 
