@@ -148,7 +148,8 @@ def worker(out_dir):
     bf16 = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16, buffer_dtype=torch.bfloat16)
     for kind in POSITIONS:
         torch.manual_seed(1)
-        plain = Decoder(128, 512, d_model=32, n_layers=1, n_heads=4, d_ff=64, dropout=0.0, position=kind)
+        # 12 heads: ALiBi slopes that bf16 cannot represent exactly (4 or 8 heads have powers of two)
+        plain = Decoder(128, 512, d_model=48, n_layers=1, n_heads=12, d_ff=64, dropout=0.0, position=kind)
         sharded = FullyShardedDataParallel(copy.deepcopy(plain), mixed_precision=bf16, device_id=torch.device('cpu'),
                                            auto_wrap_policy=ModuleWrapPolicy({Block}), use_orig_params=True)
         tokens = torch.randint(0, 128, (1, 512), generator=torch.Generator().manual_seed(2))
