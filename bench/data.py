@@ -12,11 +12,12 @@ Steps (one run, same machine, same text):
 4. ``TokenDataset`` (``datasets.map``, cache miss) + ``SequenceDataset`` index at ``num_proc`` 1 and 2; then a
    second preparation at ``num_proc`` 2 (cache hit);
 5. train loader (``XLabDataModule.train_dataloader``, packed and padded, seq_len 64, batch 12, 0 workers):
-   batches/s, against the steps/s of the reference model (``XLabModel`` 4 layers, d_model 128, 4 heads, d_ff
+   batches/s from the encoding cache, and from the same corpus opened with ``streaming: true`` (read, hash-split,
+   tokenized and shuffled on the fly), against the steps/s of the reference model (``XLabModel`` 4 layers, d_model 128, 4 heads, d_ff
    512, seq_len 64, batch 12, fp32, forward + backward + AdamW step; the faster of 1 and all torch threads).
 
 Targets: preparation at num_proc=2 <= 1.5x the raw SentencePiece single-process encode time; the cache hit
-< 5% of the first preparation; the loader faster than the model. Ends with one JSON line.
+< 5% of the first preparation; the loaders (cached and streamed) faster than the model. Ends with one JSON line.
 
     python bench/data.py [--corpus PATH] [--size-mb 50] [--num-tokens 4096] [--sample-by paragraph]
 """
@@ -121,9 +122,16 @@ def model_steps_per_s(n_vocab: int, steps: int = 30) -> tuple[float, str]:
     return steps / seconds, name
 
 
+def stream_source(source: dict | str) -> dict:
+    """The same corpus opened with ``streaming: true``."""
+    source = {"data_files": source} if isinstance(source, str) else dict(source)
+    return {**source, "streaming": True}
+
+
 def loader_batches_per_s(datamodule: XLabDataModule, max_batches: int = 3000) -> float:
     loader = datamodule.train_dataloader()
-    loader.sampler.set_epoch(0)
+    if hasattr(loader.sampler, "set_epoch"):  # a stream's loader has no sampler to set
+        loader.sampler.set_epoch(0)
     iterator = iter(loader)
     next(iterator)  # start-up is not throughput
     count, start = 0, time.perf_counter()
@@ -144,6 +152,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = tempfile.mkdtemp(prefix="xlab-bench-data-")
+    datasets.config.HF_DATASETS_CACHE = os.path.join(work, "hf")  # the corpus' Arrow copy goes with `work`
     try:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
@@ -201,6 +210,9 @@ def main() -> None:
             dm.prepare_data()
             dm.setup("fit")
             loader_rates["packed" if packed else "padded"] = loader_batches_per_s(dm)
+            streamed = XLabDataModule(locations=stream_source(source), splits={"train": 0}, num_tokens=args.num_tokens,
+                                      tokenizer_path=tokenizer.path, seq_len=SEQ_LEN, batch_size=BATCH, packed=packed)
+            loader_rates["streamed " + ("packed" if packed else "padded")] = loader_batches_per_s(streamed)
         # On a busy machine torch's OpenMP threads can slow each other down: take the faster thread setting,
         # the stricter reference for the loader.
         default_threads = torch.get_num_threads()
@@ -213,8 +225,11 @@ def main() -> None:
         model_rate = rates[model_threads]
         model_name += f", best of torch threads {sorted(rates)} ({model_threads})"
         print(f"train loader (0 workers, batch {BATCH}x{SEQ_LEN}): packed {loader_rates['packed']:.0f} batches/s, "
-              f"padded {loader_rates['padded']:.0f} batches/s; reference model {model_name}: "
-              f"{model_rate:.1f} steps/s ({loader_rates['packed'] / model_rate:.0f}x headroom)")
+              f"padded {loader_rates['padded']:.0f} batches/s; streamed (tokenized on the fly): packed "
+              f"{loader_rates['streamed packed']:.0f} batches/s, padded {loader_rates['streamed padded']:.0f} batches/s; "
+              f"reference model {model_name}: {model_rate:.1f} steps/s "
+              f"({loader_rates['packed'] / model_rate:.0f}x headroom cached, "
+              f"{loader_rates['streamed packed'] / model_rate:.0f}x streamed)")
         print(json.dumps({
             "corpus_mb": round(mb, 2), "documents": len(texts), "tokens": n_tokens, "cpus": cpus,
             "load_avg_start": round(load[0], 2),
@@ -227,6 +242,8 @@ def main() -> None:
             "cache_hit_fraction": round(hit / results[2], 4),
             "loader_batches_s_packed": round(loader_rates["packed"], 1),
             "loader_batches_s_padded": round(loader_rates["padded"], 1),
+            "loader_batches_s_streamed_packed": round(loader_rates["streamed packed"], 1),
+            "loader_batches_s_streamed_padded": round(loader_rates["streamed padded"], 1),
             "model_steps_s": round(model_rate, 2), "model_steps_s_by_threads": {k: round(v, 2) for k, v in rates.items()},
             "reference": model_name,
         }))

@@ -115,8 +115,11 @@ CHAR_VOCAB_BOUND = 1024  # upper bound for the char tokenizer (specials + 256 by
 def split_corpus(corpus: Path, workdir: Path) -> dict:
     """Write the first 90% of the corpus' characters to ``train.txt`` and the rest to ``heldout.txt``.
 
-    Files are rewritten only when their content would change (their mtimes then key nothing stale).
-    Returns paths, character counts and a short hash of the corpus.
+    Every artefact a run caches (these files, the tokenizers, the encoded splits, the run directory and its
+    result) is keyed by a hash of the corpus content, so two corpora never share one. The split is written to
+    ``data/<digest>/`` (what runs read), and also copied to the fixed ``data/train.txt``/``heldout.txt`` that
+    ``conf/extra/shakespeare.yaml`` names for training by hand. Files are rewritten only when their content would
+    change. Returns paths, character counts, the corpus' distinct characters and the short hash.
     """
     if not corpus.is_file():
         raise FileNotFoundError(f"corpus {corpus} not found: pass --corpus PATH (e.g. Tiny Shakespeare)")
@@ -125,17 +128,18 @@ def split_corpus(corpus: Path, workdir: Path) -> dict:
         raise ValueError(f"corpus {corpus} has {len(text)} characters; expected a real corpus (>= 1000)")
     cut = int(len(text) * TRAIN_FRACTION)
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-    data = workdir / "data"  # fixed paths: conf/extra/shakespeare.yaml names them
-    data.mkdir(parents=True, exist_ok=True)
     parts = {"train": text[:cut], "heldout": text[cut:]}
     paths = {}
-    for name, part in parts.items():
-        path = data / f"{name}.txt"
-        if not path.is_file() or path.read_text(encoding="utf-8") != part:
-            path.write_text(part, encoding="utf-8")
-        paths[name] = path
+    for folder in (workdir / "data" / digest, workdir / "data"):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, part in parts.items():
+            path = folder / f"{name}.txt"
+            if not path.is_file() or path.read_text(encoding="utf-8") != part:
+                path.write_text(part, encoding="utf-8")
+            paths.setdefault(name, path)  # the digest folder's copy
     return {"train": paths["train"], "heldout": paths["heldout"], "train_chars": cut,
-            "heldout_chars": len(text) - cut, "digest": digest, "corpus": str(corpus)}
+            "heldout_chars": len(text) - cut, "digest": digest, "corpus": str(corpus),
+            "characters": len(set(text))}
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -245,9 +249,12 @@ def run_config(s: dict, split: dict, run_dir: Path, tok_path: Path, train_args: 
     return config
 
 
-def run_name(s: dict, extra: list[str], args_threads: int | None = None) -> str:
+def run_name(s: dict, extra: list[str], args_threads: int | None = None, digest: str = "") -> str:
+    """The run directory's name: the settings, the extra flags, the threads, the content of the files the run
+    reads (the shipped config, an architecture overlay) and the corpus' `digest` (from `split_corpus`)."""
     tok = "char" if s["tokenizer"] == "char" else f"bpe{s['vocab']}"
     key = json.dumps({k: s[k] for k in sorted(s)}, sort_keys=True, default=str) + " ".join(extra)
+    key += f" corpus={digest}"
     if args_threads:
         key += f" threads={args_threads}"
     if s["config"] == "best":
@@ -311,7 +318,7 @@ def run_one(args: argparse.Namespace, s: dict, split: dict, extra: list[str], qu
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     if args.threads:  # torch's intra-op threads in the xlab processes (1 wins on an oversubscribed machine)
         env["OMP_NUM_THREADS"] = str(args.threads)
-    name = run_name(s, extra, args.threads)
+    name = run_name(s, extra, args.threads, split["digest"])
     run_dir = WORK / "runs" / name
     result_path = run_dir / "result.json"
     if result_path.is_file() and not args.force:
@@ -319,7 +326,7 @@ def run_one(args: argparse.Namespace, s: dict, split: dict, extra: list[str], qu
         if not quiet:
             print(f"[{name}] cached result ({result_path})")
         return result
-    if not claim(run_dir):
+    if not claim(run_dir, fresh=args.force):
         raise RunBusy(f"run {name} is in progress in another process")
     try:
         return _run_one(args, s, split, extra, name, run_dir, result_path, env)
@@ -334,8 +341,10 @@ class RunBusy(Exception):
 LOCK = "running.pid"
 
 
-def claim(run_dir: Path) -> bool:
-    """Take the run directory for this process: False if a live process holds it; a dead one's leftovers go."""
+def claim(run_dir: Path, fresh: bool = False) -> bool:
+    """Take the run directory for this process: False if a live process holds it; a dead one's leftovers go,
+    and with `fresh` (``--force``) everything in it goes, so the run trains again instead of re-scoring an old
+    checkpoint."""
     lock = run_dir / LOCK
     if lock.is_file():
         try:
@@ -343,8 +352,8 @@ def claim(run_dir: Path) -> bool:
             return False
         except (ValueError, ProcessLookupError):
             pass
-    if run_dir.exists() and not (run_dir / "fit.json").is_file():
-        shutil.rmtree(run_dir)  # interrupted before its checkpoint: start it over
+    if run_dir.exists() and (fresh or not (run_dir / "fit.json").is_file()):
+        shutil.rmtree(run_dir)  # forced, or interrupted before its checkpoint: start it over
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         with open(lock, "x") as f:
@@ -486,7 +495,7 @@ def plain_loop_step_s(s: dict, vocab: int, steps: int, env: dict) -> float:
 
 def print_report(s: dict, result: dict, split: dict) -> None:
     ref = REFERENCES[result["preset"]]
-    print(f"\nTiny Shakespeare held-out ({split['heldout_chars']} chars, last 10% of {split['corpus']})")
+    print(f"\nheld-out: {split['heldout_chars']} chars, the last 10% of {split['corpus']} (corpus {split['digest']})")
     print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"load average {result['load_avg']}")
     conf = {k: s[k] for k in ("arch", "tokenizer", "n_layers", "d_model", "n_heads", "d_ff", "seq_len",
@@ -529,13 +538,13 @@ def ablation(args: argparse.Namespace, split: dict, extra: list[str]) -> dict:
                 continue
             print(f"[ablation] {label} seed {seed}: bpc {result['bpc']:.4f} wall {result['wall_s']} s "
                   f"{result['tokens_per_s']} tok/s", flush=True)
-            write_ablation(collect(args, extra), split)
-    done = collect(args, extra)
+            write_ablation(collect(args, extra, split), split)
+    done = collect(args, extra, split)
     write_ablation(done, split)
     return done
 
 
-def collect(args: argparse.Namespace, extra: list[str]) -> dict[str, list[dict]]:
+def collect(args: argparse.Namespace, extra: list[str], split: dict) -> dict[str, list[dict]]:
     """Results on disk of every ablation row and seed (also those written by parallel sweeps)."""
     done: dict[str, list[dict]] = {label: [] for label, _ in ABLATION}
     for seed in range(1, args.seeds + 1):
@@ -543,7 +552,7 @@ def collect(args: argparse.Namespace, extra: list[str]) -> dict[str, list[dict]]
             run_args = copy.copy(args)
             run_args.seed = seed
             s = resolve_settings(run_args, overrides)
-            path = WORK / "runs" / run_name(s, extra, args.threads) / "result.json"
+            path = WORK / "runs" / run_name(s, extra, args.threads, split["digest"]) / "result.json"
             if path.is_file():
                 done[label].append(json.loads(path.read_text()))
     return done
@@ -594,6 +603,14 @@ def model_kwargs(overrides: dict, vocab: int) -> dict:
     return kw
 
 
+def results_dir(split: dict) -> Path:
+    """Where the ablation table, plot and speed figures go: ``bench/results/`` (the published ones) for the default
+    corpus, ``bench/results/<corpus digest>/`` for any other, so another corpus never overwrites them."""
+    if Path(split["corpus"]).resolve() == DEFAULT_CORPUS.resolve():
+        return RESULTS
+    return RESULTS / split["digest"]
+
+
 def measure_speed(split: dict, threads: int | None, steps: int = 5, rounds: int = 6) -> dict:
     """Training-step time of every row's model, measured interleaved in one process (same load for all);
     each row's fastest round, as the one least disturbed by other jobs."""
@@ -608,14 +625,16 @@ def measure_speed(split: dict, threads: int | None, steps: int = 5, rounds: int 
     out = subprocess.run([sys.executable, "-c", SPEED_CODE, json.dumps(variants), str(steps), str(rounds)],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, check=True)
     speed = json.loads(out.stdout.strip().splitlines()[-1])
-    (RESULTS / "ablation_speed.json").write_text(json.dumps(speed, indent=1))
+    results_dir(split).mkdir(parents=True, exist_ok=True)
+    (results_dir(split) / "ablation_speed.json").write_text(json.dumps(speed, indent=1))
     return speed
 
 
 def write_ablation(done: dict[str, list[dict]], split: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = results_dir(split)
+    results.mkdir(parents=True, exist_ok=True)
     ref = REFERENCES["nanogpt-cpu"]
-    speed_path = RESULTS / "ablation_speed.json"
+    speed_path = results / "ablation_speed.json"
     speed = json.loads(speed_path.read_text()) if speed_path.is_file() else {}
     base = speed.get(ABLATION[0][0])
     lines = [
@@ -641,7 +660,7 @@ def write_ablation(done: dict[str, list[dict]], split: dict) -> None:
     note = (f"\nMedian of the seeds run (± half the range). Budget: 2,000 steps of 12 x 64 tokens, 4 layers, "
             f"d_model 128, 4 heads, d_ff 512, AdamW (beta2 0.99, wd 0.1), warmup 100 + cosine 1e-3 -> 1e-4 "
             f"(the best row: its file's 2e-3 -> 1e-4), no dropout; rows change one thing against the classic seed "
-            f"model except the combinations; the character-level rows see the same batches for a given seed; held-out = last 10% of Tiny Shakespeare ({split['heldout_chars']:,} chars) scored as "
+            f"model except the combinations; the character-level rows see the same batches for a given seed; held-out = last 10% of {Path(split['corpus']).name} (sha256 {split['digest']}, {split['heldout_chars']:,} chars) scored as "
             f"one document in non-overlapping windows. Machine: {platform.node()}, {os.cpu_count()} cores, "
             f"torch threads per run: {', '.join(threads)} (load average at the end of the runs "
             f"{min(loads):.1f}-{max(loads):.1f}: the machine was shared; wall time is the whole `xlab.py fit` "
@@ -649,9 +668,9 @@ def write_ablation(done: dict[str, list[dict]], split: dict) -> None:
             f"time next to other jobs). 'Step time vs classic' is measured apart, all variants interleaved in one "
             f"process (`--speed`), so it is comparable (still about ±20% between repeats on the loaded machine). Command: `bench/shakespeare.py --ablation --seeds N "
             f"--threads 1 [--speed]`.\n")
-    (RESULTS / "ablation.md").write_text("\n".join(lines) + "\n" + note)
-    (RESULTS / "ablation.json").write_text(json.dumps(done, indent=1))
-    plot_ablation(done)
+    (results / "ablation.md").write_text("\n".join(lines) + "\n" + note)
+    (results / "ablation.json").write_text(json.dumps(done, indent=1))
+    plot_ablation(done, results)
 
 
 def train_chars_per_token(result: dict) -> float:
@@ -661,7 +680,7 @@ def train_chars_per_token(result: dict) -> float:
     return float(match.group(1)) if match else result["chars_per_token"]
 
 
-def plot_ablation(done: dict[str, list[dict]]) -> None:
+def plot_ablation(done: dict[str, list[dict]], results: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -691,7 +710,7 @@ def plot_ablation(done: dict[str, list[dict]]) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "ablation.png", dpi=110)
+    fig.savefig(results / "ablation.png", dpi=110)
     plt.close(fig)
 
 
@@ -740,21 +759,22 @@ def main(argv: list[str] | None = None) -> None:
     args, extra = parse_args(sys.argv[1:] if argv is None else argv)
     split = split_corpus(args.corpus.expanduser().resolve(), WORK)
     if args.ablation:
-        done = collect(args, extra) if args.table_only else ablation(args, split, extra)
+        done = collect(args, extra, split) if args.table_only else ablation(args, split, extra)
         if args.speed:
             measure_speed(split, args.threads, steps=5, rounds=6)
         write_ablation(done, split)
-        print((RESULTS / "ablation.md").read_text() if (RESULTS / "ablation.md").is_file() else "no results")
+        table = results_dir(split) / "ablation.md"
+        print(table.read_text() if table.is_file() else "no results")
         summary = {label: statistics.median(r["bpc"] for r in rs) for label, rs in done.items() if rs}
         print(json.dumps({"preset": "nanogpt-cpu", "ablation_bpc": summary,
-                          "table": str((RESULTS / "ablation.md").relative_to(REPO))}))
+                          "corpus": split["digest"], "table": str(table.relative_to(REPO))}))
         return
     s = resolve_settings(args)
     result = run_one(args, s, split, extra)
     if args.reference_steps:
         env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
         step_s = plain_loop_step_s({**PRESETS[args.preset], **{k: s[k] for k in ("seq_len", "batch_size")}},
-                                   65, args.reference_steps, env)
+                                   split["characters"], args.reference_steps, env)
         result["plain_loop_s"] = round(step_s * int(s["steps"]), 1)
         result["wall_vs_plain_loop"] = round(result["wall_s"] / result["plain_loop_s"], 2)
     print_report(s, result, split)

@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from xlabml import cli
+from xlabml.checkpoints import CheckpointWarning, XLabCheckpointIO, export_checkpoint
 from xlabml.cli import XLabCLI, main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -169,6 +170,8 @@ def test_fit_writes_checkpoints_links_vocabulary_and_prints_entropy(trained, sha
     assert hparams["max_len"] == SEQ_LEN  # linked from data.seq_len
     assert hparams["pad_index"] == tokenizer[tokenizer.pad_token]
     assert checkpoint["datamodule_hyper_parameters"]["tokenizer_path"] == str(shared["tokenizer"])
+    assert checkpoint["XLabDataModule"] == {"tokenizer_hash": tokenizer.content_hash,
+                                            "tokenizer_path": str(shared["tokenizer"])}
 
 
 def test_fit_prints_val_loss_and_unigram_entropy(run, shared, tmp_path):
@@ -278,12 +281,102 @@ def test_vocabulary_and_length_mismatch_with_checkpoint(run, trained, tmp_path):
     assert _last_line(err) == f"xlab: error: data.seq_len={2 * SEQ_LEN} exceeds the checkpoint's model max_len={SEQ_LEN}"
     assert not (tmp_path / "logs").exists()
     # Shorter windows are fine: the model keeps its trained length; runtime switches (debug) follow the flags.
-    instance = XLabCLI(args=["validate", "-c", trained["config"], "--ckpt_path", str(trained["last"]),
-                             "--data.seq_len", str(SEQ_LEN // 2), "--model.debug", "true",
-                             "--model.d_model", "64"])
+    with pytest.warns(CheckpointWarning) as record:
+        instance = XLabCLI(args=["validate", "-c", trained["config"], "--ckpt_path", str(trained["last"]),
+                                 "--data.seq_len", str(SEQ_LEN // 2), "--model.debug", "true",
+                                 "--model.d_model", "64"])
     assert instance.model.hparams["max_len"] == SEQ_LEN and instance.datamodule.seq_len == SEQ_LEN // 2
     assert instance.model.hparams["debug"] is True
     assert instance.model.hparams["d_model"] == 32  # the architecture comes from the checkpoint
+    # ... and the value set on the command line that it replaced is named, once (not the equal ones of the file)
+    assert [str(w.message) for w in record if issubclass(w.category, CheckpointWarning)] == [
+        f"--ckpt_path {trained['last']}: the checkpoint's model.d_model=32 replaces the configured 64 (a "
+        "checkpoint's architecture cannot change)"]
+
+
+def test_checkpoint_values_replacing_defaults_do_not_warn(run, trained, shared, tmp_path, recwarn):
+    config = tiny_config(shared["tokenizer"], shared["cache"])
+    del config["model"]  # conf/defaults.yaml's model (d_model 128, 4 layers...) differs from the checkpoint's
+    code, out, err = run("validate", "-c", write_yaml(tmp_path / "data.yaml", config), "--ckpt_path",
+                         str(trained["last"]), "--trainer.logger", "false")
+    assert code == 0, err
+    assert "val_loss" in out
+    assert not [w for w in recwarn if issubclass(w.category, CheckpointWarning)]
+
+
+def _other_tokenizer(shared):
+    """A tokenizer of the same size as the shared one, trained on other documents: another content hash."""
+    from xlabml.corpus import load_builtin_corpus
+    from xlabml.tokenizer import Tokenizer, TokenizerTrainer
+
+    path = shared["root"] / "tokenizers" / "other.model"
+    if not path.exists():
+        TokenizerTrainer().train(load_builtin_corpus("python-topics")["text"][30:], NUM_TOKENS, path)
+    return Tokenizer.load(path)
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
+def test_wrong_tokenizer_with_ckpt_path_fails_before_anything_runs(run, trained, shared, tmp_path, subcommand):
+    from xlabml.tokenizer import Tokenizer
+
+    ours, other = Tokenizer.load(shared["tokenizer"]), _other_tokenizer(shared)
+    assert len(other) == len(ours) and other.content_hash != ours.content_hash
+    code, out, err = run(subcommand, "-c", trained["config"], "--ckpt_path", str(trained["last"]),
+                         "--data.tokenizer_path", str(other.path), "--data.cache_dir", str(tmp_path / "cache"))
+    assert code == 1
+    assert _last_line(err) == (
+        f"xlab: error: tokenizer {other.path} (content hash {other.content_hash}) is not the model's tokenizer: "
+        f"the checkpoint was trained with {ours.path} (content hash {ours.content_hash})")
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "cache").exists()  # nothing trained nor encoded
+
+
+def test_checkpoint_without_tokenizer_hash_runs_with_one_warning(run, trained, shared, tmp_path):
+    checkpoint = torch.load(trained["last"], weights_only=True)
+    del checkpoint["XLabDataModule"]  # as written before the hash was recorded
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    with pytest.warns(CheckpointWarning) as record:
+        code, out, err = run("validate", "-c", trained["config"], "--ckpt_path", str(old))
+    assert code == 0, err
+    assert "val_loss" in out
+    assert [str(w.message) for w in record if issubclass(w.category, CheckpointWarning)] == [
+        f"checkpoint {old} records no tokenizer hash (written by an older xlabml): cannot check that the data's "
+        f"tokenizer {shared['tokenizer']} is the one it was trained with"]
+
+
+def test_warnings_print_as_one_line():
+    import warnings
+
+    cli.one_line_warnings("xlab")
+    cli.one_line_warnings("xlab")  # idempotent: not wrapped twice
+    text = warnings.formatwarning(CheckpointWarning("checkpoint x.ckpt records\nno hash"), CheckpointWarning,
+                                  "/some/file.py", 12)
+    assert text == "xlab: warning: checkpoint x.ckpt records no hash\n"
+    assert "UserWarning" in warnings.formatwarning(UserWarning("other"), UserWarning, "/some/file.py", 12)
+
+
+def test_validate_reads_a_safetensors_export_like_the_checkpoint(run, trained, tmp_path):
+    export, _ = export_checkpoint(trained["last"], tmp_path / "exports", "safetensors")
+    losses = []
+    for ckpt in (trained["last"], export):
+        code, out, err = run("validate", "-c", trained["config"], "--ckpt_path", str(ckpt), "--trainer.logger",
+                             "false")
+        assert code == 0, err
+        losses.append(next(line for line in out.splitlines() if "val_loss" in line))
+    assert losses[0] == losses[1]
+
+
+@pytest.mark.parametrize("plugins", [None, [{"class_path": "lightning.fabric.plugins.environments.LightningEnvironment"}],
+                                     [{"class_path": "lightning.pytorch.plugins.io.AsyncCheckpointIO"}]])
+def test_trainer_saves_checkpoints_atomically_whatever_the_plugins(shared, tmp_path, plugins):
+    config = tiny_config(shared["tokenizer"], shared["cache"])
+    if plugins is not None:
+        config["trainer"]["plugins"] = plugins  # a configured list replaces defaults: the atomic I/O must stay
+    instance = XLabCLI(args=["-c", write_yaml(tmp_path / "tiny.yaml", config)], run=False)
+    checkpoint_io = instance.trainer.strategy.checkpoint_io
+    if plugins and "AsyncCheckpointIO" in plugins[0]["class_path"]:
+        checkpoint_io = checkpoint_io.checkpoint_io  # the wrapper saves in a thread through its base I/O
+    assert isinstance(checkpoint_io, XLabCheckpointIO)
 
 
 def test_tokenizer_larger_than_num_tokens_is_one_line(run, shared, tmp_path):

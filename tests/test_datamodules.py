@@ -1,7 +1,10 @@
 """XLabDataModule: tokenizer preparation, encoding cache, loaders, exact mid-epoch resume, stats and checks."""
 import csv
 import io
+import json
 import os
+from collections import Counter
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -314,4 +317,151 @@ def test_validate_data_lists_unusable_documents(tmp_path, tokenizer_file):
         ("locations", "1", "empty", "0"), ("locations", "2", "hard_split", "5000")]
     assert (tmp_path / "dump" / "locations-2.txt").read_text() == unsplittable
     in_split = list(csv.DictReader(io.StringIO(dm.validate_data("train"))))
+    assert [(r["source"], r["index"], r["reason"]) for r in in_split] == [("train", "1", "hard_split")]
+
+
+# ------------------------------------------------------------------------------------------ streamed data
+
+@pytest.fixture(scope="module")
+def streamed(tmp_path_factory, corpus):
+    """The corpus' 120 documents in 4 JSONL files, opened with streaming: true."""
+    root = tmp_path_factory.mktemp("streamed")
+    with open(corpus) as f:
+        lines = f.read().splitlines()
+    for k in range(4):
+        (root / f"part-{k}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines[k * 30:k * 30 + 30]))
+    return {"path": "json", "data_files": str(root / "*.jsonl"), "streaming": True}
+
+
+def make_streamed(tmp_path, streamed, tokenizer_file, **kwargs):
+    args = dict(splits={"train": 0.8, "val": 0.2}, shuffle_buffer=8, seq_len=32, batch_size=8)
+    return make(tmp_path, streamed, tokenizer_file, **{**args, **kwargs})
+
+
+class StreamRecorder(Recorder):
+    """Records every training batch's targets and the first validation batch of each validation run."""
+
+    def __init__(self):
+        super().__init__()
+        self.targets, self.validated = [], []
+
+    def training_step(self, batch, batch_idx):
+        self.targets.append((self.current_epoch, batch["y"].clone()))
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        if batch_idx == 0:
+            self.validated.append(batch["x"].clone())
+
+
+def streamed_fit(tmp_path, dm, name, ckpt_path=None, callbacks=(), **trainer_args):
+    model = StreamRecorder()
+    args = dict(max_steps=30, val_check_interval=5, check_val_every_n_epoch=None, limit_val_batches=2)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(tmp_path / name), callbacks=list(callbacks),
+                        enable_checkpointing=bool(callbacks), num_sanity_val_steps=0, **{**args, **trainer_args})
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    return model
+
+
+def test_streamed_fit_stops_at_max_steps_and_resumes_on_exactly_the_next_batches(tmp_path, streamed, tokenizer_file):
+    full = streamed_fit(tmp_path, make_streamed(tmp_path, streamed, tokenizer_file), "full")
+    assert len(full.targets) == 30
+    train = make_streamed(tmp_path, streamed, tokenizer_file).texts()["train"]
+    pass_targets = sum(len(ids) + 1 for ids in make(tmp_path, streamed, tokenizer_file).tokenizer.encode(
+        [t for t in train.head(1000)]))
+    assert sum(int((y != 3).sum()) for _, y in full.targets) > pass_targets  # the run crossed into a second pass
+    assert len(full.validated) == 6 and all(torch.equal(v, full.validated[0]) for v in full.validated)
+
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=12,
+                                                      save_top_k=-1, filename="{step}")
+    first = streamed_fit(tmp_path, make_streamed(tmp_path, streamed, tokenizer_file), "first", max_steps=12,
+                         callbacks=[checkpoints])
+    resumed = streamed_fit(tmp_path, make_streamed(tmp_path, streamed, tokenizer_file), "resumed",
+                           ckpt_path=str(tmp_path / "ckpt" / "step=12.ckpt"))
+    assert len(first.targets) == 12 and len(resumed.targets) == 18
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(first.targets + resumed.targets, full.targets))
+
+
+def test_streamed_epochs_on_one_process_are_passes(tmp_path, streamed, tokenizer_file):
+    dm = make_streamed(tmp_path, streamed, tokenizer_file, packed=True)
+    model = streamed_fit(tmp_path, dm, "epochs", max_steps=-1, max_epochs=2, limit_val_batches=0)
+    tokenizer, train = dm.tokenizer, dm.texts()["train"]
+    expected = Counter(t for ids in tokenizer.encode(train.head(1000)) for t in ids) + Counter({2: len(train.head(1000))})
+    epochs = [[y for e, y in model.targets if e == epoch] for epoch in (0, 1)]
+    for batches in epochs:  # every token of every train document once as a target per epoch
+        assert Counter(t for y in batches for t in y.flatten().tolist() if t != 3) == expected
+    assert not all(torch.equal(a, b) for a, b in zip(*epochs))  # reshuffled
+
+
+def test_streamed_runs_in_parallel_need_max_steps(tmp_path, streamed, tokenizer_file):
+    dm = make_streamed(tmp_path, streamed, tokenizer_file)
+    dm.trainer = SimpleNamespace(max_steps=-1, world_size=2, global_rank=1, current_epoch=0)
+    with pytest.raises(ValueError, match="a run on 2 processes must end at trainer.max_steps"):
+        dm.train_dataloader()
+    dm.trainer = SimpleNamespace(max_steps=100, world_size=2, global_rank=1, current_epoch=0, limit_val_batches=1.0)
+    assert dm.train_dataloader().dataset.rank == 1
+    with pytest.warns(UserWarning, match="the val split is streamed: every val run reads all of it"):
+        dm.val_dataloader()
+
+
+def test_streamed_compute_stats_estimates_from_the_head(tmp_path, streamed, tokenizer_file, corpus):
+    dm = make_streamed(tmp_path, streamed, tokenizer_file)
+    split = dm.compute_stats("val", sample_size=5)["split"]
+    with open(corpus) as f:
+        val = [t for t in f.read().splitlines() if dm.texts()["val"].contains(t)][:5]
+    tokens = sum(len(ids) for ids in dm.tokenizer.encode(val))
+    assert split["documents"] is None and split["tokens"] is None and split["sampled_documents"] == 5
+    assert split["chars_per_token"] == round(sum(map(len, val)) / tokens, 4)
+    assert split["text_length"]["max"] == max(map(len, val)) and "first 5 documents" in split["note"]
+    whole = dm.compute_stats("val", sample_size=1000)["split"]  # fewer documents than that: exact totals
+    with open(corpus) as f:
+        val = [t for t in f.read().splitlines() if dm.texts()["val"].contains(t)]
+    assert (whole["documents"], whole["characters"], whole["tokens_estimated"]) == (len(val), sum(map(len, val)), False)
+    assert whole["tokens"] == sum(len(ids) for ids in dm.tokenizer.encode(val))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_tokenizer_trains_on_a_bounded_sample_spread_over_the_split(tmp_path, corpus, streamed, tokenizer_file,
+                                                                    monkeypatch, streaming):
+    fed, stand_in = [], open(tokenizer_file, "rb").read()
+
+    def train(self, texts, num_tokens, save_path):
+        fed.append(list(texts))
+        return Tokenizer(stand_in, path=str(save_path))
+
+    monkeypatch.setattr(TokenizerTrainer, "train", train)
+    with open(corpus) as f:
+        lines = f.read().splitlines()
+    budget = sum(len(t) for t in lines) // 4
+    for seed in (1, 1, 2):
+        dm = XLabDataModule(locations=streamed if streaming else corpus, splits={"train": 0.9, "val": 0.1},
+                            num_tokens=NUM_TOKENS, tokenizer_path=str(tmp_path / f"new-{len(fed)}.model"), seed=seed,
+                            tokenizer_sample_bytes=budget, cache_dir=str(tmp_path / "cache"))
+        dm.tokenizer
+    assert all(0 < sum(len(t.encode()) for t in texts) <= budget for texts in fed)
+    assert fed[0] == fed[1] and fed[0] != fed[2]  # a seed gives one sample
+    where = sorted(lines.index(t) for t in fed[0])
+    assert where[0] < 20 and where[-1] >= 100  # spread over the corpus, not its head
+
+
+def test_streamed_prepare_trains_the_tokenizer_and_encodes_nothing(tmp_path, streamed, count_encodes):
+    path = tmp_path / "streamed.model"
+    dm = make_streamed(tmp_path, streamed, str(path), tokenizer_train_args={"model_type": "char"})
+    dm.prepare_data()
+    assert path.is_file() and count_encodes == []  # nothing encoded up front
+    assert dm.tokenizer.decode(dm.tokenizer.encode("lazy fox")) == "lazy fox"
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("ids-*"))
+
+
+def test_validate_data_reads_a_streamed_source_and_split(tmp_path, tokenizer_file):
+    unsplittable, spaced = "x" * 5000, "word " * 1500
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["fine text", "", unsplittable, spaced]))
+    dm = XLabDataModule(locations={"path": "json", "data_files": str(path), "streaming": True}, splits={"train": 0},
+                        tokenizer_path=tokenizer_file, num_tokens=NUM_TOKENS)
+    rows = list(csv.DictReader(io.StringIO(dm.validate_data())))
+    assert [(r["source"], r["index"], r["reason"], r["characters"]) for r in rows] == [
+        ("locations", "1", "empty", "0"), ("locations", "2", "hard_split", "5000")]
+    in_split = list(csv.DictReader(io.StringIO(dm.validate_data("train"))))  # the split has no empty documents
     assert [(r["source"], r["index"], r["reason"]) for r in in_split] == [("train", "1", "hard_split")]

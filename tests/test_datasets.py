@@ -353,3 +353,40 @@ def test_text_lengths_counts_characters():
 def test_hub_dataset_offline_is_a_clear_error():
     with pytest.raises(ConnectionError, match="'wikimedia/wikipedia'.*needs the network"):
         load_source({"path": "wikimedia/wikipedia", "name": "20231101.en", "split": "train"})
+
+
+# ------------------------------------------------------------------------------------------ streamed sources
+
+def test_streamed_source_keeps_its_shards_and_names_the_text_column(files):
+    stream = load_source({"data_files": str(files / "docs.jsonl"), "column": "body", "streaming": True})
+    assert isinstance(stream, datasets.IterableDataset) and stream.num_shards == 1
+    assert [row["text"] for row in stream] == [f"doc {i}" for i in range(5)] and list(stream.features) == ["text"]
+    with pytest.raises(ValueError, match=r"text column 'text' not found; the source has columns \['body', 'n'\]"):
+        load_source({"data_files": str(files / "docs.jsonl"), "streaming": True})
+    mixed = load_locations([{"data_files": str(files / "docs.jsonl"), "column": "body", "streaming": True},
+                            str(files / "docs.parquet")])  # a local file joins the stream as one more shard
+    assert isinstance(mixed, datasets.IterableDataset) and mixed.num_shards == 2
+    assert [row["text"] for row in mixed] == [f"doc {i}" for i in range(5)] + ["pq a", "pq b", "pq c"]
+    builtin = load_source({"builtin": "python-topics", "streaming": True})
+    assert builtin.num_shards == 8 and next(iter(builtin))["text"] == load_source({"builtin": "python-topics"})[0]["text"]
+
+
+def test_a_split_from_its_own_streamed_source(numbered, files):
+    from xlabml.streaming import TextStream
+    splits, report = load_splits(numbered, {"train": 0.8, "val": {"data_files": str(files / "docs.jsonl"),
+                                                                  "column": "body", "streaming": True}})
+    assert isinstance(splits["val"], TextStream) and splits["val"].head(10) == [f"doc {i}" for i in range(5)]
+    assert report["val"] == "stream" and report["train"] == 160 and len(splits["train"]) == 160
+
+
+def test_sample_documents_is_bounded_spread_and_seeded(numbered):
+    from xlabml.sources import sample_documents
+    documents = load_source(numbered)
+    sizes = [len(t.encode()) for t in documents["text"]]
+    budget = sum(sizes) // 5
+    indices = sample_documents(documents, budget, seed=3)
+    assert budget - max(sizes) < sum(sizes[i] for i in indices) <= budget
+    assert list(indices) == sorted(indices) and indices[0] < 20 and indices[-1] >= 180  # not the head
+    assert np.array_equal(sample_documents(documents, budget, seed=3), indices)
+    assert not np.array_equal(sample_documents(documents, budget, seed=4), indices)
+    assert list(sample_documents(documents, sum(sizes), seed=3)) == list(range(200))  # all fit: all

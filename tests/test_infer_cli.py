@@ -1,4 +1,5 @@
 """The xlab-infer command on a tiny checkpoint built here: outputs equal the library's, errors are one line."""
+import importlib.util
 import io
 import os
 import subprocess
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from xlabml import infer_cli, inference
-from xlabml.manage import export_checkpoint
+from xlabml.checkpoints import CheckpointWarning, export_checkpoint
 from xlabml.models import XLabModel
 from xlabml.tokenizer import TokenizerTrainer
 
@@ -37,11 +38,18 @@ def files(tmp_path_factory):
     ckpt = tmp / "model.ckpt"
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
                 "datamodule_hyper_parameters": {"tokenizer_path": tokenizer.path, "seq_len": MAX_LEN,
-                                                "num_tokens": N_VOCAB}, "pytorch-lightning_version": "2.6.6"},
+                                                "num_tokens": N_VOCAB}, "pytorch-lightning_version": "2.6.6",
+                "XLabDataModule": {"tokenizer_hash": tokenizer.content_hash, "tokenizer_path": tokenizer.path}},
                ckpt)
-    bare = tmp / "bare.ckpt"  # no data settings: needs -t
+    bare = tmp / "bare.ckpt"  # no data settings (and, as before hashes were recorded, no tokenizer hash): needs -t
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, bare)
-    return {"tmp": tmp, "ckpt": str(ckpt), "bare": str(bare), "tokenizer": tokenizer, "model": model.eval()}
+    flash = tmp / "flash.ckpt"  # trained with the flash_attn kernel
+    torch.save({**torch.load(ckpt, weights_only=True), "hyper_parameters": {**model.hparams, "attention": "flash"}},
+               flash)
+    other = TokenizerTrainer().train([" ".join(reversed(t.split())) + " zebras hex" for t in texts], N_VOCAB,
+                                     tmp / "other.model")  # same size, other merges
+    return {"tmp": tmp, "ckpt": str(ckpt), "bare": str(bare), "flash": str(flash), "tokenizer": tokenizer,
+            "other": other, "model": model.eval()}
 
 
 def infer(capsys, *argv):
@@ -116,7 +124,37 @@ def test_exports_and_explicit_tokenizer(files, capsys, fmt):
     exported, _ = export_checkpoint(files["ckpt"], files["tmp"] / "exports", format=fmt)
     assert exported.suffix == "." + fmt
     assert infer(capsys, exported, "the lazy", "-g", "-l", 10)[1] == reference  # tokenizer from the stored data
-    assert infer(capsys, files["bare"], "the lazy", "-g", "-l", 10, "-t", files["tokenizer"].path)[1] == reference
+    with pytest.warns(CheckpointWarning, match="bare.ckpt records no tokenizer hash"):  # an old checkpoint
+        assert infer(capsys, files["bare"], "the lazy", "-g", "-l", 10, "-t", files["tokenizer"].path)[1] == reference
+
+
+def test_a_different_tokenizer_of_the_same_size_is_refused(files, capsys):
+    ours, other = files["tokenizer"], files["other"]
+    assert len(other) == len(ours) == N_VOCAB and other.content_hash != ours.content_hash
+    code, out, err = infer(capsys, files["ckpt"], "the lazy", "-g", "-t", other.path)
+    assert (code, out) == (1, "")  # before: it decoded the model's ids with the other vocabulary, silently
+    assert err == (f"xlab-infer: error: tokenizer {other.path} (content hash {other.content_hash}) is not the "
+                   f"model's tokenizer: checkpoint {files['ckpt']} was trained with {ours.path} (content hash "
+                   f"{ours.content_hash})\n")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash_attn is installed")
+def test_flash_checkpoint_generates_here_with_sdpa(files, capsys):
+    reference = infer(capsys, files["ckpt"], "the lazy", "-g", "-l", 10)[1]
+    with pytest.warns(CheckpointWarning, match="attention='flash' but the flash_attn package is not installed"):
+        code, out, err = infer(capsys, files["flash"], "the lazy", "-g", "-l", 10)
+    assert (code, out) == (0, reference)  # before: "attention='flash' needs the flash_attn package"
+
+
+@pytest.mark.slow
+def test_script_prints_a_warning_as_one_line(files):
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), files["bare"], "the", "-g", "-l", "3",
+                             "-t", files["tokenizer"].path], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("the")
+    assert result.stderr == (f"xlab-infer: warning: checkpoint {files['bare']} records no tokenizer hash (written by "
+                             f"an older xlabml): cannot check that tokenizer {files['tokenizer'].path} is the one it "
+                             "was trained with\n")
 
 
 def test_errors_are_one_line_and_non_zero(files, capsys, tmp_path):

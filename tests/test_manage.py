@@ -1,15 +1,18 @@
-"""manage.py export-checkpoint: slim, content-named, never overwriting, loadable by torch and Lightning."""
+"""manage.py export-checkpoint: slim, content-named, atomic, never overwriting, carrying the tokenizer's identity,
+loadable by torch, Lightning and the loader."""
 import hashlib
 import json
 import os
 import re
+import resource
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from xlabml.manage import export_checkpoint, load_exported_model, main
+from xlabml.checkpoints import export_checkpoint, load_checkpoint
+from xlabml.manage import main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,6 +59,9 @@ def test_export_is_slim_content_named_and_loads_everywhere(checkpoint, tmp_path)
     assert "optimizer_states" not in exported and "loops" not in exported and "callbacks" not in exported
     training = torch.load(checkpoint, weights_only=True)
     assert exported["hyper_parameters"] == training["hyper_parameters"]
+    assert exported["XLabDataModule"] == training["XLabDataModule"]  # the tokenizer's identity travels along
+    (score,) = [s["current_score"] for s in training["callbacks"].values() if s.get("monitor") == "val_loss"]
+    assert exported["metrics"] == {"val_loss": float(score)}
     for name, tensor in training["state_dict"].items():
         assert torch.equal(exported["state_dict"][name], tensor), name
 
@@ -97,13 +103,14 @@ def test_safetensors_export_with_json_hyperparameters(checkpoint, tmp_path):
     sidecar = path.with_suffix(".json")
     meta = json.loads(sidecar.read_text())
     assert meta["hyper_parameters"]["n_vocab"] == 512
+    assert meta["XLabDataModule"] == torch.load(checkpoint, weights_only=True)["XLabDataModule"]
     assert meta["datamodule_hyper_parameters"]["tokenizer_path"].endswith("tokenizer.model")
     from safetensors.torch import load_file
 
     tensors = load_file(str(path))
     training = torch.load(checkpoint, weights_only=True)["state_dict"]
     assert set(tensors) == set(training)
-    model = load_exported_model(path)
+    model = load_checkpoint(path).model
     for name, tensor in training.items():
         assert torch.equal(model.state_dict()[name], tensor), name
 
@@ -115,7 +122,7 @@ def test_tied_embeddings_survive_both_formats(tmp_path):
     ckpt = _fit(root, tie_embeddings=True, position="rope", norm="rmsnorm", ffn="swiglu", n_kv_heads=1)
     for format in ("ckpt", "safetensors"):
         path, _ = export_checkpoint(ckpt, tmp_path / "exports", format=format)
-        model = load_exported_model(path)
+        model = load_checkpoint(path).model
         assert model.model.head.weight is model.model.embedding.weight
         assert torch.equal(model.model.embedding.weight,
                            torch.load(ckpt, weights_only=True)["state_dict"]["model.embedding.weight"])
@@ -131,4 +138,39 @@ def test_errors_are_one_line(tmp_path, capsys):
         assert exit.value.code == 1
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and expected in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_is_atomic_when_the_disk_fills_up(checkpoint, tmp_path):
+    reference, _ = export_checkpoint(checkpoint, tmp_path / "reference")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (reference.stat().st_size // 2, hard))  # writes past it fail
+    try:
+        with pytest.raises(OSError, match="File too large"):
+            export_checkpoint(checkpoint, tmp_path / "out")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert os.listdir(tmp_path / "out") == []  # before: a truncated export, which blocked the next one
+    path, written = export_checkpoint(checkpoint, tmp_path / "out")
+    assert written and path.read_bytes() == reference.read_bytes()
+
+
+def test_export_refuses_a_checkpoint_whose_tokenizer_was_replaced(checkpoint, tmp_path, capsys):
+    from xlabml.tokenizer import Tokenizer, TokenizerTrainer
+
+    training = torch.load(checkpoint, weights_only=True)
+    ours = Tokenizer.load(training["datamodule_hyper_parameters"]["tokenizer_path"])
+    retrained = tmp_path / "tokenizer.model"  # the same path, retrained on other text
+    TokenizerTrainer().train([f"{i} other words {i * 7}" for i in range(3000)], len(ours), retrained)
+    training["datamodule_hyper_parameters"] = {**training["datamodule_hyper_parameters"],
+                                               "tokenizer_path": str(retrained)}
+    moved = tmp_path / "moved.ckpt"
+    torch.save(training, moved)
+    with pytest.raises(SystemExit) as exit:
+        main(["export-checkpoint", str(moved), "-o", str(tmp_path / "out")])
+    assert exit.value.code == 1
+    other = Tokenizer.load(retrained)
+    assert capsys.readouterr().err == (
+        f"xlab-manage: error: tokenizer {retrained} (content hash {other.content_hash}) is not the model's "
+        f"tokenizer: checkpoint {moved} was trained with {ours.path} (content hash {ours.content_hash})\n")
     assert not (tmp_path / "out").exists()

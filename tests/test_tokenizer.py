@@ -203,3 +203,14 @@ def test_char_model(tmp_path):
     assert tok.encode("hello") == [tok[c] for c in "hello"]
     for s in ["hello world", f"unseen {M}{E} 漢字 \x00", ""]:
         assert tok.decode(tok.encode(s)) == s
+
+
+def test_trainer_is_fed_sentence_sized_pieces():
+    # SentencePiece counts input_sentence_size in the strings it is given: whole documents would make it a
+    # count of documents. Every piece is at most SENTENCE_BYTES long and the pieces rebuild each text.
+    texts = [("A sentence about tokenizers. " * 40 + "\n") * 5, f"short {M} one", "", "x" * 2000]
+    stats = {"texts": 0}
+    pieces = list(TokenizerTrainer._sentences(texts, 4192, stats))
+    assert stats["texts"] == 4 and all(0 < len(p.encode()) <= TokenizerTrainer.SENTENCE_BYTES for p in pieces)
+    assert "".join(pieces) == "".join(escape(t) for t in texts)
+    assert pieces[1].startswith(" ") and pieces[0].endswith("about")  # cut before a space, not inside a word

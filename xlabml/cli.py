@@ -23,13 +23,15 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule, Tr
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 import xlabml
+from xlabml.checkpoints import (
+    RUNTIME_HPARAMS, CheckpointWarning, model_hparams, read_checkpoint, tokenizer_state, warn,
+    with_atomic_checkpoints,
+)
 
 PROG = "xlab"
 DEBUG_ENV = "XLAB_DEBUG"
 RESUME_ENV = "XLAB_RESUME_CKPT"  # the checkpoint "last" resolved to, inherited by DDP's re-executed ranks
 DATA_SUBCOMMANDS = ("train_tokenizer", "compute_stats", "validate_data")
-# Model arguments that say how to run, not what the weights mean: with --ckpt_path the configured values win.
-RUNTIME_HPARAMS = ("compile", "activation_checkpointing", "debug", "attention")
 DESCRIPTION = (
     "XLab: train GPT-style language models (fit, validate, test, predict) and prepare their data "
     "(train_tokenizer, compute_stats, validate_data). Settings: conf/defaults.yaml, then each -c FILE in order, "
@@ -241,9 +243,18 @@ class SaveConfig(SaveConfigCallback):
 
 
 class XLabCLI(LightningCLI):
-    """LightningCLI for XLab: fit/validate/test/predict plus train_tokenizer/compute_stats/validate_data."""
+    """LightningCLI for XLab: fit/validate/test/predict plus train_tokenizer/compute_stats/validate_data.
+
+    With ``--ckpt_path`` the model's architecture comes from the checkpoint (a value the configuration sets
+    otherwise is replaced, with a one-line warning), its runtime settings (``RUNTIME_HPARAMS``) from the
+    configuration, and the data's tokenizer must be the checkpoint's: checked right after the data module is
+    built (a tokenizer still to be trained or downloaded: before it encodes anything), on every rank.
+    Every trainer saves checkpoints atomically (``XLabCheckpointIO``) unless the configuration names another
+    CheckpointIO.
+    """
 
     checkpoint_hparams: dict[str, Any] = {}  # the model hyperparameters of --ckpt_path, when given
+    checkpoint_tokenizer: Optional[dict[str, Any]] = None  # its tokenizer identity ({} if it records none)
 
     def __init__(
         self,
@@ -322,14 +333,27 @@ class XLabCLI(LightningCLI):
             return
         # The model's hyperparameters come from the checkpoint (its architecture must match the weights); values
         # linked from the data module are checked against the data after instantiation instead.
-        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
-        hparams = dict(checkpoint.get("hyper_parameters", {}))
+        checkpoint = read_checkpoint(ckpt_path)
+        hparams = model_hparams(checkpoint, ckpt_path)
         self.checkpoint_hparams = dict(hparams)
+        self.checkpoint_tokenizer = tokenizer_state(checkpoint)
         # Linked values are checked by the link functions; how to run (not what to run) stays as configured.
-        for key in ("_instantiator", "_class_path", *RUNTIME_HPARAMS, *(t.split(".", 1)[1] for _, t in LINKS)):
+        for key in (*RUNTIME_HPARAMS, *(t.split(".", 1)[1] for _, t in LINKS)):
             hparams.pop(key, None)
+        self._warn_replaced(subcommand, ckpt_path, hparams)
         if hparams:
             self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+
+    def _warn_replaced(self, subcommand: str, ckpt_path: str, hparams: dict[str, Any]) -> None:
+        """One line for each model value the user set (in a -c file or a flag: not the defaults) that the
+        checkpoint's value replaces."""
+        configured = self.config[subcommand].get("model") or {}
+        defaults = self._parser(subcommand).get_defaults().get("model") or {}
+        for key, value in hparams.items():
+            mine = configured.get(key, value)
+            if mine != value and mine != defaults.get(key, value):
+                warn(f"--ckpt_path {ckpt_path}: the checkpoint's model.{key}={value!r} replaces the configured "
+                     f"{mine!r} (a checkpoint's architecture cannot change)")
 
     @staticmethod
     def _logs_dir(config: Any) -> Path:
@@ -355,6 +379,18 @@ class XLabCLI(LightningCLI):
             return
         super().instantiate_classes()
         self.datamodule.prepare_data_per_node = self._get(self.config, "prepare_data_per_node")
+        if self.checkpoint_tokenizer:
+            # Lightning restores this state too, but only after preparing (encoding) all the data
+            self.datamodule.load_state_dict(self.checkpoint_tokenizer)
+        elif self.checkpoint_tokenizer is not None:
+            ckpt_path = self.config[self.subcommand]["ckpt_path"]
+            warn(f"checkpoint {ckpt_path} records no tokenizer hash (written by an older xlabml): cannot check that "
+                 f"the data's tokenizer {self.datamodule.tokenizer_path} is the one it was trained with")
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        # Added here, not in trainer_defaults: a configured plugin list would replace a default one.
+        config["plugins"] = with_atomic_checkpoints(config.get("plugins"), config.get("strategy"))
+        return super()._instantiate_trainer(config, callbacks)
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         if subcommand not in DATA_SUBCOMMANDS:
@@ -411,6 +447,19 @@ def _one_line(error: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def one_line_warnings(prog: str) -> None:
+    """Print ``CheckpointWarning``s as ``PROG: warning: MESSAGE`` (one line) instead of file, line and source."""
+    previous = getattr(warnings.formatwarning, "xlab_previous", warnings.formatwarning)
+
+    def format_warning(message, category, filename, lineno, line=None):
+        if issubclass(category, CheckpointWarning):
+            return f"{prog}: warning: {' '.join(str(message).split())}\n"
+        return previous(message, category, filename, lineno, line)
+
+    format_warning.xlab_previous = previous
+    warnings.formatwarning = format_warning
+
+
 def _quiet_warnings() -> None:
     for pattern in (
         ".*does not have many workers.*",
@@ -432,6 +481,7 @@ def main(args: Any = None) -> None:
         os.environ[DEBUG_ENV] = "1"  # DDP re-executes sys.argv: the ranks inherit the flag through the environment
         argv[:] = [a for a in argv if a != "--debug"]
     _quiet_warnings()
+    one_line_warnings(PROG)
     try:
         XLabCLI(args=args)
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+import datasets
 import lightning as L
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -19,8 +20,12 @@ from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
+from xlabml.atomic import atomic_path, write_atomic
+from xlabml.checkpoints import check_tokenizer
 from xlabml.datasets import SequenceDataset, TokenDataset, resolve_step
-from xlabml.sources import DEFAULT_SPLITS, SPLIT_NAMES, format_split_report, load_splits, text_lengths
+from xlabml.sources import (DEFAULT_SPLITS, SPLIT_NAMES, format_split_report, load_splits, sample_documents,
+                            text_lengths)
+from xlabml.streaming import StreamLoader, StreamWindows, TextStream, sample_stream
 from xlabml.tokenizer import Tokenizer, TokenizerTrainer, escape, split_text
 
 # Splits each Lightning stage reads; stages may run without an optional split (e.g. fit without val).
@@ -61,16 +66,20 @@ class XLabDataModule(L.LightningDataModule):
     Args:
         locations: one data source or a list of them, concatenated. A source is a local file path/glob, a dict
             of ``datasets.load_dataset`` arguments (``path``, ``name``, ``split``, ``data_files``, ``revision``,
-            ``trust_remote_code``, ``sample_by``, ...) plus ``column`` (the text column, default ``text``) and
-            ``drop_columns`` (default true), or ``{builtin: python-docs}``.
+            ``trust_remote_code``, ``sample_by``, ``streaming``, ...) plus ``column`` (the text column, default
+            ``text``) and ``drop_columns`` (default true), or ``{builtin: python-docs}``. With ``streaming: true``
+            the documents are read while training consumes them and never stored (``xlabml.streaming``): the
+            train split is then an endless stream of passes that a run ends at ``trainer.max_steps`` (on one
+            process without ``max_steps``, each epoch is one pass).
         splits: split name (``train``/``val``/``test``/``predict``) → a float ratio or int count of the documents
             of `locations` (shuffled with `seed`; ``0`` = the remainder, at most one), or a source / list of
             sources of its own (e.g. a held-out file). Default ``{train: 0.9, val: 0.05, test: 0.025,
-            predict: 0}``. Documents left over are reported.
+            predict: 0}``. Documents left over are reported. Streamed locations take ratios only: a document's
+            split is decided by a hash of its text.
         num_tokens: vocabulary size: trained tokenizers get this many tokens, a loaded one may not have more;
             the CLI links it to the model's ``n_vocab``.
         tokenizer_path: the tokenizer model file: loaded if it exists, else downloaded from `tokenizer_url`,
-            else trained on the train split and saved here.
+            else trained on a sample of the train split (`tokenizer_sample_bytes`) and saved here.
         tokenizer_url: where to download the tokenizer model from when `tokenizer_path` does not exist (saved to
             `tokenizer_path`, or under `cache_dir` when that is not set).
         tokenizer_train_args: SentencePiece trainer options (``TokenizerTrainer``), e.g. ``{model_type: char}``.
@@ -84,6 +93,11 @@ class XLabDataModule(L.LightningDataModule):
         num_proc: processes for encoding (``datasets.map``).
         seed: seed of the document split and of the training shuffle (a pure function of seed and epoch).
         cache_dir: where encoded splits are cached (default: ``<HF datasets cache>/xlabml``).
+        shuffle_buffer: streamed train split: windows per shuffled block (per loader worker; each block is
+            yielded in a seeded random order, its shards in a seeded order per pass); 0 or 1: stream order.
+        tokenizer_sample_bytes: the most text the tokenizer is trained on: a seeded random subset of the train
+            split's documents (for a stream, a sample of its first ``4 *`` that many bytes, read from up to 64
+            shards). Default 1 GB.
     """
 
     def __init__(
@@ -106,6 +120,8 @@ class XLabDataModule(L.LightningDataModule):
         num_proc: int = 1,
         seed: int = 42,
         cache_dir: str | None = None,
+        shuffle_buffer: int = 8192,
+        tokenizer_sample_bytes: int = 1_000_000_000,
     ):
         super().__init__()
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
@@ -117,14 +133,20 @@ class XLabDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size={batch_size!r}: expected an int >= 1")
         if not isinstance(num_proc, int) or num_proc < 1:
             raise ValueError(f"num_proc={num_proc!r}: expected an int >= 1")
+        if isinstance(shuffle_buffer, bool) or not isinstance(shuffle_buffer, int) or shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer={shuffle_buffer!r}: expected an int >= 0 (windows per shuffled block)")
+        if (isinstance(tokenizer_sample_bytes, bool) or not isinstance(tokenizer_sample_bytes, int)
+                or tokenizer_sample_bytes < 1):
+            raise ValueError(f"tokenizer_sample_bytes={tokenizer_sample_bytes!r}: expected an int >= 1 (bytes of text)")
         unknown = sorted(set(splits or {}) - set(SPLIT_NAMES))
         if unknown:
             raise ValueError(f"splits {splits!r}: unknown split names {unknown}; expected some of {list(SPLIT_NAMES)}")
         self.save_hyperparameters()
         self._tokenizer: Tokenizer | None = None
         self._texts = None
-        self.split_report: dict[str, int] | None = None
-        self.datasets: dict[str, SequenceDataset] = {}
+        self.split_report: dict[str, Any] | None = None
+        self.datasets: dict[str, SequenceDataset | StreamWindows] = {}
+        self._checkpoint_tokenizer: dict[str, Any] | None = None  # the tokenizer a restored checkpoint needs
 
     # -------------------------------------------------------------------------------------- properties
 
@@ -163,13 +185,13 @@ class XLabDataModule(L.LightningDataModule):
 
     @property
     def _cache_dir(self) -> str:
-        import datasets
         return os.path.expanduser(self.hparams.cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "xlabml"))
 
     # ------------------------------------------------------------------------------------ preparation
 
     def texts(self) -> dict:
-        """Documents of every configured split (``datasets.Dataset`` with a ``text`` column), loaded once."""
+        """Documents of every configured split (``datasets.Dataset`` with a ``text`` column, or a ``TextStream``
+        for a streamed split), loaded once."""
         if self._texts is None:
             self._texts, self.split_report = load_splits(self.hparams.locations, self.hparams.splits,
                                                          self.hparams.seed)
@@ -180,7 +202,7 @@ class XLabDataModule(L.LightningDataModule):
         """Build the tokenizer if needed and encode every configured split into the cache (rank 0 only)."""
         tokenizer = self.tokenizer
         for name, texts in self.texts().items():
-            if len(texts):
+            if not isinstance(texts, TextStream) and len(texts):  # a stream is encoded as it is read
                 self._token_dataset(name, texts, tokenizer)
 
     def setup(self, stage: str | None = None) -> None:
@@ -196,8 +218,10 @@ class XLabDataModule(L.LightningDataModule):
                                  f"{list(self.texts())}")
             self.datasets[name] = self._sequence_dataset(name)
 
-    def _sequence_dataset(self, name: str) -> SequenceDataset:
+    def _sequence_dataset(self, name: str) -> SequenceDataset | StreamWindows:
         texts = self.texts()[name]
+        if isinstance(texts, TextStream):
+            return self._stream_windows(name, cycle=False)
         if len(texts) == 0:
             raise ValueError(f"split {name!r} is empty: splits={self.hparams.splits!r} gives it no documents "
                              f"({self.split_report})")
@@ -207,6 +231,15 @@ class XLabDataModule(L.LightningDataModule):
             tokens, self.hparams.seq_len, self.hparams.step_size, packed=self.hparams.packed,
             train_sos=self.hparams.train_sos, sos_index=tokenizer[tokenizer.sos_token],
             eos_index=tokenizer[tokenizer.eos_token], pad_index=tokenizer[tokenizer.pad_token])
+
+    def _stream_windows(self, name: str, cycle: bool) -> StreamWindows:
+        """Windows of a streamed split: shuffled and resumable for train, in stream order for the others."""
+        trainer, tokenizer, train = self.trainer, self.tokenizer, name == "train"
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return StreamWindows(
+            self.texts()[name], tokenizer, self.hparams.seq_len, self.hparams.step_size, packed=self.hparams.packed,
+            train_sos=self.hparams.train_sos, shuffle=train, shuffle_buffer=self.hparams.shuffle_buffer,
+            seed=self.hparams.seed, cycle=cycle, resume=train, rank=rank, world_size=world)
 
     def _token_dataset(self, name: str, texts, tokenizer) -> TokenDataset:
         tokens = TokenDataset(texts, tokenizer, num_proc=self.hparams.num_proc, dynamic=self.hparams.dynamic_encode,
@@ -227,15 +260,29 @@ class XLabDataModule(L.LightningDataModule):
                 raise ValueError("tokenizer_path is not set: set it to the tokenizer file to load, or to where the "
                                  "tokenizer trained on the train split is saved (or set tokenizer_url)")
             texts = self.texts()
-            if "train" not in texts or len(texts["train"]) == 0:
+            train = texts.get("train")
+            if train is None or not isinstance(train, TextStream) and len(train) == 0:
                 raise ValueError(f"cannot train the tokenizer: no train split in splits={self.hparams.splits!r}")
-            rank_zero_info(f"data: training a {self.hparams.num_tokens}-token tokenizer on the train split "
-                           f"({len(texts['train'])} documents), saving it to {path}")
+            budget, seed = self.hparams.tokenizer_sample_bytes, self.hparams.seed
+            if isinstance(train, TextStream):
+                sample = sample_stream(train, budget, seed)
+                size = sum(len(t.encode("utf-8", "surrogatepass")) for t in sample)
+                where = f"{len(sample)} documents ({size / 1e6:.1f} MB) sampled from the streamed train split"
+            else:
+                indices = sample_documents(train, budget, seed)
+                sample = train if len(indices) == len(train) else train.select(indices)
+                where = (f"{len(indices)} of the train split's {len(train)} documents"
+                         + ("" if sample is train else f" (a random sample within {budget / 1e6:.0f} MB)"))
+            rank_zero_info(f"data: training a {self.hparams.num_tokens}-token tokenizer on {where}, "
+                           f"saving it to {path}")
             trainer = TokenizerTrainer(self.hparams.tokenizer_train_args)
-            tokenizer = trainer.train(_iter_texts(texts["train"]), self.hparams.num_tokens, path)
+            tokenizer = trainer.train(iter(sample) if isinstance(sample, list) else _iter_texts(sample),
+                                      self.hparams.num_tokens, path)
         self._set_tokenizer(tokenizer)
 
     def _set_tokenizer(self, tokenizer: Tokenizer) -> None:
+        if self._checkpoint_tokenizer is not None:  # before any text is encoded with it
+            check_tokenizer(tokenizer, **self._checkpoint_tokenizer)
         n, limit = len(tokenizer), self.hparams.num_tokens
         if n > limit:
             raise ValueError(f"tokenizer {tokenizer.path} has {n} tokens, more than num_tokens={limit}: set "
@@ -245,9 +292,44 @@ class XLabDataModule(L.LightningDataModule):
                            f"{limit - n} embedding rows stay unused")
         self._tokenizer = tokenizer
 
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, **kwargs):
+        """The data module of a training checkpoint or an export, by ``xlabml.checkpoints.load_datamodule``
+        (every format, tokenizer path resolved and checked against the recorded hash); keywords override
+        recorded settings."""
+        if hparams_file is not None:
+            raise ValueError("XLabDataModule.load_from_checkpoint takes no hparams_file: pass settings to override "
+                             "as keywords")
+        from xlabml.checkpoints import load_datamodule
+        return load_datamodule(checkpoint_path, datamodule_class=cls, **kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Lightning saves this in every training checkpoint: the identity of the tokenizer the data is encoded
+        with (``tokenizer_hash``: ``Tokenizer.content_hash``; ``tokenizer_path``: the file it came from)."""
+        path = self.tokenizer_path
+        if self._tokenizer is None and not (path and os.path.isfile(path)):
+            return {}  # no tokenizer yet (nothing encoded either)
+        return {"tokenizer_hash": self.tokenizer.content_hash, "tokenizer_path": self.tokenizer.path}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Lightning calls this when it restores a checkpoint (``--ckpt_path`` of fit, validate, test, predict):
+        the tokenizer must be the one the checkpoint recorded. Checked now if the tokenizer is loaded or its file
+        exists, else as soon as it is trained or downloaded, before any text is encoded."""
+        if not state_dict.get("tokenizer_hash"):
+            return
+        self._checkpoint_tokenizer = {"expected_hash": state_dict["tokenizer_hash"],
+                                      "expected_path": state_dict.get("tokenizer_path")}
+        path = self.tokenizer_path
+        if self._tokenizer is not None:
+            check_tokenizer(self._tokenizer, **self._checkpoint_tokenizer)
+        elif path and os.path.isfile(path):
+            self.tokenizer  # noqa: B018 - loads it, and _set_tokenizer checks it
+
     # ------------------------------------------------------------------------------------------ loaders
 
-    def _dataset(self, name: str) -> SequenceDataset:
+    def _dataset(self, name: str) -> SequenceDataset | StreamWindows:
         if name not in self.datasets:
             self.setup({"train": "fit", "val": "validate"}.get(name, name))
         return self.datasets[name]
@@ -259,16 +341,45 @@ class XLabDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> StatefulDataLoader:
         """Shuffled windows of the train split; resumable mid-epoch (state in Lightning's checkpoint)."""
+        if isinstance(self.texts().get("train"), TextStream):
+            return self._stream_train_loader()
         dataset = self._dataset("train")
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed)
         return StatefulDataLoader(dataset, sampler=sampler, **self._loader_args())
 
+    def _stream_train_loader(self) -> StatefulDataLoader:
+        """A streamed train split: endless passes that ``max_steps`` ends, or on one process without
+        ``max_steps`` one pass per epoch (without a trainer: one pass per iteration, see ``set_pass``)."""
+        trainer = self.trainer
+        steps, world = (trainer.max_steps, trainer.world_size) if trainer is not None else (-1, 1)
+        if steps < 0 and world > 1:
+            raise ValueError(
+                f"the train split is streamed (streaming: true) and has no length, so a run on {world} processes "
+                "must end at trainer.max_steps: set it (trainer.max_epochs can end a streamed run only on one "
+                "process, where each epoch is one pass; in parallel the processes' passes differ in length)")
+        dataset = self.datasets["train"] = self._stream_windows("train", cycle=steps > 0)
+        if trainer is None:
+            return StreamLoader(dataset, **self._loader_args())
+        epoch = None
+        if steps < 0:
+            rank_zero_info("data: the streamed train split has no length: each epoch is one pass over it")
+            epoch = lambda: trainer.current_epoch  # noqa: E731
+        # Lightning fetches one batch ahead from a loader without a length: its checkpoints must not count it
+        return StreamLoader(dataset, epoch=epoch, held_batches=1, **self._loader_args())
+
     def _eval_loader(self, name: str):
         if name not in self.texts():
             return []
-        return DataLoader(self._dataset(name), shuffle=False, **self._loader_args())
+        dataset = self._dataset(name)
+        if isinstance(dataset, StreamWindows):
+            limit = getattr(self.trainer, f"limit_{name}_batches", None)
+            if isinstance(limit, float) and limit == 1.0:
+                rank_zero_warn(f"the {name} split is streamed: every {name} run reads all of it; set "
+                               f"trainer.limit_{name}_batches to a number of batches per process to bound it")
+            return DataLoader(dataset, **self._loader_args())
+        return DataLoader(dataset, shuffle=False, **self._loader_args())
 
     def val_dataloader(self):
         return self._eval_loader("val")
@@ -291,7 +402,9 @@ class XLabDataModule(L.LightningDataModule):
             "split": {"name", "documents", "characters", "tokens", "tokens_estimated", "sampled_documents",
             "chars_per_token", "text_length": {"mean", "median", "std", "min", "max"}, "token_length": {...}}}``
             (character counts and text lengths are exact; token figures come from the sample when
-            ``tokens_estimated``).
+            ``tokens_estimated``). For a streamed split, whose totals would need a full pass, ``documents``,
+            ``characters`` and ``tokens`` are None (unless it holds at most `sample_size` documents), the other
+            figures come from its first `sample_size` documents, and ``note`` says so.
         """
         texts = self._split_texts(split)
         tokenizer = self.tokenizer
@@ -301,6 +414,8 @@ class XLabDataModule(L.LightningDataModule):
             kind = ("special" if index < 4 else "byte_tokens" if _BYTE_TOKEN.fullmatch(piece)
                     else "single_characters" if len(piece) == 1 else "learned")
             vocabulary[kind] += 1
+        if isinstance(texts, TextStream):
+            return {"vocabulary": vocabulary, "split": _stream_stats(split, texts, tokenizer, sample_size)}
         chars = text_lengths(texts)
         n = len(texts)
         estimated = n > sample_size
@@ -360,21 +475,48 @@ class XLabDataModule(L.LightningDataModule):
                 text = text or ""
                 writer.writerow([name, index, reason, len(text), len(text.encode("utf-8")), text[:60]])
                 if dump_dir:
-                    with open(os.path.join(dump_dir, f"{name}-{index}.txt"), "x", encoding="utf-8") as f:
-                        f.write(text)
+                    write_atomic(os.path.join(dump_dir, f"{name}-{index}.txt"), text)
         return out.getvalue()
 
     def _split_texts(self, split: str):
         texts = self.texts()
         if split not in texts:
             raise ValueError(f"split {split!r} is not configured: splits has {list(texts)}")
-        if len(texts[split]) == 0:
+        if not isinstance(texts[split], TextStream) and len(texts[split]) == 0:
             raise ValueError(f"split {split!r} is empty ({self.split_report})")
         return texts[split]
 
 
+def _stream_stats(split: str, texts: TextStream, tokenizer: Tokenizer, sample_size: int) -> dict[str, Any]:
+    """compute_stats' split figures for a stream: from its first `sample_size` documents, never a full pass
+    (exact when the stream holds no more)."""
+    sample = texts.head(sample_size + 1)
+    if not sample:
+        raise ValueError(f"split {split!r} is streamed and has no documents ({texts})")
+    whole = len(sample) <= sample_size
+    sample = sample[:sample_size]
+    chars = np.fromiter(map(len, sample), dtype=np.int64, count=len(sample))
+    token_lengths = np.fromiter(map(len, tokenizer.encode(sample)), dtype=np.int64, count=len(sample))
+    return {
+        "name": split, "documents": len(sample) if whole else None, "characters": int(chars.sum()) if whole else None,
+        "tokens": int(token_lengths.sum()) if whole else None, "tokens_estimated": not whole,
+        "sampled_documents": len(sample),
+        "chars_per_token": round(int(chars.sum()) / max(1, int(token_lengths.sum())), 4),
+        "text_length": _describe(chars), "token_length": _describe(token_lengths),
+        "note": (f"streamed split, read in full ({len(sample)} documents)" if whole else
+                 f"streamed split: figures from its first {len(sample)} documents; totals need a full pass"),
+    }
+
+
 def _find_unusable(dataset, max_bytes: int):
     """(index, text) of documents that are empty or that the trainer would cut inside a word."""
+    if isinstance(dataset, TextStream):  # a streamed split (never holds empty documents): read in full
+        texts = (text for _, text in dataset.documents([(s, False) for s in range(dataset.num_shards)]))
+        yield from _unusable_texts(texts, max_bytes)
+        return
+    if isinstance(dataset, datasets.IterableDataset):  # a streamed source: read in full
+        yield from _unusable_texts((t for b in dataset.iter(batch_size=1024) for t in b["text"]), max_bytes)
+        return
     import pyarrow.compute as pc
     offset = 0
     for batch in dataset.with_format("arrow").iter(batch_size=4096):
@@ -385,6 +527,12 @@ def _find_unusable(dataset, max_bytes: int):
             if not text or _has_hard_split(text, max_bytes):
                 yield offset + int(i), text
         offset += len(column)
+
+
+def _unusable_texts(texts, max_bytes: int):
+    for index, text in enumerate(texts):
+        if not text or len(text.encode("utf-8", "surrogatepass")) > max_bytes and _has_hard_split(text, max_bytes):
+            yield index, text
 
 
 def _has_hard_split(text: str, max_bytes: int) -> bool:
@@ -406,17 +554,12 @@ def _iter_texts(dataset, batch_size: int = 1000):
 
 def _download(url: str, path: str) -> None:
     """Download `url` to `path` (created atomically; never overwrites)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    partial = f"{path}.part"
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as f:
-            shutil.copyfileobj(response, f)
+        with atomic_path(path) as partial:
+            with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as f:
+                shutil.copyfileobj(response, f)
+    except FileExistsError:
+        raise FileExistsError(f"tokenizer file appeared while downloading, refusing to overwrite it: {path}") from None
     except (urllib.error.URLError, OSError, ValueError) as e:
-        if os.path.exists(partial):
-            os.remove(partial)
         raise ConnectionError(f"could not download tokenizer_url={url!r} to {path}: {e}; check the network, "
                               "or set tokenizer_path to a local tokenizer file") from e
-    if os.path.exists(path):
-        os.remove(partial)
-        raise FileExistsError(f"tokenizer file appeared while downloading, refusing to overwrite it: {path}")
-    os.replace(partial, path)

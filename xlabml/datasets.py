@@ -48,11 +48,6 @@ def _available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def tokenizer_hash(tokenizer) -> str:
-    """Hash of the serialized tokenizer model: part of every cache key that depends on the tokenizer."""
-    return hashlib.sha256(tokenizer.model_proto).hexdigest()[:16]
-
-
 class _Encode:
     """Picklable batch encoder (the tokenizer is rebuilt from its model bytes in each worker process).
 
@@ -109,7 +104,7 @@ class TokenDataset(Dataset):
         cache_dir = os.path.expanduser(cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "xlabml"))
         os.makedirs(cache_dir, exist_ok=True)
         kind = "lengths" if dynamic else "ids"
-        key = hashlib.sha256(f"{_CACHE_VERSION}:{kind}:{texts._fingerprint}:{tokenizer_hash(tokenizer)}"
+        key = hashlib.sha256(f"{_CACHE_VERSION}:{kind}:{texts._fingerprint}:{tokenizer.content_hash}"
                              .encode()).hexdigest()[:24]
         cache_file = os.path.join(cache_dir, f"{kind}-{key}.arrow")
         num_proc = max(1, min(int(num_proc or 1), len(texts)))
@@ -330,12 +325,10 @@ class SequenceDataset(Dataset):
         if not 0 <= index < self._len:
             raise IndexError(f"window {index} out of range for {self._len} windows")
         size = self.seq_len + 1
-        window = np.full(size, self.pad_index, dtype=np.int64)
         if not self.packed:
             doc, start = int(self.doc_index[index]), int(self.starts[index])
             stop = min(start + size, int(self.tokens.lengths[doc]) + 2)
-            window[:stop - start] = self._document(doc, start, stop)
-            return {"x": torch.from_numpy(window[:-1].copy()), "y": torch.from_numpy(window[1:].copy())}
+            return padded_item(self._document(doc, start, stop), self.seq_len, self.pad_index)
 
         start = index * self.step
         stop = min(start + size, int(self.doc_starts[-1]))
@@ -344,18 +337,44 @@ class SequenceDataset(Dataset):
         local = where - self.doc_starts[doc]  # position inside <sos> ids <eos>
         is_sos, is_eos = local == 0, local == self.tokens.lengths[doc] + 1
         body = ~(is_sos | is_eos)
-        n = stop - start
-        window[:n][is_sos], window[:n][is_eos] = self.sos_index, self.eos_index
-        window[:n][body] = self.tokens.gather(doc[body], local[body] - 1)
-        doc_ids = np.empty(size, dtype=np.int64)
-        doc_ids[:n] = doc - doc[0]
-        doc_ids[n:] = doc[-1] - doc[0] + 1  # padding (last window only) is one more document
-        positions = np.empty(size, dtype=np.int64)
-        positions[:n] = np.minimum(local, where - start)  # restart at document starts and at the window start
-        positions[n:] = np.arange(size - n)
-        targets = window[1:].copy()
-        if not self.train_sos:
-            targets[:n - 1][is_sos[1:]] = self.pad_index
-        return {"x": torch.from_numpy(window[:-1].copy()), "y": torch.from_numpy(targets),
-                "positions": torch.from_numpy(positions[:-1].copy()),
-                "doc_ids": torch.from_numpy(doc_ids[:-1].copy())}
+        tokens = np.empty(stop - start, dtype=np.int64)
+        tokens[is_sos], tokens[is_eos] = self.sos_index, self.eos_index
+        tokens[body] = self.tokens.gather(doc[body], local[body] - 1)
+        return packed_item(tokens, local, doc, self.seq_len, self.pad_index, self.train_sos)
+
+
+def padded_item(tokens: np.ndarray, seq_len: int, pad_index: int) -> dict[str, torch.Tensor]:
+    """A padded window: `tokens` (at most ``seq_len + 1`` of one document) filled up with `pad_index`.
+
+    Returns ``{"x", "y"}``, LongTensors of shape ``(seq_len,)``.
+    """
+    window = np.full(seq_len + 1, pad_index, dtype=np.int64)
+    window[:len(tokens)] = tokens
+    return {"x": torch.from_numpy(window[:-1].copy()), "y": torch.from_numpy(window[1:].copy())}
+
+
+def packed_item(tokens: np.ndarray, local: np.ndarray, doc: np.ndarray, seq_len: int, pad_index: int,
+                train_sos: bool = False) -> dict[str, torch.Tensor]:
+    """A packed window from its ``n <= seq_len + 1`` real tokens (a stretch of the packed document stream).
+
+    Args:
+        tokens: the token ids, shape ``(n,)``.
+        local: each token's position inside its document's ``<sos> ids <eos>`` (0 at ``<sos>``), shape ``(n,)``.
+        doc: each token's document number (non-decreasing; only differences matter), shape ``(n,)``.
+    Returns: ``{"x", "y", "positions", "doc_ids"}``, LongTensors of shape ``(seq_len,)`` (see SequenceDataset).
+    """
+    size, n = seq_len + 1, len(tokens)
+    window = np.full(size, pad_index, dtype=np.int64)
+    window[:n] = tokens
+    doc_ids = np.empty(size, dtype=np.int64)
+    doc_ids[:n] = doc - doc[0]
+    doc_ids[n:] = doc[-1] - doc[0] + 1  # padding (last window only) is one more document
+    positions = np.empty(size, dtype=np.int64)
+    positions[:n] = np.minimum(local, np.arange(n))  # restart at document starts and at the window start
+    positions[n:] = np.arange(size - n)
+    targets = window[1:].copy()
+    if not train_sos:
+        targets[:n - 1][local[1:] == 0] = pad_index
+    return {"x": torch.from_numpy(window[:-1].copy()), "y": torch.from_numpy(targets),
+            "positions": torch.from_numpy(positions[:-1].copy()),
+            "doc_ids": torch.from_numpy(doc_ids[:-1].copy())}

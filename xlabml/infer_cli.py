@@ -1,8 +1,9 @@
 """The ``xlab-infer`` command (``./infer.py CHECKPOINT PROMPT``): generate text from a trained model.
 
-Loads a training checkpoint or an export (``.ckpt``, or ``.safetensors`` with its ``.json``), the tokenizer
-named by the checkpoint's data settings (or ``-t``), and samples, greedy-searches or beam-searches a continuation
-of the prompt with ``xlabml.inference``. The prompt is a string, ``FILE:path`` for a file's text, or ``-`` for
+Loads a training checkpoint or an export (``.ckpt``, or ``.safetensors`` with its ``.json``) and the tokenizer
+named by the checkpoint's data settings (or ``-t``) with ``xlabml.checkpoints.load_checkpoint``, which checks
+that the tokenizer is the one the model was trained with, and samples, greedy-searches or beam-searches a
+continuation of the prompt with ``xlabml.inference``. The prompt is a string, ``FILE:path`` for a file's text, or ``-`` for
 standard input. Output is the prompt followed by the continuation, with control characters other than tab and
 newline escaped; it streams token by token when writing to a terminal (``--stream``/``--no-stream``).
 """
@@ -13,7 +14,6 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 PROG = "xlab-infer"
 SEPARATOR = "\n" + "-" * 40
@@ -82,56 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------------------------------
 # loading
-
-
-def load_checkpoint(path: str, device: str = "cpu") -> tuple[Any, dict]:
-    """Loads an ``XLabModel`` from a training checkpoint or an export, on `device`, in eval mode; returns it with
-    the checkpoint's data-module hyperparameters (empty if it has none)."""
-    import torch
-
-    from .models import XLabModel
-
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    if file.suffix == ".safetensors":
-        from .manage import load_safetensors_export
-
-        checkpoint = load_safetensors_export(file)
-    else:
-        try:
-            checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as error:  # noqa: BLE001 - any unpickling failure means the same to the user
-            raise ValueError(f"{path} is not a loadable checkpoint ({type(error).__name__}: {error})") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
-        raise ValueError(f"{path} is not an XLab checkpoint: expected 'state_dict' and 'hyper_parameters'")
-    hparams = dict(checkpoint["hyper_parameters"])
-    hparams.pop("_instantiator", None)
-    hparams.pop("_class_path", None)
-    hparams["compile"] = False  # compiling the whole model is for training; inference compiles its decode step
-    model = XLabModel(**hparams)
-    model.load_state_dict(checkpoint["state_dict"])
-    model = model.to(device).eval().requires_grad_(False)
-    return model, dict(checkpoint.get("datamodule_hyper_parameters") or {})
-
-
-def tokenizer_path_of(data_hparams: dict, checkpoint: str) -> str:
-    """The tokenizer file named by a checkpoint's data settings (a relative path is tried from the current
-    directory, then from the checkpoint's directory)."""
-    path = data_hparams.get("tokenizer_path")
-    if path is None and data_hparams.get("tokenizer_url"):
-        from .datamodules import XLabDataModule
-
-        try:  # a downloaded tokenizer lives in the data module's cache
-            path = XLabDataModule(**data_hparams).tokenizer_path
-        except Exception:  # noqa: BLE001 - fall through to the message below
-            path = None
-    if not path:
-        raise ValueError(f"checkpoint {checkpoint} names no tokenizer; give one with -t/--tokenizer")
-    path = Path(path).expanduser()
-    if not path.is_absolute() and not path.exists() and (Path(checkpoint).parent / path).exists():
-        path = Path(checkpoint).parent / path
-    return str(path)
 
 
 def read_prompt(prompt: str) -> str:
@@ -204,19 +154,20 @@ def run(args: argparse.Namespace, out=None) -> None:
     import torch
 
     from . import inference
-    from .tokenizer import Tokenizer
+    from .checkpoints import load_checkpoint
+    from .cli import one_line_warnings
 
+    one_line_warnings(PROG)
     device = _device(args.device)
     started = time.perf_counter()
-    model, data_hparams = load_checkpoint(args.checkpoint, device)
-    tokenizer_path = args.tokenizer or tokenizer_path_of(data_hparams, args.checkpoint)
-    tokenizer = Tokenizer.load(tokenizer_path)
+    # compiling the whole model is for training; inference compiles its decode step (--compile)
+    loaded = load_checkpoint(args.checkpoint, device, overrides={"compile": False}, tokenizer=args.tokenizer)
+    model, tokenizer = loaded.model.eval().requires_grad_(False), loaded.tokenizer
+    if tokenizer is None:
+        raise ValueError(f"checkpoint {args.checkpoint} names no tokenizer; give one with -t/--tokenizer")
     n_vocab, block_size = model.hparams["n_vocab"], model.hparams["max_len"]
-    if len(tokenizer) > n_vocab:
-        raise ValueError(f"tokenizer {tokenizer_path} has {len(tokenizer)} tokens but the model's vocabulary "
-                         f"has {n_vocab}: it is not the model's tokenizer")
     if len(tokenizer) <= 4:
-        raise ValueError(f"tokenizer {tokenizer_path} has an empty vocabulary (only the 4 special tokens)")
+        raise ValueError(f"tokenizer {tokenizer.path} has an empty vocabulary (only the 4 special tokens)")
     ids = ([] if args.continued else [tokenizer[tokenizer.sos_token]]) + tokenizer.encode(prompt)
     if not ids:
         raise ValueError("empty prompt with -c/--continued: nothing to continue")

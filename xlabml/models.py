@@ -335,3 +335,16 @@ class XLabModel(XLabModule):
             dropout_embedding=dropout_embedding, tie_embeddings=tie_embeddings,
             parallel_residual=parallel_residual, bias=bias, activation_checkpointing=activation_checkpointing,
             embedding_scale=embedding_scale)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
+                             weights_only=None, **kwargs):
+        """The model of a training checkpoint or an export, by ``xlabml.checkpoints.load_checkpoint`` (every
+        format, one clear error, flash falling back to SDPA where flash_attn is missing); keywords override
+        recorded hyperparameters, e.g. ``attention='sdpa'``."""
+        if hparams_file is not None or weights_only is False:
+            raise ValueError("XLabModel.load_from_checkpoint takes no hparams_file and needs weights_only: pass "
+                             "hyperparameters to override as keywords")
+        from .checkpoints import load_checkpoint
+        return load_checkpoint(checkpoint_path, map_location, overrides=kwargs, tokenizer=False,
+                               strict=strict is not False, model_class=cls).model

@@ -1,9 +1,14 @@
 """Text sources -> documents -> splits, on Hugging Face ``datasets``: the first stage of ``xlabml.datasets``.
 
 - :func:`load_source` / :func:`load_locations`: a data source (``datasets.load_dataset`` arguments, a file path
-  or glob, or ``{builtin: python-docs}``) becomes a ``datasets.Dataset`` of documents with one ``text`` column.
+  or glob, or ``{builtin: python-docs}``) becomes a ``datasets.Dataset`` of documents with one ``text`` column,
+  or, with ``streaming: true``, a ``datasets.IterableDataset`` read as it is consumed (corpora bigger than the
+  disk).
 - :func:`load_splits`: the documents shared out into train/val/test/predict splits (ratios, counts, or each
-  split from its own sources), empty documents skipped.
+  split from its own sources), empty documents skipped. Streamed documents are shared out by a hash of their
+  text (``xlabml.streaming.TextStream``).
+- :func:`sample_documents`: a seeded random subset of a split's documents within a byte budget (what the
+  tokenizer trains on).
 """
 from __future__ import annotations
 
@@ -11,11 +16,14 @@ import glob
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
 import pyarrow.compute as pc
+
+if TYPE_CHECKING:
+    from xlabml.streaming import TextStream
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +38,7 @@ ARROW_BATCH = 16384  # rows per Arrow batch when scanning a column
 
 # ---------------------------------------------------------------------------------------------- sources
 
-def load_source(source: str | Mapping[str, Any]) -> datasets.Dataset:
+def load_source(source: str | Mapping[str, Any]) -> datasets.Dataset | datasets.IterableDataset:
     """Load one data source as a dataset of documents with a single ``text`` column.
 
     Args:
@@ -38,9 +46,10 @@ def load_source(source: str | Mapping[str, Any]) -> datasets.Dataset:
             ``{"builtin": NAME}`` for a built-in corpus, or a dict of ``datasets.load_dataset`` keyword arguments
             (``path``, ``name``, ``split``, ``data_files``, ``revision``, ``trust_remote_code``, ``sample_by``
             for text files, ...) plus ``column`` (the text column, default ``"text"``, renamed to ``text``)
-            and ``drop_columns`` (default true: keep only the text column).
-    Returns: a ``datasets.Dataset``; a ``DatasetDict`` (no ``split`` given) is flattened by concatenating its
-        splits.
+            and ``drop_columns`` (default true: keep only the text column). ``streaming: true`` streams the
+            source instead of downloading and converting it first.
+    Returns: a ``datasets.Dataset``, or with ``streaming: true`` a ``datasets.IterableDataset`` (its shards
+        kept: each file is one); a ``DatasetDict`` (no ``split`` given) is flattened by concatenating its splits.
     """
     if isinstance(source, (str, os.PathLike)):
         source = {"data_files": os.fspath(source)}
@@ -52,14 +61,17 @@ def load_source(source: str | Mapping[str, Any]) -> datasets.Dataset:
     drop_columns = kwargs.pop("drop_columns", True)
     if "builtin" in kwargs:
         name = kwargs.pop("builtin")
+        streaming = kwargs.pop("streaming", False)
         if kwargs:
-            raise ValueError(f"data source {dict(source)!r}: a built-in corpus takes only 'column' and "
-                             f"'drop_columns', not {sorted(kwargs)}")
+            raise ValueError(f"data source {dict(source)!r}: a built-in corpus takes only 'column', "
+                             f"'drop_columns' and 'streaming', not {sorted(kwargs)}")
         from xlabml.corpus import BUILTIN_CORPORA, load_builtin_corpus
         if name not in BUILTIN_CORPORA:
             raise ValueError(f"data source {dict(source)!r}: unknown built-in corpus {name!r}; "
                              f"expected one of {sorted(BUILTIN_CORPORA)}")
         dataset = load_builtin_corpus(name)
+        if streaming:  # e.g. to try a streamed setup offline: a few shards of contiguous documents
+            dataset = dataset.to_iterable_dataset(num_shards=min(len(dataset), 8))
     else:
         _resolve_local_files(kwargs, source)
         try:
@@ -71,8 +83,7 @@ def load_source(source: str | Mapping[str, Any]) -> datasets.Dataset:
         except datasets.exceptions.DatasetGenerationError as e:
             raise ValueError(f"data source {dict(source)!r} could not be read: {e.__cause__ or e}") from e
     if isinstance(dataset, (datasets.IterableDataset, datasets.IterableDatasetDict)):
-        raise ValueError(f"data source {dict(source)!r}: streaming datasets are not supported; "
-                         "use dynamic_encode for corpora too large to encode up front")
+        return _text_stream_source(dataset, column, drop_columns, source)
     if isinstance(dataset, datasets.DatasetDict):
         if not dataset:
             raise ValueError(f"data source {dict(source)!r} has no splits")
@@ -92,6 +103,30 @@ def load_source(source: str | Mapping[str, Any]) -> datasets.Dataset:
         dataset = dataset.rename_column(column, "text")
     if len(dataset) == 0:
         raise ValueError(f"data source {dict(source)!r} has no documents")
+    return dataset
+
+
+def _text_stream_source(dataset, column: str, drop_columns: bool, source: Mapping) -> datasets.IterableDataset:
+    """A streamed source with its text column as ``text`` (checked now when the stream declares its features)."""
+    if isinstance(dataset, datasets.IterableDatasetDict):
+        if not dataset:
+            raise ValueError(f"data source {dict(source)!r} has no splits")
+        parts = list(dataset.values())
+        dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    features = dataset.features
+    if features is not None:  # text files and some hub streams declare none: checked when read
+        if column not in features:
+            raise ValueError(f"data source {dict(source)!r}: text column {column!r} not found; "
+                             f"the source has columns {list(features)} (set 'column')")
+        feature = features[column]
+        if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+            raise ValueError(f"data source {dict(source)!r}: column {column!r} holds {feature}, expected text")
+    if drop_columns:
+        dataset = dataset.select_columns([column])
+    if column != "text":
+        if features is not None and "text" in features and not drop_columns:
+            dataset = dataset.remove_columns("text")
+        dataset = dataset.rename_column(column, "text")
     return dataset
 
 
@@ -172,14 +207,22 @@ def _as_source_list(locations) -> list:
     return list(locations)
 
 
-def load_locations(locations) -> datasets.Dataset:
-    """Load and concatenate one source or a list of sources (see :func:`load_source`)."""
+def load_locations(locations) -> datasets.Dataset | datasets.IterableDataset:
+    """Load and concatenate one source or a list of sources (see :func:`load_source`).
+
+    If any source is streamed the result is a stream: the other sources are read from their Arrow files as
+    one more shard each, after the streamed ones' shards.
+    """
     sources = _as_source_list(locations)
     if not sources:
         raise ValueError(f"data locations {locations!r}: expected at least one data source")
     parts = [load_source(source) for source in sources]
     if len(parts) == 1:
         return parts[0]
+    if any(isinstance(p, datasets.IterableDataset) for p in parts):
+        parts = [p if isinstance(p, datasets.IterableDataset) else p.select_columns(["text"]).to_iterable_dataset()
+                 for p in parts]
+        return datasets.concatenate_datasets([p.select_columns(["text"]) for p in parts])
     common = [c for c in parts[0].column_names if all(c in p.column_names for p in parts[1:])]
     return datasets.concatenate_datasets([p.select_columns(common) for p in parts])
 
@@ -189,6 +232,23 @@ def text_lengths(dataset: datasets.Dataset, column: str = "text") -> np.ndarray:
     chunks = [pc.fill_null(pc.utf8_length(batch[column]), 0).to_numpy(zero_copy_only=False)
               for batch in dataset.with_format("arrow").iter(batch_size=ARROW_BATCH)]
     return np.concatenate(chunks).astype(np.int64) if chunks else np.zeros(0, np.int64)
+
+
+def sample_documents(dataset: datasets.Dataset, max_bytes: int, seed: int = 42) -> np.ndarray:
+    """Indices (ascending) of a seeded random subset of the documents whose texts total at most `max_bytes`.
+
+    Documents are taken in a seeded random order until the next one would pass the budget, so the sample is
+    spread over the whole dataset, not taken from its head; every document when they all fit. Only the Arrow
+    offsets are read to size the documents.
+    """
+    chunks = [pc.fill_null(pc.binary_length(batch["text"]), 0).to_numpy(zero_copy_only=False)
+              for batch in dataset.with_format("arrow").iter(batch_size=ARROW_BATCH)]
+    sizes = np.concatenate(chunks).astype(np.int64) if chunks else np.zeros(0, np.int64)
+    if sizes.sum() <= max_bytes:
+        return np.arange(len(sizes))
+    order = np.random.default_rng(seed).permutation(len(sizes))
+    count = int(np.searchsorted(np.cumsum(sizes[order]), max_bytes, side="right"))
+    return np.sort(order[:count])
 
 
 def _nonempty(dataset: datasets.Dataset) -> np.ndarray:
@@ -205,7 +265,7 @@ def _is_count_or_ratio(value) -> bool:
 
 
 def load_splits(locations, splits: Mapping[str, Any] | None = None, seed: int = 42
-                ) -> tuple[dict[str, datasets.Dataset], dict[str, int]]:
+                ) -> tuple[dict[str, datasets.Dataset | TextStream], dict[str, Any]]:
     """Documents of each split, and a report of how the documents were shared out.
 
     Args:
@@ -216,8 +276,14 @@ def load_splits(locations, splits: Mapping[str, Any] | None = None, seed: int = 
             its own source / list of sources (e.g. a held-out file for ``val``). Documents are shuffled with
             `seed` before they are shared out; within a split they keep their source order. Splits not named
             are absent. Default: ``{train: 0.9, val: 0.05, test: 0.025, predict: 0}``.
-    Returns: ``(datasets_by_split, report)``; the report counts ``documents`` (in `locations`), ``empty``
-        (empty documents, skipped), the documents of each split and ``unused`` ones.
+
+    Streamed `locations` (a source with ``streaming: true``) cannot be counted or shuffled up front: each
+    split is then a :class:`~xlabml.streaming.TextStream` of the documents whose text hashes (keyed by `seed`)
+    into the split's share of ``[0, 1)``, so every rank, worker and run agrees on it; only ratios (and ``0``)
+    are allowed. A split given as its own streamed source is that whole stream.
+    Returns: ``(splits_by_name, report)``; the report counts ``documents`` (in `locations`), ``empty``
+        (empty documents, skipped), the documents of each split and ``unused`` ones; for streamed locations it
+        holds each split's share (float) and the ``unused`` share, and ``"stream"`` for a streamed split source.
     """
     splits = dict(DEFAULT_SPLITS if splits is None else splits)
     unknown = sorted(set(splits) - set(SPLIT_NAMES))
@@ -237,13 +303,17 @@ def load_splits(locations, splits: Mapping[str, Any] | None = None, seed: int = 
         ratios = {k: v for k, v in numeric.items() if isinstance(v, float)}
         raise ValueError(f"splits {ratios!r}: ratios sum to {ratio_sum:.6g}, past 1")
 
-    result: dict[str, datasets.Dataset] = {}
-    report: dict[str, int] = {}
+    result: dict[str, datasets.Dataset | TextStream] = {}
+    report: dict[str, Any] = {}
+    documents = None
     if numeric:
         if not _as_source_list(locations):
             raise ValueError(f"splits {splits!r}: numeric splits share out the documents of 'locations', "
                              "but no locations are given")
         documents = load_locations(locations)
+    if isinstance(documents, datasets.IterableDataset):
+        result, report = _hash_splits(documents, numeric, seed)
+    elif numeric:
         kept = _nonempty(documents)
         n = len(kept)
         report.update(documents=len(documents), empty=len(documents) - n)
@@ -274,6 +344,10 @@ def load_splits(locations, splits: Mapping[str, Any] | None = None, seed: int = 
         report["unused"] = remainder
     for name, source in explicit.items():
         dataset = load_locations(source)
+        if isinstance(dataset, datasets.IterableDataset):
+            from xlabml.streaming import TextStream  # (xlabml.streaming builds on this module)
+            result[name], report[name] = TextStream(dataset, seed=seed), "stream"
+            continue
         kept = _nonempty(dataset)
         if len(kept) < len(dataset):
             report["empty"] = report.get("empty", 0) + len(dataset) - len(kept)
@@ -284,8 +358,36 @@ def load_splits(locations, splits: Mapping[str, Any] | None = None, seed: int = 
     return {k: result[k] for k in SPLIT_NAMES if k in result}, report
 
 
-def format_split_report(report: Mapping[str, int]) -> str:
+def _hash_splits(documents: datasets.IterableDataset, numeric: Mapping[str, int | float], seed: int
+                 ) -> tuple[dict[str, TextStream], dict[str, Any]]:
+    """Numeric splits of a stream: consecutive shares of the hash range ``[0, 1)``, in SPLIT_NAMES order."""
+    counts = {k: v for k, v in numeric.items() if isinstance(v, int) and v > 0}
+    if counts:
+        raise ValueError(f"splits {counts!r}: a document count cannot be taken from streamed locations "
+                         "(streaming: true), whose size is unknown until read to the end; give each split a "
+                         "ratio of the documents instead, e.g. {train: 0.99, val: 0.01}")
+    from xlabml.streaming import TextStream  # (xlabml.streaming builds on this module)
+    shares = {k: float(v) for k, v in numeric.items() if v != 0}
+    for k in (k for k, v in numeric.items() if v == 0):  # the remainder
+        shares[k] = max(0.0, 1.0 - sum(shares.values()))
+    result, report, low = {}, {}, 0.0
+    for name in SPLIT_NAMES:
+        if name in shares:
+            result[name] = TextStream(documents, low, low + shares[name], seed)
+            report[name] = shares[name]
+            low += shares[name]
+    report["unused"] = max(0.0, round(1.0 - low, 12))
+    return result, report
+
+
+def format_split_report(report: Mapping[str, Any]) -> str:
     """One line describing a :func:`load_splits` report."""
+    if any(isinstance(report.get(k), float) for k in SPLIT_NAMES):
+        shares = ", ".join(f"{k} {report[k]:.4g}" for k in SPLIT_NAMES if isinstance(report.get(k), float))
+        streams = [k for k in SPLIT_NAMES if report.get(k) == "stream"]
+        return (f"data: streamed documents shared out by a hash of their text: {shares} (unused "
+                f"{report['unused']:.4g})" + (f"; streamed from their own sources: {', '.join(streams)}"
+                                              if streams else ""))
     shares = ", ".join(f"{k} {report[k]}" for k in SPLIT_NAMES if k in report)
     message = f"data: documents per split: {shares}"
     if "documents" in report:

@@ -25,12 +25,15 @@ Decoding an arbitrary id sequence (a sampled continuation) leaves a dangling ``E
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
+
+from xlabml.atomic import write_atomic
 
 __all__ = ["Tokenizer", "TokenizerTrainer", "escape", "unescape", "split_text", "ESCAPE", "META"]
 
@@ -88,7 +91,7 @@ class Tokenizer:
 
     Attributes:
         path: the model file it was loaded from or saved to (None when loaded from bytes).
-        model_proto: the serialized SentencePiece model (bytes), e.g. to hash for a cache key.
+        model_proto: the serialized SentencePiece model (bytes); ``content_hash`` is its identity.
         num_threads: threads used by the batch ``encode``/``decode`` (default, or set to None: the CPUs this
             process may use).
     """
@@ -133,6 +136,14 @@ class Tokenizer:
         except IsADirectoryError:
             raise ValueError(f"tokenizer model path is a directory, expected a file: {path}") from None
         return cls(proto, path=path, num_threads=num_threads)
+
+    @property
+    def content_hash(self) -> str:
+        """16 hex digits of the SHA-256 of the model file's bytes: the tokenizer's identity, recorded in every
+        checkpoint and export and checked wherever a model meets a tokenizer, and part of the data cache's key.
+        Two files with the same content have the same hash wherever they are; a retrained tokenizer of the same
+        size does not."""
+        return hashlib.sha256(self.model_proto).hexdigest()[:16]
 
     @property
     def num_threads(self) -> int:
@@ -218,10 +229,16 @@ class TokenizerTrainer:
     Args:
         train_args: SentencePiece trainer options (see ``spm_train --help``) applied on top of ``DEFAULT_ARGS``,
             e.g. ``{"model_type": "char"}``, ``{"character_coverage": 1.0}``, ``{"num_threads": 4}``,
-            ``{"input_sentence_size": 1_000_000}`` (sample that many sentences from a large corpus).
+            ``{"input_sentence_size": 1_000_000}`` (sample that many sentences from a large corpus: a sentence
+            is one of the pieces of at most ``SENTENCE_BYTES`` that ``train`` cuts the texts into).
             The special-token options, ``vocab_size`` and the input/output options are owned by ``train`` and
             cannot be set here. Changing ``byte_fallback``, the normalization or the whitespace options gives up
             the round-trip guarantee.
+
+    SentencePiece keeps every sentence it is given in memory (its training grows by 3 to 5 bytes per byte fed,
+    bench/tokenizer_memory.py) and skips sentences longer than ``max_sentence_length``: what it is fed must be
+    bounded by the caller (``XLabDataModule`` feeds a sample of ``tokenizer_sample_bytes``), and ``train`` cuts
+    it into sentence-sized pieces.
 
     With ``model_type: char`` the vocabulary holds the special tokens, the 256 byte tokens and the corpus'
     most frequent characters, and ``num_tokens`` is an upper bound: a corpus with fewer distinct characters
@@ -236,9 +253,10 @@ class TokenizerTrainer:
         "add_dummy_prefix": False,
         "split_by_whitespace": True,  # pieces do not cross spaces (they may end with a newline)
         "allow_whitespace_only_pieces": True,  # runs of spaces (code indentation) become single pieces
-        "max_sentence_length": 4192,  # bytes; longer texts are split by `train`, not dropped
+        "max_sentence_length": 4192,  # bytes; longer texts are split by `train` (SENTENCE_BYTES), not dropped
         "minloglevel": 2,  # quiet: errors still raise
     }
+    SENTENCE_BYTES = 512  # the longest piece of text given to SentencePiece as one "sentence"
     _OWNED_ARGS = frozenset({
         "vocab_size", "input", "input_format", "model_prefix", "model_writer", "sentence_iterator",
         "sentence_reader", "unk_id", "bos_id", "eos_id", "pad_id", "unk_piece", "bos_piece", "eos_piece",
@@ -256,7 +274,7 @@ class TokenizerTrainer:
     def train(self, texts: Iterable[str], num_tokens: int, save_path: str | os.PathLike) -> Tokenizer:
         """Train on ``texts`` (streamed once, e.g. a generator over a dataset) and save the model to ``save_path``.
 
-        Texts longer than ``max_sentence_length`` bytes are split, preferably after a newline or before a space,
+        Texts are fed as pieces of at most ``SENTENCE_BYTES`` bytes, split preferably after a newline or before a space,
         so SentencePiece sees every character. Newlines inside a text are kept (they become tokens).
 
         Returns:
@@ -288,13 +306,14 @@ class TokenizerTrainer:
             )
         except RuntimeError as e:
             raise self._explain(e, num_tokens, stats) from None
-        os.makedirs(os.path.dirname(os.path.abspath(save_path)), exist_ok=True)
-        with open(save_path, "xb") as f:  # "x": fail rather than overwrite a file created meanwhile
-            f.write(writer.getvalue())
+        write_atomic(save_path, writer.getvalue())  # complete or absent, never overwriting one made meanwhile
         return Tokenizer(writer.getvalue(), path=save_path)
 
-    @staticmethod
-    def _sentences(texts: Iterable[str], max_bytes: int, stats: dict) -> Iterator[str]:
+    @classmethod
+    def _sentences(cls, texts: Iterable[str], max_bytes: int, stats: dict) -> Iterator[str]:
+        # Sentence-sized pieces, not whole documents: SentencePiece's sentence count (input_sentence_size) then
+        # counts about as much text as its name says, and the learned vocabulary is the same (bench figures).
+        max_bytes = min(max_bytes, cls.SENTENCE_BYTES)
         for text in texts:
             if not isinstance(text, str):
                 raise TypeError(f"training texts must be str, got {type(text).__name__}")

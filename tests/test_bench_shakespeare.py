@@ -1,0 +1,100 @@
+"""bench/shakespeare.py keys every cached artefact by the corpus: two corpora never share a run, and --force
+trains again. The xlab subprocesses are replaced by a fake that records what each step read."""
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def bench(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_shakespeare", REPO / "bench" / "shakespeare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "WORK", tmp_path / "work")
+    monkeypatch.setattr(module, "RESULTS", tmp_path / "results")
+    calls = []
+
+    def fake_xlab(args, log, env):
+        """Stands in for `xlab.py`: trains a real char tokenizer; 'fit' writes a checkpoint naming the train file's
+        content; 'validate' reports a loss that says whether that checkpoint was trained on the held-out file's
+        corpus (0.5) or on another one (9.0)."""
+        from xlabml.tokenizer import TokenizerTrainer
+        command = args[0]
+        configs = [args[i + 1] for i, a in enumerate(args) if a == "-c"]
+        config = yaml.safe_load(Path(configs[-1]).read_text())
+        splits = config["data"]["splits"]
+        calls.append((command, splits["train"]["path"]))
+        if command == "train_tokenizer":
+            text = Path(splits["train"]["path"]).read_text()
+            TokenizerTrainer({"model_type": "char"}).train([text], config["data"]["num_tokens"],
+                                                           config["data"]["tokenizer_path"])
+        elif command == "fit":
+            ckpt = Path(config["trainer"]["callbacks"][0]["init_args"]["dirpath"]) / "final.ckpt"
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            ckpt.write_text(hashlib.sha256(Path(splits["train"]["path"]).read_bytes()).hexdigest())
+        elif command == "validate":
+            ckpt = next(a.split("=", 1)[1] for a in args if a.startswith("--ckpt_path="))
+            trained_on = Path(ckpt).read_text()
+            heldout = Path(splits["val"]["path"])
+            same = hashlib.sha256((heldout.parent / "train.txt").read_bytes()).hexdigest() == trained_on
+            return 1.0, f"val_loss │ {0.5 if same else 9.0}\n"
+        return 1.0, ""
+
+    monkeypatch.setattr(module, "xlab", fake_xlab)
+    module.calls = calls
+    return module
+
+
+def _corpus(path: Path, line: str) -> Path:
+    path.write_text((line + "\n") * 200, encoding="utf-8")
+    return path
+
+
+def _run(bench, corpus: Path, *flags: str) -> dict:
+    args, extra = bench.parse_args(["--corpus", str(corpus), "--steps", "10", "--reference-steps", "0", *flags])
+    split = bench.split_corpus(corpus, bench.WORK)
+    return bench.run_one(args, bench.resolve_settings(args), split, extra, quiet=True)
+
+
+def test_two_corpora_never_share_a_run(bench, tmp_path):
+    a = _corpus(tmp_path / "a.txt", "to be or not to be, that is the question")
+    b = _corpus(tmp_path / "b.txt", "a fortune cookie says: you will write many tests")
+    result_a = _run(bench, a)
+    result_b = _run(bench, b)
+    assert result_a["run"] != result_b["run"]
+    # each checkpoint was scored on the corpus it was trained on (the fake's 0.5, not 9.0)
+    assert result_a["val_loss_per_token"] == 0.5 and result_b["val_loss_per_token"] == 0.5
+    assert [c for c, _ in bench.calls].count("fit") == 2
+    # asking for A again serves A's cached result, not B's
+    assert _run(bench, a)["run"] == result_a["run"]
+    assert [c for c, _ in bench.calls].count("fit") == 2
+
+
+def test_runs_read_their_own_corpus_split_and_tokenizer(bench, tmp_path):
+    a = _corpus(tmp_path / "a.txt", "abc abc abc abc")
+    b = _corpus(tmp_path / "b.txt", "xyz xyz xyz xyz")
+    split_a = bench.split_corpus(a, bench.WORK)
+    split_b = bench.split_corpus(b, bench.WORK)
+    assert split_a["digest"] != split_b["digest"]
+    assert split_a["train"] != split_b["train"] and split_a["train"].read_text().startswith("abc")
+    args, _ = bench.parse_args([])
+    s = bench.resolve_settings(args)
+    assert bench.tokenizer_file(s, split_a)[0] != bench.tokenizer_file(s, split_b)[0]
+    assert bench.run_name(s, [], None, split_a["digest"]) != bench.run_name(s, [], None, split_b["digest"])
+    # the published table belongs to the default corpus only
+    assert bench.results_dir(split_a) == bench.RESULTS / split_a["digest"]
+
+
+def test_force_trains_again(bench, tmp_path):
+    a = _corpus(tmp_path / "a.txt", "once more unto the breach, dear friends")
+    first = _run(bench, a)
+    again = _run(bench, a, "--force")
+    assert again["run"] == first["run"]
+    assert [c for c, _ in bench.calls].count("fit") == 2  # retrained, not re-scored
+    assert json.loads((bench.WORK / "runs" / first["run"] / "result.json").read_text())["bpc"] == again["bpc"]
