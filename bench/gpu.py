@@ -9,7 +9,8 @@ FLOPs per token = 6 N (N: parameters that multiply, the head included, embedding
 attention scores (PaLM, appendix B); MFU = tokens/s x FLOPs per token / the device's peak dense bf16 FLOP/s.
 Decoding: bf16 weights, a 32-token prompt, ``--new`` tokens; a step must read every matrix once (bytes of the
 weights that multiply, the head included) plus the KV cache written so far (the least it can read: a static cache
-reads all its slots); bandwidth fraction = those bytes per token x tokens/s / the device's peak memory bandwidth. Peaks come from a table of known GPUs or the flags.
+reads all its slots); bandwidth fraction = those bytes per token x tokens/s / the device's peak memory bandwidth.
+Peaks come from a table of known GPUs or the flags.
 
     python bench/gpu.py [--batch 16] [--steps 20] [--new 256] [--peak-tflops 989] [--peak-tbps 3.35]
 
@@ -149,8 +150,8 @@ def main():
               f"{r['bytes_per_token'] / 1e6:.0f} MB read per token, "
               f"{r.get('bandwidth_fraction', float('nan')):.1%} of peak bandwidth")
     if len(modes) == 2:
-        print(f"  compiled / eager: training {training['compiled']['tokens_per_s'] / training['eager']['tokens_per_s']:.2f}x"
-              f", decoding {decoding['compiled']['tokens_per_s'] / decoding['eager']['tokens_per_s']:.2f}x; "
+        speedup = lambda d: d['compiled']['tokens_per_s'] / d['eager']['tokens_per_s']
+        print(f"  compiled / eager: training {speedup(training):.2f}x, decoding {speedup(decoding):.2f}x; "
               f"compiled decoding gave the eager tokens: {same_tokens}")
     for r in decoding.values():
         r.pop('tokens')

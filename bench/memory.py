@@ -350,8 +350,10 @@ def main():
     seconds = lambda d: ', '.join(f"{k} {v:.3f} s" for k, v in d.items() if v is not None)
     print(f"  step time, median of {args.repeats} (same run): wall {seconds(median)}"
           + (f"; CPU time {seconds(cpu_median)}" if device.type == 'cpu' else ''))
-    print(f"  chunked vs plain step: {'n/a' if judged is None else f'{judged:+.1%}'} ({'CPU' if device.type == 'cpu' else 'wall'} "
-          f"time; target <= +5%); first-step loss relative difference {step_rel if step_rel is None else f'{step_rel:.1e}'}")
+    judged_text = 'n/a' if judged is None else f'{judged:+.1%}'
+    step_rel_text = 'n/a' if step_rel is None else f'{step_rel:.1e}'
+    print(f"  chunked vs plain step: {judged_text} ({'CPU' if device.type == 'cpu' else 'wall'} time; target <= "
+          f"+5%); first-step loss relative difference {step_rel_text}")
     derived = derive(loss, saved, rows, args.chunk)
     print("derived for conf/xlab.yaml, per GPU (arithmetic on the figures above, not measured on a GPU; each total "
           "is the sum of parts that peak at different moments, an upper bound):")
