@@ -103,9 +103,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args, ckpt: str):
-    import httpx2 as httpx
+def _httpx():
+    """The HTTP client under `openai`: httpx2 from openai 3, httpx before."""
+    try:
+        import httpx2 as httpx
+    except ImportError:
+        import httpx
+    return httpx
 
+
+def start_server(args, ckpt: str):
+    httpx = _httpx()
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     command = [sys.executable, "-m", "xlabml.serve.cli", ckpt, "--port", str(port), "-d", args.device, "--dtype",
@@ -131,7 +139,7 @@ def start_server(args, ckpt: str):
 
 def load(url: str, requests: list[tuple[str, int]], clients: int) -> dict:
     """`clients` threads send the requests back to back; returns tokens, wall time, latencies and texts."""
-    import httpx2 as httpx
+    httpx = _httpx()
 
     latencies, texts = [None] * len(requests), [None] * len(requests)
     tokens, order = [0] * len(requests), iter(range(len(requests)))

@@ -134,6 +134,7 @@ def create_app(model, tokenizer, *, name: str, limits: Optional[Limits] = None, 
         return await served.chat(body, request)
 
     # pure ASGI layers, outermost last: the size bound, then the key (before the body is even parsed)
+    app.add_middleware(_JSONBody)
     app.add_middleware(_APIKey, api_key=api_key)
     app.add_middleware(_BodyLimit, max_bytes=limits.max_body_bytes)
     return app
@@ -163,8 +164,8 @@ def _validation_error(errors: list[dict]) -> dict:
         got = got.decode("utf-8", "replace")
     got = json.dumps(got, default=str)[:100]
     if not loc:  # the body itself: missing, not JSON (no Content-Type: application/json), or not an object
-        return error_body(400, "the request body must be a JSON object sent with Content-Type: application/json "
-                          f"(got {'nothing' if first.get('input') is None else got})")
+        got = "nothing" if first.get("input") is None else got
+        return error_body(400, f"the request body must be a JSON object (got {got})")
     field = ".".join(loc)
     if union:
         message = f"expected {UNION_HINTS.get(loc[-1], 'a value of another type')}"
@@ -451,6 +452,20 @@ class _BodyLimit:
     def _error(self) -> dict:
         return error_body(413, f"the request body is larger than this server's limit of {self.max_bytes} bytes",
                           code="request_too_large")
+
+
+class _JSONBody:
+    """Reads every request body as JSON, as OpenAI's API does: ``curl -d`` sends its JSON as a form, and FastAPI
+    would not parse a body that is not labelled JSON."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = {**scope, "headers": headers + [(b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
 
 
 class _TooLarge(Exception):
