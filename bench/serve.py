@@ -7,8 +7,10 @@ prompts cut from the corpus (8 to 48 tokens), ``max_tokens`` from a quarter of `
 requests end at different steps and new ones join running batches), temperature 0.8, seed i, so every mode
 generates the same tokens (the bench counts the texts that are identical to the reference's).
 
-Reference, measured in the same run and process as the clients: the same requests generated one after another
-with ``xlabml.inference.sample`` (no HTTP, no batching): tokens/s and per-request latency.
+Reference, measured in the same run and process as the clients, before the first load and after each (a shared
+machine's speed drifts: each load's ratio is to the mean of the reference runs either side of it): the same
+requests generated one after another with ``xlabml.inference.sample`` (no HTTP, no batching): tokens/s and
+per-request latency.
 Server: ``xlab-serve`` in a subprocess (``--max-batch 16``); for 1, 4 and 16 concurrent clients (threads, each
 sending its requests back to back, not streamed), completion tokens/s over the wall time and the p50/p99 of the
 request latencies. Both sides run torch with ``--threads`` threads (the clients' threads mostly wait).
@@ -189,37 +191,39 @@ def main() -> None:
           "temperature 0.8")
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer, model, ckpt, requests = build(args, tmp)
-        ref = reference(args, tokenizer, model, requests)
-        ref_tps = ref["tokens"] / ref["wall_s"]
-        print(f"reference (serial inference.sample, in process): {ref_tps:8.1f} tokens/s, latency "
-              f"p50 {percentile(ref['latencies'], 0.5):.3f} s, p99 {percentile(ref['latencies'], 0.99):.3f} s")
+        refs = [reference(args, tokenizer, model, requests)]
+        print(f"reference (serial inference.sample, in process): {speed(refs[0]):8.1f} tokens/s, latency "
+              f"p50 {percentile(refs[0]['latencies'], 0.5):.3f} s, p99 {percentile(refs[0]['latencies'], 0.99):.3f} s")
         process, url = start_server(args, ckpt)
         results = {}
         try:
             load(url, requests[:4], 4)  # warm-up
             for clients in CONCURRENCY:
                 run = load(url, requests, clients)
-                tps = run["tokens"] / run["wall_s"]
-                same = sum(a == b for a, b in zip(run["texts"], ref["texts"]))
-                results[clients] = {"tokens_per_s": round(tps, 1), "vs_reference": round(tps / ref_tps, 2),
+                refs.append(reference(args, tokenizer, model, requests))  # the server idles meanwhile
+                ref_tps = (speed(refs[-2]) + speed(refs[-1])) / 2  # the reference runs either side of this one
+                same = sum(a == b for a, b in zip(run["texts"], refs[0]["texts"]))
+                results[clients] = {"tokens_per_s": round(speed(run), 1),
+                                    "vs_reference": round(speed(run) / ref_tps, 2),
                                     "p50_s": round(percentile(run["latencies"], 0.5), 3),
                                     "p99_s": round(percentile(run["latencies"], 0.99), 3),
                                     "tokens": run["tokens"], "identical_texts": same}
-                print(f"server, {clients:2d} client(s): {tps:8.1f} tokens/s ({tps / ref_tps:4.2f}x the reference), "
-                      f"latency p50 {results[clients]['p50_s']:.3f} s, p99 {results[clients]['p99_s']:.3f} s; "
-                      f"{run['tokens']} tokens (reference {ref['tokens']}), texts identical to the reference: "
-                      f"{same}/{len(requests)}")
+                print(f"server, {clients:2d} client(s): {speed(run):8.1f} tokens/s ({speed(run) / ref_tps:4.2f}x the "
+                      f"reference runs either side, {ref_tps:.1f} tokens/s), latency p50 "
+                      f"{results[clients]['p50_s']:.3f} s, p99 {results[clients]['p99_s']:.3f} s; {run['tokens']} "
+                      f"tokens (reference "
+                      f"{refs[0]['tokens']}), texts identical to the reference: {same}/{len(requests)}")
         finally:
             process.terminate()
             process.wait(30)
-        again = reference(args, tokenizer, model, requests)
-        print(f"reference again, after the server: {again['tokens'] / again['wall_s']:8.1f} tokens/s (the ratios "
-              "above are to the first; on a shared machine compare the two to judge the noise)")
-    print(json.dumps({"machine": device, "reference_tokens_per_s": round(ref_tps, 1),
-                      "reference_again_tokens_per_s": round(again["tokens"] / again["wall_s"], 1),
-                      "reference_p50_s": round(percentile(ref["latencies"], 0.5), 3),
-                      "reference_p99_s": round(percentile(ref["latencies"], 0.99), 3),
+    print(json.dumps({"machine": device, "reference_tokens_per_s": [round(speed(r), 1) for r in refs],
+                      "reference_p50_s": round(percentile(refs[0]["latencies"], 0.5), 3),
+                      "reference_p99_s": round(percentile(refs[0]["latencies"], 0.99), 3),
                       "server": {str(c): r for c, r in results.items()}}))
+
+
+def speed(run: dict) -> float:
+    return run["tokens"] / run["wall_s"]
 
 
 if __name__ == "__main__":
