@@ -7,9 +7,9 @@ Every entry point (``xlab --ckpt_path``, ``xlab-infer``, ``xlab-manage``, ``XLab
 - Three formats: a Lightning training checkpoint (``.ckpt``), an export of it (``.ckpt`` with ``xlab_export``),
   and a safetensors export (``NAME.safetensors`` beside ``NAME.json``, which holds everything but the weights).
   A missing, corrupt or foreign file gives one clear error naming it.
-- Runtime settings (``RUNTIME_HPARAMS``: attention backend, compile, activation checkpointing, debug) say how
-  to run, not what the weights mean: they can be overridden at load time. A checkpoint trained with
-  ``attention='flash'`` loads where the flash_attn package is missing, with SDPA (the same function) and a
+- Runtime settings (``RUNTIME_HPARAMS``: attention backend, compile, activation checkpointing, debug, the loss's
+  chunk size) say how to run, not what the weights mean: they can be overridden at load time. A checkpoint
+  trained with ``attention='flash'`` loads where the flash_attn package is missing, with SDPA (the same function) and a
   one-line warning.
 - Tokenizer identity: every checkpoint records the content hash of the tokenizer it was trained with (training
   checkpoints through ``XLabDataModule.state_dict``, exports by copying it); wherever a checkpoint meets a
@@ -38,7 +38,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from xlabml.atomic import atomic_path, write_atomic
 
 # Model arguments that say how to run, not what the weights mean: overridable when a checkpoint is loaded.
-RUNTIME_HPARAMS = ("attention", "compile", "activation_checkpointing", "debug")
+RUNTIME_HPARAMS = ("attention", "compile", "activation_checkpointing", "debug", "loss_chunk_size")
 # Keys LightningCLI adds to saved hyperparameters; they are not constructor arguments.
 _CLI_KEYS = ("_instantiator", "_class_path")
 DATA_STATE_KEY = "XLabDataModule"  # where Lightning stores XLabDataModule.state_dict() in a checkpoint

@@ -65,19 +65,29 @@ class NoPosition(Position):
         super().__init__()
 
 
+def inverse_frequencies(dim: int, base: float, device=None) -> torch.Tensor:
+    """``base ** (-2i / dim)`` for ``i < dim / 2``: the angular frequencies of sinusoidal and rotary encodings,
+    always float32. Computed at each use rather than kept in a buffer: ``.to(bf16)``, ``bf16-true`` and FSDP's
+    buffer casting would round a buffer to bf16, which moves the angles at position 511 by up to 0.2 rad (RoPE,
+    heads of 64) and 0.7 rad (sinusoidal, d_model 512): a model would train on other positions than it infers
+    with."""
+    return base ** (-torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)  # dim/2
+
+
 class SinusoidalPosition(Position):
     """Fixed sin/cos encoding (Vaswani et al.), computed from ``positions`` on the fly, so any position
-    (packed restarts, cache slots past ``max_len``) works and there is no table to keep in sync."""
+    (packed restarts, cache slots past ``max_len``) works and there is no table to keep in sync. The result is
+    float32 whatever the module's dtype (the Decoder casts it to the activations' dtype)."""
 
     def __init__(self, d_model: int, **_):
         super().__init__()
         if d_model % 2:
             raise ValueError(f"position='sinusoidal' needs an even d_model, got {d_model}")
-        inv_freq = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float32) / d_model)
-        self.register_buffer('inv_freq', inv_freq, persistent=False)  # c/2
+        self.d_model = d_model
 
     def embed(self, positions):
-        angles = positions[..., None].float() * self.inv_freq  # b t c/2
+        inv_freq = inverse_frequencies(self.d_model, 10000.0, positions.device)  # c/2
+        angles = positions[..., None].float() * inv_freq  # b t c/2
         return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # b t c (sin, cos interleaved)
 
 
@@ -105,34 +115,38 @@ class RotaryPosition(Position):
         rotated = int(head_dim * rope_fraction) // 2 * 2
         if rotated == 0:
             raise ValueError(f"rope_fraction={rope_fraction} rotates no dimension of heads of size {head_dim}")
-        inv_freq = rope_base ** (-torch.arange(0, rotated, 2, dtype=torch.float32) / rotated)
-        self.register_buffer('inv_freq', inv_freq, persistent=False)  # r/2
+        self.rotated, self.rope_base = rotated, rope_base
 
-    def rotary(self, positions):
-        angles = positions[:, None, :, None].float() * self.inv_freq  # b 1 t r/2
+    def rotary(self, positions):  # float32 (cos, sin): apply_rotary rotates in float32, casts back to q/k's dtype
+        inv_freq = inverse_frequencies(self.rotated, self.rope_base, positions.device)  # r/2
+        angles = positions[:, None, :, None].float() * inv_freq  # b 1 t r/2
         return angles.cos(), angles.sin()
 
 
 class ALiBiPosition(Position):
-    """ALiBi (Press et al.): a per-head linear penalty ``-slope * (i - j)`` on the slot distance."""
+    """ALiBi (Press et al.): a per-head linear penalty ``-slope * (i - j)`` on the slot distance. The slopes
+    are computed in float32 at use (``slopes(device)``), never stored where a cast could round them."""
 
     def __init__(self, n_heads: int, **_):
         super().__init__()
-        self.register_buffer('slopes', self.make_slopes(n_heads), persistent=False)  # h
+        self.n_heads = n_heads
 
     @staticmethod
-    def make_slopes(n_heads):
-        # geometric slopes 2^(-8/n), 2^(-16/n), ...; a non-power-of-two count interleaves those of the
-        # next power of two, as in the paper's reference
-        def power_of_two(n):
-            return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+    def make_slopes(n_heads, device=None):
+        """The ``n_heads`` slopes (float32): geometric 2^(-8/n), 2^(-16/n), ...; a non-power-of-two count
+        interleaves those of the next power of two, as in the paper's reference."""
         closest = 2 ** math.floor(math.log2(n_heads))
-        slopes = power_of_two(closest) + power_of_two(2 * closest)[0::2][:n_heads - closest]
-        return torch.tensor(slopes, dtype=torch.float32)
+        main = torch.arange(1, closest + 1, dtype=torch.float32, device=device) * (-8.0 / closest)
+        odd = 2 * torch.arange(n_heads - closest, dtype=torch.float32, device=device) + 1  # 1, 3, 5, ...
+        extra = odd * (-4.0 / closest)  # every other slope of 2 * closest heads
+        return torch.cat((main, extra)).exp2()  # h
+
+    def slopes(self, device=None):  # h, float32
+        return self.make_slopes(self.n_heads, device)
 
     def bias(self, q_slots, k_slots):
         distance = (q_slots[:, None] - k_slots[None, :]).float()  # t s
-        return -self.slopes[:, None, None] * distance  # h t s
+        return -self.slopes(distance.device)[:, None, None] * distance  # h t s
 
 
 POSITIONS = {
@@ -369,8 +383,8 @@ class Decoder(nn.Module):
                        reach=None if window is None else self.n_layers * (window - 1) + 1)
 
     def forward(self, x, positions=None, doc_ids=None, cache: KVCache | None = None, input_pos=None, *,
-                last_only: bool = False):
-        """Next-token logits.
+                last_only: bool = False, return_hidden: bool = False):
+        """Next-token logits (or, with ``return_hidden``, the final hidden states the head would read).
 
         Args:
             x: token ids, LongTensor (b, t).
@@ -380,6 +394,8 @@ class Decoder(nn.Module):
             input_pos: LongTensor (t,), strictly increasing cache indices of these tokens (same for all rows;
                 index i lives in slot ``i % cache.max_len``, see ``KVCache``); required with a cache.
             last_only: compute logits for the last position only (b, 1, v): cheaper prefill/decode.
+            return_hidden: return the final (normed) hidden states (b, t, c) instead of logits, for a loss that
+                applies the head itself, a chunk of rows at a time (``xlabml.losses.linear_cross_entropy``).
         Returns:
             logits (b, t, v), or (b, 1, v) with ``last_only``; float of the model's dtype.
         """
@@ -389,9 +405,9 @@ class Decoder(nn.Module):
         else:
             ctx, positions = self._cached_context(x, positions, doc_ids, cache, input_pos)
         h = self.embedding(x) * self.embedding_scale  # b t c
-        pos = self.position.embed(positions)
+        pos = self.position.embed(positions)  # float32 whatever the model's dtype
         if pos is not None:
-            h = h + pos
+            h = h + pos.to(h.dtype)
         h = self.embedding_dropout(h)
         ctx.rope = self.position.rotary(positions)
         if cache is not None:
@@ -405,7 +421,8 @@ class Decoder(nn.Module):
                 h = block(h, ctx)
         if last_only:
             h = h[:, -1:]  # b 1 c
-        return self.head(self.norm(h))  # b t v
+        h = self.norm(h)
+        return h if return_hidden else self.head(h)  # b t c | b t v
 
     def _context(self, x, positions, doc_ids):
         b, t = x.shape
