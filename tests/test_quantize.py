@@ -233,6 +233,26 @@ def test_generation_with_packing_and_a_partly_quantized_model(monkeypatch):
     assert torch.equal(out, seq[6:])
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_bfloat16_model_quantized_either_way_generates_as_without_a_cache(scheme):
+    # --dtype bf16 --quantize: a bfloat16 model quantized, or a quantized model cast to bfloat16, keeps bfloat16
+    # scales and activations (its KV cache too), and its cached greedy output equals recomputing without a cache
+    extra = {"group_size": 32} if scheme == "int4" else {}
+    for model in (quantize(sharp_decoder(seed=5, dtype=torch.bfloat16), scheme, **extra),
+                  quantize(sharp_decoder(seed=5), scheme, **extra).to(torch.bfloat16)):
+        assert {m.scale.dtype for m in quantized_modules(model)} == {torch.bfloat16}
+        assert model.init_cache(1, max_len=32, dtype=torch.bfloat16) is not None
+        p = torch.randint(0, 64, (6,), generator=torch.Generator().manual_seed(5))
+        out = inference.greedy_search(model, p, 10, 32)
+        with torch.inference_mode():
+            seq = p
+            for _ in range(10):
+                logits = model(seq[None])[0, -1]
+                assert logits.dtype == torch.bfloat16
+                seq = torch.cat((seq, logits.float().argmax()[None]))
+        assert torch.equal(out, seq[6:])
+
+
 @pytest.mark.slow
 def test_compiled_decode_step_equals_eager():
     model = quantize(sharp_decoder(seed=4), "int8")
