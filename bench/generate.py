@@ -338,9 +338,9 @@ def run_candidate(args) -> dict:
         best, eval_ms = float("inf"), float("inf")
         for _ in range(args.repeats):
             llama_cpp.llama_perf_context_reset(llm.ctx)
-            start = time.perf_counter()
+            start = CLOCK()
             run()
-            best = min(best, time.perf_counter() - start)
+            best = min(best, CLOCK() - start)
             perf = llama_cpp.llama_perf_context(llm.ctx)
             eval_ms = min(eval_ms, perf.t_eval_ms / max(perf.n_eval, 1))
         return {"tok_s": round(args.new / best, 1), "eval_tok_s": round(1e3 / eval_ms, 1)}
@@ -383,7 +383,7 @@ def bench_llama_cpp(args) -> dict:
         for name in names:
             command = [sys.executable, os.path.abspath(__file__), "--candidate", name, "--model-dir", str(directory),
                        "--threads", str(args.threads), "--repeats", str(args.repeats), "--new", str(args.new),
-                       "--prompt", str(args.prompt)]
+                       "--prompt", str(args.prompt)] + (["--cpu-time"] if args.cpu_time else [])
             done = subprocess.run(command, capture_output=True, text=True)
             lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
             figures[name] = json.loads(lines[-1]) if done.returncode == 0 and lines else {
@@ -623,17 +623,20 @@ def main() -> None:
     parser.add_argument("--cpu-time", action="store_true",
                         help="one thread, timed by its CPU time instead of the wall clock: the ratios to the floor "
                         "then hardly depend on other work running on the machine (the absolute figures are "
-                        "one thread's)")
+                        "one thread's; --llama-cpp's candidates, llama.cpp and ours, run one thread each, timed by "
+                        "their process's CPU time)")
     parser.add_argument("--omp-passive", action="store_true",
                         help="OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning. On a machine "
                         "busy with other work, spinning threads keep the decode step (many small parallel ops) "
                         "waiting for descheduled workers; on an idle machine spinning is faster")
     args = parser.parse_args()
+    global CLOCK
     if args.candidate:  # one candidate of --llama-cpp, in its own process
+        if args.cpu_time:  # the process's CPU time: llama.cpp's threads and torch's alike (1 thread each)
+            CLOCK = time.process_time
         print(json.dumps(run_candidate(args)))
         return
     if args.cpu_time:
-        global CLOCK
         CLOCK, args.threads, args.no_gpu = time.thread_time, 1, True
     started = time.perf_counter()
     print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
