@@ -325,6 +325,8 @@ def load_checkpoint(
     except RuntimeError as error:
         raise ValueError(f"{path}: the weights do not fit the model its hyperparameters describe "
                          f"({_clip(str(error))})") from None
+    if hasattr(model, "init_from_done"):
+        model.init_from_done = True  # its weights are the checkpoint's: a warm start must not replace them
     model = model.to(_target_device(map_location, saved_on[0] if saved_on else "cpu"))
     return LoadedCheckpoint(
         model=model, path=path, format=_format(path, checkpoint), hparams=dict(model.hparams),

@@ -27,6 +27,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import grad_norm
 
+from .init_from import InitFrom, parse_init_from
 from .layers import Decoder
 from .losses import linear_cross_entropy
 from .metrics import target_bytes, token_bytes
@@ -328,6 +329,9 @@ class XLabModel(XLabModule):
             each chunk made at once (``xlabml.losses.linear_cross_entropy``): the batch's logits are never all in
             memory. None: the plain loss over the full logits.
         debug: log gradient norms, warn on a non-finite loss.
+        init_from: start from another model's weights (``xlabml.init_from``): a checkpoint or export path, a
+            Hugging Face directory, or ``{path: ..., only: [embedding, ...]}`` for some weights only. Copied in
+            ``setup`` at the start of a run, never over weights a checkpoint restored.
     Optimizer and scheduler are not saved in the hyperparameters (they are configuration of the run, and
     may not pickle); ``load_from_checkpoint`` gets the defaults unless given.
     """
@@ -342,7 +346,8 @@ class XLabModel(XLabModule):
                  bias: bool = True, pad_index: int | None = 3, optimizer: OptimizerCallable = default_optimizer,
                  scheduler: LRSchedulerCallable | None = None, compile: bool = False,
                  activation_checkpointing: bool = False, weight_decay_embeddings: bool = False,
-                 embedding_scale: float | None = None, debug: bool = False, loss_chunk_size: int | None = 8192):
+                 embedding_scale: float | None = None, debug: bool = False, loss_chunk_size: int | None = 8192,
+                 init_from: str | InitFrom | None = None):
         super().__init__(pad_index=pad_index, optimizer=optimizer, scheduler=scheduler, compile=compile,
                          weight_decay_embeddings=weight_decay_embeddings, debug=debug,
                          loss_chunk_size=loss_chunk_size)
@@ -355,6 +360,39 @@ class XLabModel(XLabModule):
             dropout_embedding=dropout_embedding, tie_embeddings=tie_embeddings,
             parallel_residual=parallel_residual, bias=bias, activation_checkpointing=activation_checkpointing,
             embedding_scale=embedding_scale)
+        self.init_from = parse_init_from(init_from)  # (path, only) or None
+        # True once the weights are set: by init_from, or by a checkpoint (load_checkpoint; xlab with --ckpt_path)
+        self.init_from_done = False
+
+    # ---------------------------------------------------------------------------- warm start
+
+    def setup(self, stage):
+        # Lightning restores a ckpt_path only after setup, so a resumed run must say so beforehand: xlab and
+        # load_checkpoint set init_from_done. (trainer.fit(model, ckpt_path=...) on a model fresh from its
+        # constructor reads init_from too, then the checkpoint's weights replace those.)
+        if self.init_from is not None and not self.init_from_done:
+            self.apply_init_from()
+
+    def apply_init_from(self):
+        """Copy the ``init_from`` weights into the model (``xlabml.init_from.copy_weights``), after checking the
+        trainer's data module's tokenizer against the one they were trained with. Called by ``setup`` at the start
+        of a run without ``ckpt_path``."""
+        from .checkpoints import check_tokenizer, warn
+        from .init_from import copy_weights, read_source
+
+        path, only = self.init_from
+        source = read_source(path)
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        tokenizer = getattr(datamodule, 'tokenizer', None)
+        recorded = source.tokenizer
+        if recorded.get('tokenizer_hash') and tokenizer is not None:
+            check_tokenizer(tokenizer, recorded['tokenizer_hash'], recorded.get('tokenizer_path'), path)
+        elif not recorded.get('tokenizer_hash'):
+            what = f"that the data's tokenizer {tokenizer.path}" if tokenizer is not None else "the tokenizer"
+            warn(f"model.init_from {path} records no tokenizer hash (a Hugging Face model, or weights imported "
+                 f"without an XLab tokenizer): cannot check {what} is the one its weights were trained with")
+        copy_weights(self, source, only)
+        self.init_from_done = True
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
