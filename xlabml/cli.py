@@ -40,7 +40,7 @@ DESCRIPTION = (
 LINKS = (("data.num_tokens", "model.n_vocab"), ("data.seq_len", "model.max_len"), ("data.pad_index", "model.pad_index"))
 # Model arguments a run starting from another model's weights (model.init_from) sets for itself: how it trains, not
 # what the weights are. The rest of the architecture comes from those weights.
-RUN_HPARAMS = ("dropout", "weight_decay_embeddings", "init_from")
+RUN_HPARAMS = ("dropout", "weight_decay_embeddings", "init_from", "lora")
 
 
 def config_dir() -> Path:

@@ -1,8 +1,9 @@
 """Warm starts: copy some or all weights of another model into a freshly built one.
 
-``load_initial_weights(model, path, only=None)`` reads an XLab checkpoint (training checkpoint or export) or a
-local Hugging Face Llama/GPT-2 directory (converted as ``./manage.py import-hf`` would, nothing written) and copies
-the selected weights into ``model`` (an ``XLabModel``) in place. ``only`` selects by role or by name prefix:
+``load_initial_weights(model, path, only=None)`` reads an XLab checkpoint (training checkpoint or export, a LoRA
+checkpoint merged with its base) or a local Hugging Face Llama/GPT-2 directory (converted as ``./manage.py
+import-hf`` would, nothing written) and copies the selected weights into ``model`` (an ``XLabModel``) in place.
+``only`` selects by role or by name prefix:
 
     embedding     the token embedding table (a tied head shares it)
     head          the output head (weight and bias)
@@ -11,7 +12,8 @@ the selected weights into ``model`` (an ``XLabModel``) in place. ``only`` select
     blocks        every block; ``blocks.0``, ``blocks.3.attn``, ... any prefix of the decoder's parameter names
 
 so LSWT's warm start of the embeddings from another model is ``only: [embedding]``. Every selected tensor must
-exist in the source with the same shape, or nothing is copied and one line names the first mismatch.
+exist in the source with the same shape, or nothing is copied and one line names the first mismatch. Adapters a
+transformation added (``xlabml.lora``) are not weights of the source: they are never selected.
 
 ``XLabModel(init_from=...)`` (``model.init_from`` in YAML) takes a path or ``{path: ..., only: [...]}``
 (``parse_init_from``); ``read_source`` gives a source's weights together with its architecture and the identity
@@ -90,13 +92,13 @@ class InitSource:
 
 def read_source(path: str | os.PathLike, weights: bool = True) -> InitSource:
     """The architecture, tokenizer identity and (with ``weights``) the decoder weights stored at ``path``: an XLab
-    checkpoint or export, or a Hugging Face directory.
+    checkpoint or export (a LoRA checkpoint: its adapters merged into its base), or a Hugging Face directory.
 
     Raises:
-        FileNotFoundError: nothing at ``path``.
+        FileNotFoundError: nothing at ``path`` (or, for a LoRA checkpoint, at its base's path).
         ValueError: not a checkpoint XLab can read (one line naming it).
     """
-    from xlabml.checkpoints import model_hparams, read_checkpoint, tokenizer_state
+    from xlabml.checkpoints import LORA_KEY, load_checkpoint, model_hparams, read_checkpoint, tokenizer_state
 
     if Path(path).is_dir():
         from xlabml.interop.hf import read_hf_model
@@ -108,7 +110,12 @@ def read_source(path: str | os.PathLike, weights: bool = True) -> InitSource:
                                 "model directory)")
     checkpoint = read_checkpoint(path)
     hparams = model_hparams(checkpoint, path)
-    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()} if weights else None
+    state = None
+    if weights and checkpoint.get(LORA_KEY):  # adapters: the weights are the base with the adapters merged in
+        model = load_checkpoint(path, "cpu", overrides={"compile": False}, tokenizer=False, merge_lora=True).model
+        state = model.model.state_dict()
+    elif weights:
+        state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
     return InitSource(os.fspath(path), "xlab", hparams, tokenizer_state(checkpoint), [], state)
 
 
@@ -137,8 +144,11 @@ def load_initial_weights(model: nn.Module, path: str | os.PathLike, only=None) -
 
 def copy_weights(model: nn.Module, source: InitSource, only=None) -> list[str]:
     """``load_initial_weights`` from a source already read (``read_source(path)``, with its weights)."""
+    from xlabml.lora import adapter_keys
+
     decoder = getattr(model, "model", model)
-    target = decoder.state_dict()
+    adapters = set(adapter_keys(decoder))
+    target = {k: v for k, v in decoder.state_dict().items() if k not in adapters}
     prefixes = _prefixes(only)
     selected = [k for k in target if any(k.startswith(p) or k == p.rstrip(".") for p in prefixes)]
     if not selected:
