@@ -112,6 +112,23 @@ def test_fine_tune_is_a_new_run_from_the_weights_and_outlives_them(run, data, ba
         moved.rename(base)
 
 
+def test_finetune_overlay_trains_the_checkpoint_with_its_own_optimizer(run, data, base, tmp_path):
+    repo = Path(__file__).resolve().parent.parent
+    code, _, err = run("fit", "-c", str(data / "data.yaml"), "-c", str(repo / "conf" / "extra" / "finetune.yaml"),
+                       "--model.init_from", str(base))
+    assert code == 0, err
+    tuned = read_checkpoint(tmp_path / "logs" / "version_0" / "checkpoints" / "last.ckpt")
+    source = read_checkpoint(base)
+    assert tuned["hyper_parameters"]["d_model"] == 32 and tuned["global_step"] == 2
+    groups = tuned["optimizer_states"][0]["param_groups"]
+    assert [(g["initial_lr"], g["weight_decay"]) for g in groups] == [(3e-4, 0.1), (3e-4, 0.0)]
+    assert tuned["lr_schedulers"][0]["warmup_steps"] == 20 and 0 < groups[0]["lr"] < 3e-4  # warming up
+    moved = [k for k, v in source["state_dict"].items() if not torch.equal(tuned["state_dict"][k], v)]
+    assert moved and len(moved) == len(source["state_dict"])  # every weight took a step from the checkpoint's
+    for key in moved:  # ... a small one: lr <= 3e-5 for two steps
+        assert (tuned["state_dict"][key] - source["state_dict"][key]).abs().max() < 1e-4, key
+
+
 def test_validate_from_init_from_equals_validate_of_the_checkpoint(run, data, base):
     losses = []
     for flag in ("--model.init_from", "--ckpt_path"):
@@ -160,8 +177,8 @@ def test_wrong_tokenizer_fails_before_anything_is_encoded(run, data, base, tmp_p
 
 def test_partial_warm_start_copies_the_selected_weights_into_the_configured_model(run, data, base, tmp_path):
     partial = tmp_path / "partial.yaml"
-    partial.write_text(yaml.safe_dump({"model": {
-        "d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 48, "init_from": {"path": str(base), "only": ["embedding"]}}}))
+    partial.write_text(yaml.safe_dump({"model": {"d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 48,
+                                                 "init_from": {"path": str(base), "only": ["embedding"]}}}))
     code, _, err = run("fit", *_config(data), "-c", str(partial))
     assert code == 0, err
     tuned = read_checkpoint(tmp_path / "logs" / "version_0" / "checkpoints" / "last.ckpt")
@@ -212,7 +229,8 @@ def test_hugging_face_directory_gives_architecture_and_weights_with_a_warning(ru
     assert (hparams["position"], hparams["norm"], hparams["ffn"], hparams["n_kv_heads"], hparams["max_len"]) == (
         "rope", "rmsnorm", "swiglu", 1, 64)
     assert torch.equal(tuned["state_dict"]["model.embedding.weight"], hf.model.embed_tokens.weight)
-    assert torch.equal(tuned["state_dict"]["model.blocks.0.attn.proj.weight"], hf.model.layers[0].self_attn.o_proj.weight)
+    assert torch.equal(tuned["state_dict"]["model.blocks.0.attn.proj.weight"],
+                       hf.model.layers[0].self_attn.o_proj.weight)
     # imported without an XLab tokenizer: weights only, no tokenizer hash; a new run may start from it, not resume it
     imported, tokenizer, _ = import_hf(tmp_path / "hf", tmp_path / "imported.ckpt")
     assert tokenizer is None
