@@ -317,6 +317,20 @@ def test_warm_start_from_a_lora_checkpoint_takes_the_merged_weights(lora_run):
         torch.testing.assert_close(fresh.eval()(x), model(x), atol=1e-5, rtol=0)
 
 
+def test_a_bf16_model_restores_adapters_on_a_float32_base(lora_run):
+    # Lightning's bf16-true casts the module before it restores a checkpoint: the base's identity is that of its
+    # file's weights, not of the weights cast to the run's dtype
+    model, path, base = lora_run
+    checkpoint = read_checkpoint(path)
+    resumed = XLabModel(**TINY, init_from=str(base), lora={"rank": 4, "targets": ["qkv", "ffn.fc", "head"]})
+    resumed.to(torch.bfloat16).on_load_checkpoint(checkpoint)
+    assert checkpoint[LORA_KEY] == resumed.lora_base
+    resumed.load_state_dict(checkpoint["state_dict"])
+    assert resumed.model.head.weight.dtype == torch.bfloat16
+    assert torch.equal(resumed.model.head.weight, model.model.head.weight.to(torch.bfloat16))
+    assert torch.equal(resumed.model.head.lora_b, model.model.head.lora_b.to(torch.bfloat16))
+
+
 def test_saving_a_lora_model_without_its_base_is_refused(tmp_path):
     model = XLabModel(**TINY, init_from=str(tmp_path / "base.ckpt"), lora={})
     with pytest.raises(ValueError, match="refers to its base weights, but none were loaded"):

@@ -63,7 +63,7 @@ EXPORT_KEYS = (
     "lora_merged",
 )
 # A LoRA run's checkpoint: {"path": the base model's checkpoint or directory, "hash": xlabml.lora.weights_hash of its
-# weights}; its state_dict holds the adapters only. A merged export records where it came from under MERGED_KEY.
+# decoder weights as stored there (xlabml.init_from.read_source)}; its state_dict holds the adapters only. A merged export records where it came from under MERGED_KEY.
 LORA_KEY = "lora_base"
 MERGED_KEY = "lora_merged"
 
@@ -377,7 +377,7 @@ def lora_state_dict(model, checkpoint: dict[str, Any], path: Any = "the checkpoi
             has no adapters. One line naming the base and, for a hash, both hashes.
     """
     from xlabml.init_from import copy_weights, read_source
-    from xlabml.lora import adapter_keys, base_state_dict, weights_hash
+    from xlabml.lora import adapter_keys, weights_hash
 
     reference = checkpoint[LORA_KEY]
     if not adapter_keys(model):
@@ -390,7 +390,7 @@ def lora_state_dict(model, checkpoint: dict[str, Any], path: Any = "the checkpoi
         copy_weights(model, source)
     except ValueError as error:
         raise ValueError(f"{path}: its LoRA base {base_path} does not fit the adapters' model ({error})") from None
-    actual = weights_hash(base_state_dict(getattr(model, "model", model)))
+    actual = weights_hash(source.weights)  # as stored: the same whatever dtype the model has been cast to
     if actual != expected:
         raise ValueError(f"{path}: LoRA base {base_path} has weights hash {actual}, but the adapters were trained on "
                          f"weights with hash {expected}: not the same base model (changed, or another file)")

@@ -394,7 +394,7 @@ class XLabModel(XLabModule):
         base's path and weights hash. Called by ``setup`` at the start of a run without ``ckpt_path``."""
         from .checkpoints import check_tokenizer, warn
         from .init_from import copy_weights, read_source
-        from .lora import base_state_dict, weights_hash
+        from .lora import weights_hash
 
         path, only = self.init_from
         source = read_source(path)
@@ -409,7 +409,8 @@ class XLabModel(XLabModule):
                  f"without an XLab tokenizer): cannot check {what} is the one its weights were trained with")
         copy_weights(self, source, only)
         if self.lora_config is not None:
-            self.lora_base = {'path': str(Path(path).resolve()), 'hash': weights_hash(base_state_dict(self.model))}
+            # the identity of the weights as the file stores them, whatever dtype a run casts the model to
+            self.lora_base = {'path': str(Path(path).resolve()), 'hash': weights_hash(source.weights)}
         self.init_from_done = True
 
     def on_save_checkpoint(self, checkpoint):
