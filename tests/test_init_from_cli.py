@@ -173,6 +173,19 @@ def test_wrong_tokenizer_fails_before_anything_is_encoded(run, data, base, tmp_p
         f"xlab: error: tokenizer {other.path} (content hash {other.content_hash}) is not the model's tokenizer: "
         f"the checkpoint was trained with {ours.path} (content hash {ours.content_hash})")
     assert not (tmp_path / "logs").exists() and not (tmp_path / "cache").exists()
+    # blocks mean the same under any tokenizer: copying them only needs no check; the embedding does
+    blocks = tmp_path / "blocks.yaml"
+    blocks.write_text(yaml.safe_dump({"model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64,
+                                                "init_from": {"path": str(base), "only": ["blocks"]}}}))
+    other_data = ["--data.tokenizer_path", str(other.path), "--data.cache_dir", str(tmp_path / "cache")]
+    code, _, err = run("fit", *_config(data), "-c", str(blocks), *other_data, "--trainer.max_steps", "1")
+    assert code == 0, err
+    tuned = read_checkpoint(tmp_path / "logs" / "version_0" / "checkpoints" / "last.ckpt")["state_dict"]
+    source = read_checkpoint(base)["state_dict"]
+    assert torch.equal(tuned["model.blocks.0.attn.qkv.weight"], source["model.blocks.0.attn.qkv.weight"])  # lr 0
+    assert not torch.equal(tuned["model.embedding.weight"], source["model.embedding.weight"])
+    code, _, err = run("fit", *_config(data), "-c", str(blocks), *other_data, "--model.init_from.only", "[embedding]")
+    assert code == 1 and "is not the model's tokenizer" in _last_line(err)
 
 
 def test_partial_warm_start_copies_the_selected_weights_into_the_configured_model(run, data, base, tmp_path):

@@ -257,7 +257,8 @@ class XLabCLI(LightningCLI):
     With ``model.init_from`` (and no ``--ckpt_path``) a new run starts from another model's weights: the
     architecture comes from them (a conflicting value set in a -c file or a flag is an error; ``RUN_HPARAMS``
     stay as configured), and the data's tokenizer must be theirs, checked as for ``--ckpt_path``. With
-    ``init_from.only`` (some weights only) the architecture is the configured one.
+    ``init_from.only`` (some weights only) the architecture is the configured one, and the tokenizer is checked
+    only when the embedding or the head is copied.
     Every trainer saves checkpoints atomically (``XLabCheckpointIO``) unless the configuration names another
     CheckpointIO.
     """
@@ -361,7 +362,7 @@ class XLabCLI(LightningCLI):
 
     def _parse_init_from(self, subcommand: str) -> None:
         """The architecture and tokenizer identity of ``model.init_from`` (see the class docstring)."""
-        from xlabml.init_from import parse_init_from, read_source
+        from xlabml.init_from import parse_init_from, read_source, token_indexed
 
         parsed = parse_init_from((self.config[subcommand].get("model") or {}).get("init_from"))
         if parsed is None:
@@ -370,7 +371,8 @@ class XLabCLI(LightningCLI):
         source = read_source(path, weights=False)
         if source.notes:
             warn(f"model.init_from {path}: XLab computes this model approximately: {'; '.join(source.notes)}")
-        self.checkpoint_tokenizer = source.tokenizer or None  # no hash: the model warns when it copies the weights
+        if token_indexed(only):  # no hash: the model warns when it copies the weights
+            self.checkpoint_tokenizer = source.tokenizer or None
         if only is not None:
             return  # the configured architecture; the selected weights' shapes are checked when they are copied
         self.checkpoint_hparams = dict(source.hparams)

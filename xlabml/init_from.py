@@ -11,7 +11,8 @@ import-hf`` would, nothing written) and copies the selected weights into ``model
     final_norm    the norm before the head
     blocks        every block; ``blocks.0``, ``blocks.3.attn``, ... any prefix of the decoder's parameter names
 
-so LSWT's warm start of the embeddings from another model is ``only: [embedding]``. Every selected tensor must
+so LSWT's warm start of the embeddings from another model is ``only: [embedding]``. The data's tokenizer must be
+the source's when the embedding or the head is copied (``token_indexed``), not otherwise. Every selected tensor must
 exist in the source with the same shape, or nothing is copied and one line names the first mismatch. Adapters a
 transformation added (``xlabml.lora``) are not weights of the source: they are never selected.
 
@@ -131,6 +132,13 @@ def _prefixes(only) -> list[str]:
                              f"{', '.join(ROLES)}")
         prefixes.append(ROLES.get(name, name if name.endswith(".") else name + "."))
     return prefixes
+
+
+def token_indexed(only) -> bool:
+    """Whether a warm start selecting ``only`` copies weights indexed by token id (the embedding or the head, all
+    weights included): then the data's tokenizer must be the one the source was trained with. Blocks, norms and
+    positions mean the same under any tokenizer."""
+    return any(p == "" or p.startswith(("embedding.", "head.")) for p in _prefixes(only))
 
 
 def load_initial_weights(model: nn.Module, path: str | os.PathLike, only=None) -> list[str]:

@@ -390,20 +390,21 @@ class XLabModel(XLabModule):
 
     def apply_init_from(self):
         """Copy the ``init_from`` weights into the model (``xlabml.init_from.copy_weights``), after checking the
-        trainer's data module's tokenizer against the one they were trained with; for a LoRA model, record the
-        base's path and weights hash. Called by ``setup`` at the start of a run without ``ckpt_path``."""
+        trainer's data module's tokenizer against the one they were trained with (when the embedding or the head
+        is copied); for a LoRA model, record the base's path and weights hash. Called by ``setup`` at the start of
+        a run without ``ckpt_path``."""
         from .checkpoints import check_tokenizer, warn
-        from .init_from import copy_weights, read_source
+        from .init_from import copy_weights, read_source, token_indexed
         from .lora import weights_hash
 
         path, only = self.init_from
         source = read_source(path)
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         tokenizer = getattr(datamodule, 'tokenizer', None)
-        recorded = source.tokenizer
-        if recorded.get('tokenizer_hash') and tokenizer is not None:
+        recorded, indexed = source.tokenizer, token_indexed(only)  # indexed: rows are the source tokenizer's ids
+        if indexed and recorded.get('tokenizer_hash') and tokenizer is not None:
             check_tokenizer(tokenizer, recorded['tokenizer_hash'], recorded.get('tokenizer_path'), path)
-        elif not recorded.get('tokenizer_hash'):
+        elif indexed and not recorded.get('tokenizer_hash'):
             what = f"that the data's tokenizer {tokenizer.path}" if tokenizer is not None else "the tokenizer"
             warn(f"model.init_from {path} records no tokenizer hash (a Hugging Face model, or weights imported "
                  f"without an XLab tokenizer): cannot check {what} is the one its weights were trained with")
