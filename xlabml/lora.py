@@ -15,7 +15,8 @@ Targets name linear layers by the end of their path in the decoder (``blocks.N.`
     attn.proj   attention's output projection
     ffn.fc      feed-forward input (SwiGLU: gate and up, one fused matrix)
     ffn.proj    feed-forward output
-    head        the output head (not with tie_embeddings: a merged head would no longer be the embedding)
+    head        the output head (not with tie_embeddings: a merged head would no longer be the embedding); the
+                loss then computes the batch's logits at once (its chunked form needs a plain linear head)
 
 A shorter end selects more (``proj``: both projections; ``qkv``: ``attn.qkv``), a longer one less
 (``blocks.0.attn.qkv``: the first layer only). A target that selects no linear layer is an error listing those
