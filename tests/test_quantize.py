@@ -351,3 +351,20 @@ def test_manage_and_infer_command_lines(tmp_path, tokenizer, capsys):
     with pytest.raises(SystemExit):
         infer_cli.main([str(path), "def main", "--quantize", "int4"])
     assert "holds int8 weights; --quantize int4 needs its float checkpoint" in capsys.readouterr().err
+
+
+def test_lora_adapters_are_merged_before_quantizing(tmp_path, tokenizer):
+    # a LoRA run's checkpoint holds adapters over a base it names: quantizing it would drop the adapters, so the
+    # export asks for merge-lora first; a file recording both is refused by the loader, naming it
+    ckpt, _ = make_checkpoint(tmp_path / "m.ckpt", tokenizer.path)
+    lora = tmp_path / "adapters.ckpt"
+    torch.save({**torch.load(ckpt, weights_only=True), "lora_base": {"path": str(ckpt), "hash": "0" * 16}}, lora)
+    with pytest.raises(ValueError, match=r"adapters.ckpt holds LoRA adapters; merge them first \(./manage.py "
+                                         "merge-lora\\), then export the merged model quantized"):
+        export_checkpoint(lora, tmp_path / "out", quantize="int8")
+    assert not (tmp_path / "out").exists()
+    path, _ = export_checkpoint(ckpt, tmp_path, quantize="int8")
+    both = tmp_path / "both.ckpt"
+    torch.save({**torch.load(path, weights_only=True), "lora_base": {"path": str(ckpt), "hash": "0" * 16}}, both)
+    with pytest.raises(ValueError, match="both.ckpt records both LoRA adapters and quantized weights"):
+        load_checkpoint(both, "cpu", tokenizer=False)
