@@ -244,14 +244,18 @@ class XLabModule(L.LightningModule):
         the same when FSDP has flattened every parameter into a 1-D shard: hidden matrices and an untied head
         decay; biases, norm gains and (unless ``weight_decay_embeddings``) the embedding and learned position
         tables, a head tied to the embedding included, do not; nor does a parameter of a module type XLab does
-        not know (role ``other``). The decay group takes the optimizer's weight_decay, the other 0."""
+        not know (role ``other``). The decay group takes the optimizer's weight_decay, the other 0. Each group
+        also lists the role of each of its parameters (``roles``), which other optimizers ignore."""
         decaying = DECAY_ROLES | (EMBEDDING_ROLES if self.weight_decay_embeddings else frozenset())
         roles = parameter_roles(self.model)
-        decay, no_decay = [], []
+        decay, no_decay = {'params': [], 'roles': []}, {'params': [], 'roles': [], 'weight_decay': 0.0}
         for name, p in self.model.named_parameters():  # a tied weight once
             if p.requires_grad:
-                (decay if roles[unwrapped_name(name)] in decaying else no_decay).append(p)
-        return [{'params': decay}, {'params': no_decay, 'weight_decay': 0.0}]
+                role = roles[unwrapped_name(name)]
+                group = decay if role in decaying else no_decay
+                group['params'].append(p)
+                group['roles'].append(role)  # for optimizers that treat roles apart (xlabml.optim.MuonAdamW)
+        return [decay, no_decay]
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Lightning's clipping, except clipping by norm under FSDP: the norm must be taken over every shard,
@@ -281,6 +285,9 @@ class XLabModule(L.LightningModule):
             optimizer = default_optimizer(self.parameter_groups(), fused=False if self._clips_mixed() else None)
         else:
             optimizer = self.optimizer(self.parameter_groups())
+        root = self._fsdp_root()
+        if root is not None and hasattr(optimizer, 'attach_fsdp'):  # Muon orthogonalises whole matrices
+            optimizer.attach_fsdp(root)
         if self.scheduler is None:
             return optimizer
         scheduler = self.scheduler(optimizer)
