@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from xlabml.losses import linear_cross_entropy
 from xlabml.models import XLabModel, default_optimizer
 from xlabml.roles import parameter_roles, unwrapped_name
-from xlabml.schedules import WarmupCosine
+from xlabml.schedules import WSD, WarmupCosine
 
 PAD = 3
 TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
@@ -130,6 +130,36 @@ def test_warmup_cosine_shape():
     assert lrs[14:] == pytest.approx([0.1] * 6)  # floor
     with pytest.raises(ValueError, match='total_steps'):
         WarmupCosine(optimizer, warmup_steps=10, total_steps=5)
+
+
+def rates(schedule_cls, steps, **kwargs):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    schedule = schedule_cls(optimizer, **kwargs)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]['lr'])
+        optimizer.step()
+        schedule.step()
+    return lrs
+
+
+@pytest.mark.parametrize('decay, half', [('linear', 0.5), ('cosine', 0.5), ('1-sqrt', 1 - 0.5 ** 0.5)])
+def test_wsd_values_at_its_breakpoints(decay, half):
+    # 4 warmup steps, total 24, decay over the last 25% = 6 steps (18..24), floor 0.1 of the peak 2.0
+    lrs = rates(WSD, 30, warmup_steps=4, total_steps=24, decay_fraction=0.25, decay=decay, min_lr_ratio=0.1)
+    assert lrs[:4] == pytest.approx([0.5, 1.0, 1.5, 2.0])  # linear warmup: (step + 1) / warmup
+    assert lrs[4:19] == pytest.approx([2.0] * 15)  # stable to the first decay step, which is still the peak
+    assert lrs[21] == pytest.approx(2.0 * (0.1 + 0.9 * half))  # half way through the decay
+    assert all(a > b for a, b in zip(lrs[18:24], lrs[19:25]))  # strictly decreasing
+    assert lrs[24:] == pytest.approx([0.2] * 6)  # the floor from total_steps on
+    lrs = rates(WSD, 10, warmup_steps=6, total_steps=8, decay_fraction=0.5)  # decay never starts before warmup ends
+    assert lrs[:7] == pytest.approx([2 / 6, 4 / 6, 1.0, 4 / 3, 5 / 3, 2.0, 2.0])
+    assert lrs[7:] == pytest.approx([1.0, 0.0, 0.0])
+    assert rates(WSD, 5, warmup_steps=2, total_steps=None)[1:] == pytest.approx([2.0] * 4)  # until filled in
+    for kwargs, match in ((dict(decay='step'), "decay='step'"), (dict(decay_fraction=0.0), 'decay_fraction'),
+                          (dict(min_lr_ratio=1.5), 'min_lr_ratio'), (dict(total_steps=2), 'total_steps')):
+        with pytest.raises(ValueError, match=match):
+            WSD(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), **dict(warmup_steps=2) | kwargs)
 
 
 def test_schedule_steps_per_batch_and_total_from_trainer(tmp_path):
