@@ -226,7 +226,7 @@ def test_eos_stops_and_is_not_returned():
     assert inference.greedy_search(model, x, 0, BLOCK).tolist() == []
 
 
-@pytest.mark.parametrize("variant", ["sinusoidal", "rope-gqa", "alibi-mqa"])
+@pytest.mark.parametrize("variant", ["sinusoidal", "rope-gqa", "alibi-mqa", "rope-sgu", "learned-head-qk"])
 @pytest.mark.parametrize("length_penalty", [0.0, 1.0, -0.5])
 def test_beam_search_equals_brute_force(variant, length_penalty):
     model = make_model(n_vocab=6, seed=3, **MODELS[variant])
@@ -249,7 +249,8 @@ def test_beam_search_wide_enough_is_exhaustive():
     assert inference.beam_search(model, x, 16, 3, BLOCK).tolist() == list(best)
 
 
-@pytest.mark.parametrize("variant", ["sinusoidal", "rope-gqa", "rope-sliding-window"])
+@pytest.mark.parametrize("variant", ["sinusoidal", "rope-gqa", "rope-sliding-window", "rope-sgu-sliding-window",
+                                     "rope-head-qk-sliding-window"])
 def test_beam_search_past_block_size_equals_brute_force(variant):
     model = make_model(n_vocab=6, seed=4, **MODELS[variant])
     differs = []
@@ -260,7 +261,7 @@ def test_beam_search_past_block_size_equals_brute_force(variant):
             assert inference.beam_search(model, x, 3, 7, BLOCK, eos_class=eos).tolist() == expected
             differs.append(expected != reference_beam(model, x, 3, 7, eos=eos))
     # without the crop the search goes elsewhere (the windowed model never sees that far back anyway)
-    assert any(differs) == (variant != "rope-sliding-window")
+    assert any(differs) == ("sliding-window" not in variant)
 
 
 def test_beam_search_batched_width_one_and_sliding():
