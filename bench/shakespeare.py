@@ -47,7 +47,22 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def _default_corpus() -> Path:
+    """``../shared/data/tinyshakespeare.txt`` next to the checkout, or next to the main checkout when this one is a
+    git worktree elsewhere (so a worktree's results go to the published folder too)."""
+    here = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+    if here.is_file():
+        return here
+    common = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--git-common-dir"], capture_output=True,
+                            text=True).stdout.strip()
+    main = Path(REPO, common).resolve().parent if common else REPO
+    there = main.parent / "shared" / "data" / "tinyshakespeare.txt"
+    return there if there.is_file() else here
+
+
+DEFAULT_CORPUS = _default_corpus()
 WORK = REPO / "bench" / "out" / "shakespeare"
 RESULTS = REPO / "bench" / "results"
 if str(REPO) not in sys.path:
@@ -726,20 +741,20 @@ def write_ablation(done: dict[str, list[dict]], split: dict) -> None:
     ]
     rows = {}
     recipe = {label for label, _ in ABLATION[RECIPE_ROWS]}
-    for label, results in done.items():
-        if not results:
+    for label, runs in done.items():
+        if not runs:
             if label in recipe:  # listed all the same: its step time is measured, its quality is not (yet)
                 ratio = f"{speed[label] / base:.2f}x" if base and label in speed else "-"
                 lines.append(f"| {label} | not run | - | {ratio} | - | - | 0 |")
             continue
-        med = {k: statistics.median(r[k] for r in results) for k in ("bpc", "nats_per_char", "tokens_per_s",
+        med = {k: statistics.median(r[k] for r in runs) for k in ("bpc", "nats_per_char", "tokens_per_s",
                                                                        "wall_s")}
         rows[label] = med
-        spread = f" ± {(max(r['bpc'] for r in results) - min(r['bpc'] for r in results)) / 2:.3f}" \
-            if len(results) > 1 else ""
+        spread = f" ± {(max(r['bpc'] for r in runs) - min(r['bpc'] for r in runs)) / 2:.3f}" \
+            if len(runs) > 1 else ""
         ratio = f"{speed[label] / base:.2f}x" if base and label in speed else "-"
         lines.append(f"| {label} | {med['bpc']:.3f}{spread} | {med['nats_per_char']:.3f} | {ratio} | "
-                     f"{med['tokens_per_s']:,.0f} | {med['wall_s']:.0f} | {len(results)} |")
+                     f"{med['tokens_per_s']:,.0f} | {med['wall_s']:.0f} | {len(runs)} |")
     loads = [r["load_avg"] for results in done.values() for r in results] or [0.0]
     threads = sorted({str(r.get("threads") or "default") for results in done.values() for r in results})
     note = (f"\nMedian of the seeds run (± half the range). Budget: 2,000 steps of 12 x 64 tokens, 4 layers, "
