@@ -47,7 +47,22 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def _default_corpus() -> Path:
+    """``../shared/data/tinyshakespeare.txt`` next to the checkout, or next to the main checkout when this one is a
+    git worktree elsewhere (so a worktree's results go to the published folder too)."""
+    here = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+    if here.is_file():
+        return here
+    common = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--git-common-dir"], capture_output=True,
+                            text=True).stdout.strip()
+    main = Path(REPO, common).resolve().parent if common else REPO
+    there = main.parent / "shared" / "data" / "tinyshakespeare.txt"
+    return there if there.is_file() else here
+
+
+DEFAULT_CORPUS = _default_corpus()
 WORK = REPO / "bench" / "out" / "shakespeare"
 RESULTS = REPO / "bench" / "results"
 if str(REPO) not in sys.path:
@@ -84,12 +99,25 @@ ARCHS = {
     "tied": {"tie_embeddings": True},
     "modern": {"position": "rope", "norm": "rmsnorm", "ffn": "swiglu"},
     "preset-modern": {},  # the lab's own preset, applied as the overlay below
+    # capacity variants, on the modern block (the recipe rows' base)
+    "modern-moe": {"position": "rope", "norm": "rmsnorm", "ffn": "moe", "n_experts": 8, "moe_top_k": 2},
+    "modern-demb": {"position": "rope", "norm": "rmsnorm", "ffn": "swiglu", "d_embedding": 64},
+    "modern-headqk": {"position": "rope", "norm": "rmsnorm", "ffn": "swiglu", "head_qk": 64},
+    "modern-sgu": {"position": "rope", "norm": "rmsnorm", "ffn": "sgu"},
 }
 # Variants that are the lab's configuration overlays, applied after the run's config (`-c FILE`).
 ARCH_FILES = {"preset-modern": "conf/extra/modern.yaml"}
 
+# Training-recipe settings (issue #15) and their neutral values: a run that leaves them at these is the same run
+# as before they existed (its run key, and so its cached result, does not change).
+RECIPE_DEFAULTS = {"optimizer": "adamw", "muon_lr": 0.02, "schedule": "cosine", "decay_fraction": 0.2,
+                   "z_loss": 0.0, "softcap": None, "seq_warmup": 0, "seq_start": None}
+# The base of the recipe rows: the configuration shipped before them (modern block, BPE 1K, peak lr 2e-3 decaying
+# to 1e-4), spelled out so the rows keep their base when conf/extra/shakespeare.yaml changes.
+RECIPE_BASE = {"arch": "modern", "tokenizer": "bpe", "vocab": 1024, "lr": 2e-3, "min_lr": 1e-4}
+
 # Ablation rows: (label, preset overrides); each row changes one thing against the classic seed model,
-# except the modern preset and the shipped configuration.
+# except the modern preset and the shipped configuration; the recipe rows change one thing against RECIPE_BASE.
 ABLATION = [
     ("classic seed (char)", {}),
     ("+ RoPE", {"arch": "rope"}),
@@ -102,10 +130,25 @@ ABLATION = [
     ("BPE 1K tokenizer", {"tokenizer": "bpe", "vocab": 1024}),
     ("BPE 4K tokenizer", {"tokenizer": "bpe", "vocab": 4096}),
     ("conf/extra/shakespeare.yaml (best)", {"config": "best"}),
+    # --- training recipe and capacity (issue #15): one change each against RECIPE_BASE ---
+    ("recipe base: modern, BPE 1K, lr 2e-3", RECIPE_BASE),
+    ("base + Muon (matrices) / AdamW", {**RECIPE_BASE, "optimizer": "muon"}),
+    ("base + LaProp", {**RECIPE_BASE, "optimizer": "laprop"}),
+    ("base + WSD schedule (decay 20%)", {**RECIPE_BASE, "schedule": "wsd"}),
+    ("base + z-loss 1e-4", {**RECIPE_BASE, "z_loss": 1e-4}),
+    ("base + logit soft-cap 15", {**RECIPE_BASE, "softcap": 15.0}),
+    ("base + seq-len warmup 16->64 (1000 steps)", {**RECIPE_BASE, "seq_warmup": 1000, "seq_start": 16}),
+    ("base + MoE (8 experts, top-2)", {**RECIPE_BASE, "arch": "modern-moe"}),
+    ("base + d_embedding 64", {**RECIPE_BASE, "arch": "modern-demb"}),
+    ("base + head-QK (64)", {**RECIPE_BASE, "arch": "modern-headqk"}),
+    ("base + SGU feed-forward", {**RECIPE_BASE, "arch": "modern-sgu"}),
+    ("base + BPE 4K tokenizer", {**RECIPE_BASE, "vocab": 4096}),
+    ("base + BPE 4K + Muon", {**RECIPE_BASE, "vocab": 4096, "optimizer": "muon"}),
 ]
 # Execution order (the table keeps ABLATION's order): the most telling rows first, so a sweep cut short by
 # time still has them.
-ABLATION_ORDER = [0, 10, 7, 8, 6, 1, 2, 3, 4, 5, 9]
+RECIPE_ROWS = slice(11, None)  # the recipe rows' block of ABLATION (their own plot)
+ABLATION_ORDER = [0, 10, 7, 8, 6, 1, 2, 3, 4, 5, 9, *range(11, len(ABLATION))]
 
 CHAR_VOCAB_BOUND = 1024  # upper bound for the char tokenizer (specials + 256 bytes + the corpus' characters)
 
@@ -153,11 +196,11 @@ def load_best_config() -> dict:
 def resolve_settings(args: argparse.Namespace, overrides: dict | None = None) -> dict:
     """The run's settings: preset budget, then --config best's values, then command-line options."""
     s = dict(PRESETS[args.preset])
-    s.update(arch="classic", config=None)
+    s.update(arch="classic", config=None, **RECIPE_DEFAULTS)
     for key, value in (overrides or {}).items():
         s[key] = value
     for key in ("arch", "tokenizer", "vocab", "steps", "lr", "min_lr", "warmup", "beta2", "weight_decay",
-                "dropout", "precision", "batch_size", "seq_len"):
+                "dropout", "precision", "batch_size", "seq_len", *RECIPE_DEFAULTS):
         value = getattr(args, key, None)
         if value is not None:
             s[key] = value
@@ -178,14 +221,21 @@ def resolve_settings(args: argparse.Namespace, overrides: dict | None = None) ->
             s["steps"] = best.get("trainer", {}).get("max_steps", s["steps"])
         s["seq_len"] = data.get("seq_len", s["seq_len"])
         s["batch_size"] = data.get("batch_size", s["batch_size"])
-        opt = (model.get("optimizer") or {}).get("init_args", {})
+        optimizer = model.get("optimizer") or {}
+        opt = optimizer.get("init_args", {})
         s["lr"] = opt.get("lr", s["lr"])
+        if optimizer.get("class_path", "").endswith("MuonAdamW"):  # report AdamW's rate as lr, Muon's apart
+            s["optimizer"], s["muon_lr"], s["lr"] = "muon", opt.get("lr"), opt.get("adam_lr")
     if s["tokenizer"] not in ("char", "bpe"):
         raise ValueError(f"--tokenizer {s['tokenizer']!r}: expected 'char' or 'bpe'")
     if s["tokenizer"] == "bpe" and not s["vocab"]:
         s["vocab"] = 1024
     if s["arch"] not in ARCHS and s["arch"] != "best":
         raise ValueError(f"--arch {s['arch']!r}: expected one of {sorted(ARCHS)}")
+    if s["optimizer"] not in ("adamw", "muon", "laprop"):
+        raise ValueError(f"--optimizer {s['optimizer']!r}: expected adamw, muon or laprop")
+    if s["schedule"] not in ("cosine", "wsd"):
+        raise ValueError(f"--schedule {s['schedule']!r}: expected cosine or wsd")
     s["seed"] = args.seed
     return s
 
@@ -234,26 +284,60 @@ def run_config(s: dict, split: dict, run_dir: Path, tok_path: Path, train_args: 
             "cache_dir": str(WORK / "cache"),
         },
     }
+    if s["seq_warmup"]:
+        config["data"].update(seq_len_warmup=int(s["seq_warmup"]), seq_len_start=s["seq_start"])
     if s["config"] != "best":
         config["trainer"]["gradient_clip_val"] = 1.0
         config["model"] = {
             "d_model": s["d_model"], "n_layers": s["n_layers"], "n_heads": s["n_heads"], "d_ff": s["d_ff"],
-            "dropout": s["dropout"], **ARCHS[s["arch"]],
-            "optimizer": {"class_path": "torch.optim.AdamW",
-                          "init_args": {"lr": s["lr"], "betas": [0.9, s["beta2"]],
-                                        "weight_decay": s["weight_decay"]}},
-            "scheduler": {"class_path": "xlabml.schedules.WarmupCosine",
-                          "init_args": {"warmup_steps": s["warmup"], "total_steps": steps,
-                                        "min_lr_ratio": s["min_lr"] / s["lr"]}},
+            "dropout": s["dropout"], **ARCHS[s["arch"]], **recipe_model(s),
+            "optimizer": optimizer_config(s),
+            "scheduler": scheduler_config(s, steps),
         }
     return config
+
+
+def recipe_model(s: dict) -> dict:
+    """The XLabModel keywords of the recipe settings (z-loss, soft-capping) that differ from the defaults."""
+    out = {}
+    if s["z_loss"]:
+        out["z_loss"] = s["z_loss"]
+    if s["softcap"] is not None:
+        out["logit_softcap"] = s["softcap"]
+    return out
+
+
+def optimizer_config(s: dict) -> dict:
+    """The optimizer of a run: AdamW (lr, betas (0.9, beta2), weight decay), LaProp with the same settings, or
+    Muon at ``muon_lr`` for the hidden matrices (no weight decay, as in the speedrun) with that AdamW for the rest."""
+    betas = [0.9, s["beta2"]]
+    if s["optimizer"] == "muon":
+        return {"class_path": "xlabml.optim.MuonAdamW",
+                "init_args": {"lr": s["muon_lr"], "weight_decay": 0.0, "adam_lr": s["lr"], "adam_betas": betas,
+                              "adam_weight_decay": s["weight_decay"]}}
+    name = "xlabml.optim.LaProp" if s["optimizer"] == "laprop" else "torch.optim.AdamW"
+    return {"class_path": name, "init_args": {"lr": s["lr"], "betas": betas, "weight_decay": s["weight_decay"]}}
+
+
+def scheduler_config(s: dict, steps: int) -> dict:
+    """Warmup then cosine to min_lr over the run, or warmup-stable-decay: linear decay to min_lr over the last
+    ``decay_fraction`` of the run."""
+    ratio = s["min_lr"] / s["lr"]
+    if s["schedule"] == "wsd":
+        return {"class_path": "xlabml.schedules.WSD",
+                "init_args": {"warmup_steps": s["warmup"], "total_steps": steps,
+                              "decay_fraction": s["decay_fraction"], "decay": "linear", "min_lr_ratio": ratio}}
+    return {"class_path": "xlabml.schedules.WarmupCosine",
+            "init_args": {"warmup_steps": s["warmup"], "total_steps": steps, "min_lr_ratio": ratio}}
 
 
 def run_name(s: dict, extra: list[str], args_threads: int | None = None, digest: str = "") -> str:
     """The run directory's name: the settings, the extra flags, the threads, the content of the files the run
     reads (the shipped config, an architecture overlay) and the corpus' `digest` (from `split_corpus`)."""
     tok = "char" if s["tokenizer"] == "char" else f"bpe{s['vocab']}"
-    key = json.dumps({k: s[k] for k in sorted(s)}, sort_keys=True, default=str) + " ".join(extra)
+    # recipe settings at their neutral values are left out, so runs made before they existed keep their keys
+    keyed = {k: s[k] for k in sorted(s) if not (k in RECIPE_DEFAULTS and s[k] == RECIPE_DEFAULTS[k])}
+    key = json.dumps(keyed, sort_keys=True, default=str) + " ".join(extra)
     key += f" corpus={digest}"
     if args_threads:
         key += f" threads={args_threads}"
@@ -545,8 +629,12 @@ def ablation(args: argparse.Namespace, split: dict, extra: list[str]) -> dict:
 
 
 def collect(args: argparse.Namespace, extra: list[str], split: dict) -> dict[str, list[dict]]:
-    """Results on disk of every ablation row and seed (also those written by parallel sweeps)."""
+    """Results on disk of every ablation row and seed (also those written by parallel sweeps). A row with no run
+    on disk for a seed keeps its published result for that seed (``ablation.json`` in the results folder), unless
+    the row reads a repository file (the shipped config, an overlay), which may have changed since."""
     done: dict[str, list[dict]] = {label: [] for label, _ in ABLATION}
+    published_path = results_dir(split) / "ablation.json"
+    published = json.loads(published_path.read_text()) if published_path.is_file() and not extra else {}
     for seed in range(1, args.seeds + 1):
         for label, overrides in ABLATION:
             run_args = copy.copy(args)
@@ -555,23 +643,28 @@ def collect(args: argparse.Namespace, extra: list[str], split: dict) -> dict[str
             path = WORK / "runs" / run_name(s, extra, args.threads, split["digest"]) / "result.json"
             if path.is_file():
                 done[label].append(json.loads(path.read_text()))
+            elif s["config"] != "best" and s["arch"] not in ARCH_FILES:
+                done[label] += [r for r in published.get(label, []) if r["seed"] == seed][:1]
     return done
 
 
 SPEED_CODE = r"""
-import json, sys, time, torch
+import importlib, json, sys, time, torch
 from xlabml.models import XLabModel
 variants, steps, rounds = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 torch.manual_seed(0)
 runs = {}
-for label, kw in variants.items():
+for label, spec in variants.items():  # the row's model and optimizer, its training objective (batch_loss)
+    kw = spec["model"]
     model = XLabModel(**kw)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    module, name = spec["optimizer"]["class_path"].rsplit(".", 1)
+    opt = getattr(importlib.import_module(module), name)(model.parameter_groups(), **spec["optimizer"]["init_args"])
     x = torch.randint(4, kw["n_vocab"], (12, kw["max_len"]))
-    runs[label] = (model, opt, x)
-def step(model, opt, x):
-    loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten())
-    opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+    runs[label] = (model, opt, {"x": x, "y": x})
+def step(model, opt, batch):
+    loss = model.batch_loss(batch, accuracy=False)[0]
+    opt.zero_grad(set_to_none=True); loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
 times = {label: [] for label in variants}
 for label, run in runs.items():
     for _ in range(3):
@@ -587,7 +680,8 @@ print(json.dumps({label: min(t) for label, t in times.items()}))  # the least di
 
 
 def model_kwargs(overrides: dict, vocab: int) -> dict:
-    """XLabModel keywords of an ablation row (its overlay files' model sections included)."""
+    """XLabModel keywords and optimizer (``{"model": ..., "optimizer": {class_path, init_args}}``) of an ablation
+    row (its overlay files' model sections included)."""
     args, _ = parse_args([])
     s = resolve_settings(args, overrides)
     kw = {"n_vocab": vocab, "max_len": s["seq_len"], "d_model": s["d_model"], "n_layers": s["n_layers"],
@@ -595,12 +689,14 @@ def model_kwargs(overrides: dict, vocab: int) -> dict:
     files = [BEST_CONFIG] if s["config"] == "best" else []
     files += [REPO / ARCH_FILES[s["arch"]]] if s["arch"] in ARCH_FILES else []
     kw.update(ARCHS.get(s["arch"], {}))
+    kw.update(recipe_model(s))
+    optimizer = optimizer_config(s)
     for path in files:
         model = dict(yaml.safe_load(path.read_text()).get("model") or {})
-        model.pop("optimizer", None)
+        optimizer = model.pop("optimizer", None) or optimizer
         model.pop("scheduler", None)
         kw.update(model)
-    return kw
+    return {"model": kw, "optimizer": optimizer}
 
 
 def results_dir(split: dict) -> Path:
@@ -644,23 +740,30 @@ def write_ablation(done: dict[str, list[dict]], split: dict) -> None:
         f"~{ref['wall_s']:.0f} | - |",
     ]
     rows = {}
-    for label, results in done.items():
-        if not results:
+    recipe = {label for label, _ in ABLATION[RECIPE_ROWS]}
+    for label, runs in done.items():
+        if not runs:
+            if label in recipe:  # listed all the same: its step time is measured, its quality is not (yet)
+                ratio = f"{speed[label] / base:.2f}x" if base and label in speed else "-"
+                lines.append(f"| {label} | not run | - | {ratio} | - | - | 0 |")
             continue
-        med = {k: statistics.median(r[k] for r in results) for k in ("bpc", "nats_per_char", "tokens_per_s",
+        med = {k: statistics.median(r[k] for r in runs) for k in ("bpc", "nats_per_char", "tokens_per_s",
                                                                        "wall_s")}
         rows[label] = med
-        spread = f" ± {(max(r['bpc'] for r in results) - min(r['bpc'] for r in results)) / 2:.3f}" \
-            if len(results) > 1 else ""
+        spread = f" ± {(max(r['bpc'] for r in runs) - min(r['bpc'] for r in runs)) / 2:.3f}" \
+            if len(runs) > 1 else ""
         ratio = f"{speed[label] / base:.2f}x" if base and label in speed else "-"
         lines.append(f"| {label} | {med['bpc']:.3f}{spread} | {med['nats_per_char']:.3f} | {ratio} | "
-                     f"{med['tokens_per_s']:,.0f} | {med['wall_s']:.0f} | {len(results)} |")
+                     f"{med['tokens_per_s']:,.0f} | {med['wall_s']:.0f} | {len(runs)} |")
     loads = [r["load_avg"] for results in done.values() for r in results] or [0.0]
     threads = sorted({str(r.get("threads") or "default") for results in done.values() for r in results})
     note = (f"\nMedian of the seeds run (± half the range). Budget: 2,000 steps of 12 x 64 tokens, 4 layers, "
             f"d_model 128, 4 heads, d_ff 512, AdamW (beta2 0.99, wd 0.1), warmup 100 + cosine 1e-3 -> 1e-4 "
             f"(the best row: its file's 2e-3 -> 1e-4), no dropout; rows change one thing against the classic seed "
-            f"model except the combinations; the character-level rows see the same batches for a given seed; held-out = last 10% of {Path(split['corpus']).name} (sha256 {split['digest']}, {split['heldout_chars']:,} chars) scored as "
+            f"model except the combinations; the recipe rows (from 'recipe base' on) change one thing against the "
+            f"modern block with BPE 1K at 2e-3 -> 1e-4 (the configuration shipped before them), the last row two; "
+            f"Muon: lr 0.02 on the hidden matrices, no decay, AdamW as above for the rest; WSD: flat, then linear "
+            f"decay to 1e-4 over the last 20%; the character-level rows see the same batches for a given seed; held-out = last 10% of {Path(split['corpus']).name} (sha256 {split['digest']}, {split['heldout_chars']:,} chars) scored as "
             f"one document in non-overlapping windows. Machine: {platform.node()}, {os.cpu_count()} cores, "
             f"torch threads per run: {', '.join(threads)} (load average at the end of the runs "
             f"{min(loads):.1f}-{max(loads):.1f}: the machine was shared; wall time is the whole `xlab.py fit` "
@@ -670,7 +773,8 @@ def write_ablation(done: dict[str, list[dict]], split: dict) -> None:
             f"--threads 1 [--speed]`.\n")
     (results / "ablation.md").write_text("\n".join(lines) + "\n" + note)
     (results / "ablation.json").write_text(json.dumps(done, indent=1))
-    plot_ablation(done, results)
+    plot_ablation({k: v for k, v in done.items() if k not in recipe}, results / "ablation.png", keep_partial=False)
+    plot_ablation({k: v for k, v in done.items() if k in recipe}, results / "ablation_recipe.png")
 
 
 def train_chars_per_token(result: dict) -> float:
@@ -680,21 +784,26 @@ def train_chars_per_token(result: dict) -> float:
     return float(match.group(1)) if match else result["chars_per_token"]
 
 
-def plot_ablation(done: dict[str, list[dict]], results: Path) -> None:
+def plot_ablation(done: dict[str, list[dict]], path: Path, keep_partial: bool = True) -> None:
+    """Training-loss curves (the median seed's) of the rows in ``done``. Without ``keep_partial``, the plot is
+    left as it is when a row's curve is not on disk (a published result without its run)."""
+    curves = {}
+    for label, results in done.items():
+        if results:
+            result = sorted(results, key=lambda r: r["bpc"])[len(results) // 2]  # the median seed's curve
+            curve_path = WORK / "runs" / result["run"] / "curve.json"
+            curve = json.loads(curve_path.read_text()) if curve_path.is_file() else []
+            if curve:
+                curves[label] = (result, curve)
+            elif not keep_partial:
+                return
+    if not curves:
+        return
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for label, results in done.items():
-        if not results:
-            continue
-        result = sorted(results, key=lambda r: r["bpc"])[len(results) // 2]  # the median seed's curve
-        curve_path = WORK / "runs" / result["run"] / "curve.json"
-        if not curve_path.is_file():
-            continue
-        curve = json.loads(curve_path.read_text())
-        if not curve:
-            continue
+    for label, (result, curve) in curves.items():
         steps = [p[0] for p in curve]
         # Loss per token -> bits per character (train data's chars/token), so tokenizers share one axis.
         scale = 1.0 / (train_chars_per_token(result) * math.log(2))
@@ -710,7 +819,7 @@ def plot_ablation(done: dict[str, list[dict]], results: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(results / "ablation.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -740,6 +849,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--precision", help="Lightning precision, e.g. 32-true or bf16-mixed")
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--seq-len", dest="seq_len", type=int)
+    p.add_argument("--optimizer", choices=["adamw", "muon", "laprop"], help="default adamw")
+    p.add_argument("--muon-lr", dest="muon_lr", type=float, help="Muon's learning rate (default 0.02)")
+    p.add_argument("--schedule", choices=["cosine", "wsd"], help="default cosine")
+    p.add_argument("--decay-fraction", dest="decay_fraction", type=float, help="WSD's decay share (default 0.2)")
+    p.add_argument("--z-loss", dest="z_loss", type=float, help="z-loss weight (default 0)")
+    p.add_argument("--softcap", type=float, help="logit soft-cap (default none)")
+    p.add_argument("--seq-warmup", dest="seq_warmup", type=int, help="sequence-length warmup steps (default 0)")
+    p.add_argument("--seq-start", dest="seq_start", type=int, help="first length of the warmup (seq_len // 4)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, help="torch threads per xlab process (OMP_NUM_THREADS; default: torch's)")
     p.add_argument("--ablation", action="store_true", help="run every ABLATION row (resumable)")

@@ -98,3 +98,31 @@ def test_force_trains_again(bench, tmp_path):
     assert again["run"] == first["run"]
     assert [c for c, _ in bench.calls].count("fit") == 2  # retrained, not re-scored
     assert json.loads((bench.WORK / "runs" / first["run"] / "result.json").read_text())["bpc"] == again["bpc"]
+
+
+def test_recipe_flags_reach_the_config_and_neutral_values_keep_old_run_keys(bench, tmp_path):
+    """Each recipe flag becomes its YAML (optimizer, schedule, z-loss, soft-cap, length warmup), the ablation rows'
+    settings are the same as the flags', and a run at the neutral values keeps the key it had before the flags."""
+    flags = ["--optimizer", "muon", "--muon-lr", "0.03", "--schedule", "wsd", "--z-loss", "1e-4", "--softcap", "15",
+             "--seq-warmup", "500", "--seq-start", "16", "--arch", "modern", "--tokenizer", "bpe"]
+    args, _ = bench.parse_args(flags)
+    s = bench.resolve_settings(args)
+    assert bench.optimizer_config(s) == {"class_path": "xlabml.optim.MuonAdamW", "init_args": {
+        "lr": 0.03, "weight_decay": 0.0, "adam_lr": s["lr"], "adam_betas": [0.9, s["beta2"]],
+        "adam_weight_decay": s["weight_decay"]}}
+    schedule = bench.scheduler_config(s, 2000)
+    assert schedule["class_path"] == "xlabml.schedules.WSD" and schedule["init_args"]["decay_fraction"] == 0.2
+    assert bench.recipe_model(s) == {"z_loss": 1e-4, "logit_softcap": 15.0}
+    assert (s["seq_warmup"], s["seq_start"]) == (500, 16)
+    # an ablation row and the same flags are one run
+    row = dict(bench.ABLATION)["base + Muon (matrices) / AdamW"]
+    args, _ = bench.parse_args(["--arch", "modern", "--tokenizer", "bpe", "--vocab", "1024", "--lr", "2e-3",
+                                "--min-lr", "1e-4", "--optimizer", "muon"])
+    plain, _ = bench.parse_args([])
+    assert bench.run_name(bench.resolve_settings(args), []) == bench.run_name(bench.resolve_settings(plain, row), [])
+    # neutral values: the key is computed as if the recipe settings did not exist
+    s = bench.resolve_settings(plain)
+    old = {k: v for k, v in s.items() if k not in bench.RECIPE_DEFAULTS}
+    name = bench.run_name(s, [], digest="d")
+    key = json.dumps({k: old[k] for k in sorted(old)}, sort_keys=True, default=str) + " corpus=d"
+    assert name.endswith(hashlib.sha256(key.encode()).hexdigest()[:8])

@@ -259,6 +259,45 @@ def test_lightning_resume_from_mid_epoch_checkpoint(tmp_path, corpus, tokenizer_
     assert loaded.tokenizer_path == tokenizer_file and loaded.hparams.batch_size == 8
 
 
+class WidthRecorder(Recorder):
+    def training_step(self, batch, batch_idx):
+        self.seen.append((self.global_step, {name: value.clone() for name, value in batch.items()}))
+        return (self.weight * batch["x"].float().mean()).sum()
+
+
+def warmup_fit(tmp_path, dm, name, ckpt_path=None, callbacks=()):
+    model = WidthRecorder()
+    trainer = L.Trainer(max_steps=9, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(tmp_path / name), callbacks=list(callbacks),
+                        enable_checkpointing=bool(callbacks), num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    return model.seen
+
+
+def test_seq_len_warmup_cuts_exactly_the_stated_windows_and_resumes_exactly(tmp_path, corpus, tokenizer_file):
+    kwargs = dict(batch_size=4, seq_len=32)
+    plain = warmup_fit(tmp_path, make(tmp_path, corpus, tokenizer_file, **kwargs), "plain")
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3,
+                                                      save_top_k=-1, filename="{step}")
+    warm = dict(kwargs, seq_len_warmup=6, seq_len_start=8)
+    full = warmup_fit(tmp_path, make(tmp_path, corpus, tokenizer_file, **warm), "warm", callbacks=[checkpoints])
+    # start 8, growing by (32 - 8) / 6 = 4 tokens a step, in stages of 8: 8 8 16 16 24 24, then 32
+    assert [batch["x"].size(1) for _, batch in full] == [8, 8, 16, 16, 24, 24, 32, 32, 32]
+    assert [step for step, _ in full] == list(range(9))
+    for (_, cut), (_, whole) in zip(full, plain):  # the same windows, cut: x, y (and any other tensor) alike
+        assert cut.keys() == whole.keys()
+        n = cut["x"].size(1)
+        assert all(torch.equal(cut[name], whole[name][:, :n]) for name in cut)
+    resumed = warmup_fit(tmp_path, make(tmp_path, corpus, tokenizer_file, **warm), "resumed",
+                         ckpt_path=str(tmp_path / "ckpt" / "step=3.ckpt"))
+    assert [step for step, _ in resumed] == list(range(3, 9))
+    assert all(torch.equal(a[name], b[name]) for (_, a), (_, b) in zip(resumed, full[3:]) for name in a)
+    with pytest.raises(ValueError, match="seq_len_start=40"):
+        make(tmp_path, corpus, tokenizer_file, seq_len=32, seq_len_warmup=4, seq_len_start=40)
+    with pytest.raises(ValueError, match="seq_len_warmup=-1"):
+        make(tmp_path, corpus, tokenizer_file, seq_len_warmup=-1)
+
+
 # ------------------------------------------------------------------------------------------ splits in stages
 
 def test_missing_and_empty_splits(tmp_path, corpus, tokenizer_file):

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xlabml.datasets import (SequenceDataset, TokenDataset, load_locations, load_source, load_splits,
-                             resolve_step, text_lengths)
+                             resolve_step, text_lengths, warmup_length)
 
 SOS, EOS, PAD = 1, 2, 3
 
@@ -390,3 +390,19 @@ def test_sample_documents_is_bounded_spread_and_seeded(numbered):
     assert np.array_equal(sample_documents(documents, budget, seed=3), indices)
     assert not np.array_equal(sample_documents(documents, budget, seed=4), indices)
     assert list(sample_documents(documents, sum(sizes), seed=3)) == list(range(200))  # all fit: all
+
+
+def test_warmup_length_stated_example():
+    lengths = [warmup_length(step, 64, 16, 600) for step in range(700)]
+    assert lengths == [16] * 200 + [32] * 200 + [48] * 200 + [64] * 100
+    assert [warmup_length(s, 64, 16, 0) for s in (0, 5)] == [64, 64]  # no warmup
+    assert warmup_length(0, 64, 64, 100) == 64  # start at full length: nothing to grow
+
+
+@given(seq_len=st.integers(1, 300), start=st.integers(1, 300), steps=st.integers(1, 500))
+def test_warmup_length_grows_in_stages_to_seq_len(seq_len, start, steps):
+    start = min(start, seq_len)
+    lengths = [warmup_length(step, seq_len, start, steps) for step in range(steps + 3)]
+    assert lengths[0] == start and lengths[steps:] == [seq_len] * 3
+    assert all(a <= b for a, b in zip(lengths, lengths[1:]))  # never shrinks
+    assert all(n == seq_len or (n % start == 0 and start <= n < seq_len) for n in lengths)  # stages of start

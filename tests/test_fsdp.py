@@ -16,6 +16,7 @@ import math
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -76,9 +77,16 @@ class Recorder(XLabModel):
         self.record['norm_after'].append(grad_norm(self))
 
 
-def make_model():
+def muon():
+    from xlabml.optim import MuonAdamW
+    # float32 Newton-Schulz: the sharded and the one-process runs then agree to float rounding (bf16 would round
+    # their tiny gradient differences apart)
+    return partial(MuonAdamW, lr=0.02, adam_lr=1e-3, ns_dtype='float32')
+
+
+def make_model(optimizer=None):
     torch.manual_seed(0)
-    return Recorder(**CONFIG)
+    return Recorder(**CONFIG, **({'optimizer': optimizer} if optimizer else {}))
 
 
 def trainer_kwargs(tmp):
@@ -124,7 +132,8 @@ def worker(out_dir):
                                state_dict_type=settings['state_dict_type'],
                                auto_wrap_policy=classes(settings['auto_wrap_policy']),
                                activation_checkpointing_policy=classes(settings['activation_checkpointing_policy']))
-    model = make_model()
+    with_muon = os.environ.get('XLAB_TEST_OPTIMIZER') == 'muon'
+    model = make_model(muon() if with_muon else None)
     trainer = L.Trainer(devices=2, strategy=strategy, precision='32-true', use_distributed_sampler=False,
                         **trainer_kwargs(out))
     # rank r takes rows r, r + 2, ...: together the ranks' batches are the one-process batches (Lightning's own
@@ -141,6 +150,12 @@ def worker(out_dir):
     model.eval()
     with torch.no_grad():
         logits = trainer.model(x)  # the FSDP root's forward: every rank takes part
+    if with_muon:  # the optimizer is what differs: its losses and logits are what to compare
+        (out / f'rank{rank}.json').write_text(json.dumps({'record': model.record, 'muon_shards': len(
+            trainer.optimizers[0]._shards)}))
+        if rank == 0:
+            torch.save(logits, out / 'logits.pt')
+        return
     trainer.save_checkpoint(out / 'fsdp.ckpt')  # state_dict_type full: one consolidated file, from rank 0
 
     # positions under FSDP bf16 mixed precision with buffers cast to bf16 (Lightning's bf16-mixed default)
@@ -176,16 +191,20 @@ def worker(out_dir):
 
 # ------------------------------------------------------------------------------------------------- the test
 
-@pytest.fixture(scope='module')
-def fsdp_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp('fsdp')
+def run_ranks(out, **env_vars):
     env = {k: v for k, v in os.environ.items() if not k.startswith(('LOCAL_RANK', 'NODE_RANK', 'WORLD_SIZE'))}
     env['PYTHONPATH'] = os.pathsep.join([str(ROOT), env.get('PYTHONPATH', '')])
+    env.update(env_vars)
     result = subprocess.run([sys.executable, __file__, 'worker', str(out)], cwd=out, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((out / f'rank{r}.json').read_text()) for r in range(2)]
-    return out, ranks
+    return [json.loads((out / f'rank{r}.json').read_text()) for r in range(2)]
+
+
+@pytest.fixture(scope='module')
+def fsdp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp('fsdp')
+    return out, run_ranks(out)
 
 
 @pytest.fixture(scope='module')
@@ -258,6 +277,25 @@ def test_fsdp_bf16_positions_stay_fp32(fsdp_run, kind):
         # computed embeddings, angles and biases bit for bit those of the fp32 model
         assert result['same_as_fp32'] is (None if kind == 'learned' else True)
         assert result['logits_rel_err'] < 0.05  # the rest differs by bf16 rounding only
+
+
+@pytest.mark.slow
+def test_fsdp_muon_orthogonalises_whole_matrices_as_one_process(tmp_path):
+    """MuonAdamW under FSDP (each matrix flattened and split over 2 ranks) trains exactly as in one process:
+    the same losses and final logits, which needs each rank to orthogonalise the whole matrix."""
+    out = tmp_path / 'fsdp'
+    out.mkdir()
+    ranks = run_ranks(out, XLAB_TEST_OPTIMIZER='muon')
+    assert ranks[0]['muon_shards'] > 0  # attach_fsdp found the shards' layout
+    torch.set_num_threads(1)
+    model = make_model(muon())
+    L.Trainer(devices=1, **trainer_kwargs(tmp_path / 'single')).fit(model, DataLoader(rows(), batch_size=2 * BATCH))
+    fsdp = [(a + b) / 2 for a, b in zip(ranks[0]['record']['loss'], ranks[1]['record']['loss'])]
+    assert fsdp == pytest.approx(model.record['loss'], rel=1e-5)
+    x = torch.stack([r['x'] for r in rows()[:4]])
+    with torch.no_grad():
+        reference = model.eval()(x)
+    torch.testing.assert_close(torch.load(out / 'logits.pt'), reference, atol=1e-4, rtol=1e-4)
 
 
 if __name__ == '__main__' and sys.argv[1:2] == ['worker']:

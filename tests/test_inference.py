@@ -116,6 +116,13 @@ MODELS = {
     "rope-sliding-window": {"position": "rope", "sliding_window": 5},
     "alibi-sliding-window": {"position": "alibi", "sliding_window": 6, "n_kv_heads": 2},
     "learned-sliding-window": {"position": "learned", "sliding_window": 5},
+    # the training-recipe variants (issue 15): token mixers with their own cache state, projections, a cap
+    "rope-moe": {"position": "rope", "ffn": "moe", "n_experts": 4, "moe_top_k": 2},
+    "rope-sgu": {"position": "rope", "ffn": "sgu"},
+    "rope-sgu-sliding-window": {"position": "rope", "ffn": "sgu", "sliding_window": 5},
+    "learned-head-qk": {"position": "learned", "head_qk": 8},
+    "rope-head-qk-sliding-window": {"position": "rope", "head_qk": 8, "sliding_window": 5},
+    "rope-d-embedding-softcap": {"position": "rope", "d_embedding": 16, "logit_softcap": 4.0},
 }
 
 
@@ -132,7 +139,8 @@ def test_greedy_equals_recompute_reference_past_block_size(variant):
     expected = reference_greedy(model, x, 40, BLOCK, generator=torch.Generator().manual_seed(0))
     got = inference.sample(model, x, 40, BLOCK, generator=torch.Generator().manual_seed(0))
     assert got.tolist() == expected
-    if variant != "rope-sliding-window":  # (its 5-token window hides most of the difference from its tokens)
+    if not variant.startswith("rope-") or "sliding-window" not in variant:  # (a 5-token rotary window hides
+        # most of the difference from its tokens)
         assert reference_greedy(model, x, 40, BLOCK, keep=BLOCK // 2, generator=torch.Generator().manual_seed(0)
                                 ) != expected  # nanoGPT's crop and the old half-window restart sample differently
 
@@ -155,7 +163,8 @@ def cached_logits(model, prompts, continuations, block_size, keep=None, static=F
 
 
 # relative positions and a window whose reach through the layers fits in BLOCK: the cache rolls, exactly
-ROLLS_EXACTLY = {"rope-sliding-window", "alibi-sliding-window"}
+ROLLS_EXACTLY = {"rope-sliding-window", "alibi-sliding-window", "rope-sgu-sliding-window",
+                 "rope-head-qk-sliding-window"}
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
@@ -217,7 +226,7 @@ def test_eos_stops_and_is_not_returned():
     assert inference.greedy_search(model, x, 0, BLOCK).tolist() == []
 
 
-@pytest.mark.parametrize("variant", ["sinusoidal", "rope-gqa", "alibi-mqa"])
+@pytest.mark.parametrize("variant", ["sinusoidal", "rope-gqa", "alibi-mqa", "rope-sgu", "learned-head-qk"])
 @pytest.mark.parametrize("length_penalty", [0.0, 1.0, -0.5])
 def test_beam_search_equals_brute_force(variant, length_penalty):
     model = make_model(n_vocab=6, seed=3, **MODELS[variant])
@@ -240,7 +249,8 @@ def test_beam_search_wide_enough_is_exhaustive():
     assert inference.beam_search(model, x, 16, 3, BLOCK).tolist() == list(best)
 
 
-@pytest.mark.parametrize("variant", ["sinusoidal", "rope-gqa", "rope-sliding-window"])
+@pytest.mark.parametrize("variant", ["sinusoidal", "rope-gqa", "rope-sliding-window", "rope-sgu-sliding-window",
+                                     "rope-head-qk-sliding-window"])
 def test_beam_search_past_block_size_equals_brute_force(variant):
     model = make_model(n_vocab=6, seed=4, **MODELS[variant])
     differs = []
@@ -251,7 +261,7 @@ def test_beam_search_past_block_size_equals_brute_force(variant):
             assert inference.beam_search(model, x, 3, 7, BLOCK, eos_class=eos).tolist() == expected
             differs.append(expected != reference_beam(model, x, 3, 7, eos=eos))
     # without the crop the search goes elsewhere (the windowed model never sees that far back anyway)
-    assert any(differs) == (variant != "rope-sliding-window")
+    assert any(differs) == ("sliding-window" not in variant)
 
 
 def test_beam_search_batched_width_one_and_sliding():

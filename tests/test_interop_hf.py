@@ -339,3 +339,22 @@ def test_custom_model_cache_beams_and_loss(tmp_path, tokenizer):
         loss = hf(input_ids=x, labels=x).loss
         expected = torch.nn.functional.cross_entropy(model(x)[:, :-1].flatten(0, 1), x[:, 1:].flatten())
     assert loss == pytest.approx(float(expected), abs=1e-5)
+
+
+RECIPE_VARIANTS = {  # on the Llama-shaped block: only the variant keeps it from the stock class
+    "moe": (dict(ffn="moe", n_experts=3, moe_top_k=2), "ffn='moe'"),
+    "sgu": (dict(ffn="sgu"), "ffn='sgu'"),
+    "head-qk": (dict(head_qk=8), "head-QK copy scores (head_qk=8)"),
+    "d-embedding": (dict(d_embedding=16), "embedding projections (d_embedding=16)"),
+    "softcap": (dict(logit_softcap=5.0), "logit soft-capping (logit_softcap=5.0)"),
+}
+
+
+@pytest.mark.parametrize("variant", RECIPE_VARIANTS)
+def test_recipe_variants_export_as_the_custom_class_saying_why(tmp_path, tokenizer, variant):
+    arch, why = RECIPE_VARIANTS[variant]
+    base = dict(position="rope", norm="rmsnorm", ffn="swiglu", bias=False, embedding_scale=1.0)
+    model, outdir, cls, reasons = _export(tmp_path, tokenizer, seed=5, **{**base, **arch})
+    assert cls == "XLabForCausalLM"
+    assert why in reasons["LlamaForCausalLM"]
+    _assert_parity(model, _load(outdir, cls), tokenizer, seed=5)

@@ -23,6 +23,19 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
+# the training-recipe variants (issue 15): each on the modern block
+CAPACITY = {
+    'moe': dict(position='rope', norm='rmsnorm', ffn='moe', n_experts=4, moe_top_k=2),
+    'moe-top1-alibi': dict(position='alibi', ffn='moe', n_experts=3, moe_top_k=1),
+    'sgu': dict(position='rope', norm='rmsnorm', ffn='sgu'),
+    'sgu-window-parallel': dict(ffn='sgu', sliding_window=5, parallel_residual=True),
+    'head-qk': dict(position='rope', head_qk=16),
+    'head-qk-window': dict(position='rope', head_qk=8, sliding_window=4),
+    'd-embedding': dict(position='rope', d_embedding=16),
+    'd-embedding-tied': dict(d_embedding=48, tie_embeddings=True),
+    'softcap': dict(position='rope', logit_softcap=3.0),
+    'all': dict(position='rope', ffn='sgu', head_qk=8, d_embedding=16, logit_softcap=10.0),
+}
 VARIANTS = {
     **{f'position={p}': dict(position=p) for p in POSITION_TYPES},
     'rope-partial': dict(position='rope', rope_fraction=0.5, rope_base=500.0),
@@ -35,6 +48,7 @@ VARIANTS = {
     'window-alibi': dict(sliding_window=5, position='alibi'),
     'qk-norm-nobias-tied': dict(qk_norm=True, bias=False, tie_embeddings=True),
     'naive': dict(attention='naive', position='alibi', n_kv_heads=2),
+    **{f'capacity-{name}': kwargs for name, kwargs in CAPACITY.items()},
 }
 
 
@@ -89,6 +103,7 @@ CACHE_VARIANTS = {
     **{f'{p}-window': dict(position=p, sliding_window=3, n_kv_heads=2) for p in POSITION_TYPES[:4]},
     'rope-partial-qknorm': dict(position='rope', rope_fraction=0.25, qk_norm=True),
     'postnorm-parallel-naive': dict(prenorm=False, parallel_residual=True, attention='naive'),
+    **{f'capacity-{name}': kwargs for name, kwargs in CAPACITY.items()},
 }
 
 
@@ -368,3 +383,78 @@ def test_positions_do_not_depend_on_the_module_dtype(position, kind):
     assert logits.dtype == (torch.float32 if kind == 'fsdp-bf16-buffers' else torch.bfloat16)
     assert torch.isfinite(logits).all()
     assert ((logits.float() - full).norm() / full.norm()).item() < 0.02  # bf16 rounding, nothing more
+
+
+# ------------------------------------------------------------------------------- training-recipe variants
+
+def test_moe_routes_each_token_to_exactly_top_k_experts_and_its_aux_loss_is_the_switch_formula():
+    from xlabml.layers import MoE
+    torch.manual_seed(0)
+    moe = MoE(16, 32, n_experts=5, moe_top_k=2).train()
+    x = torch.randn(3, 7, 16)
+    seen = {e: [] for e in range(5)}  # expert -> the token rows it was given
+    hooks = [expert.register_forward_hook(lambda m, inp, out, e=e: seen[e].append(inp[0]))
+             for e, expert in enumerate(moe.experts)]
+    out = moe(x)
+    for hook in hooks:
+        hook.remove()
+    flat = x.reshape(-1, 16)
+    probs = torch.softmax(moe.router(flat), dim=-1)  # n e
+    top, chosen = probs.topk(2, dim=-1)
+    routed = torch.zeros(21, 5, dtype=torch.long)  # token x expert: times the token reached the expert
+    for e, inputs in seen.items():
+        for row in torch.cat(inputs) if inputs else []:
+            routed[(flat == row).all(dim=1).nonzero().item(), e] += 1
+    assert routed.sum(dim=1).tolist() == [2] * 21  # exactly top-k experts per token, each once
+    assert routed.max() == 1
+    assert torch.equal(routed.bool(), torch.zeros(21, 5, dtype=torch.bool).scatter_(1, chosen, True))  # the top-k
+    # the output: the chosen experts' outputs weighted by their renormalised router probabilities
+    weights = top / top.sum(dim=-1, keepdim=True)
+    expected = torch.stack([sum(weights[i, j] * moe.experts[chosen[i, j]](flat[i:i + 1])[0] for j in range(2))
+                            for i in range(21)])
+    torch.testing.assert_close(out.reshape(-1, 16), expected, rtol=1e-5, atol=1e-6)
+    # Switch's load-balancing loss: n_experts * sum_e (share of the n * k assignments to e) * (mean prob of e)
+    share = routed.sum(dim=0).float() / (21 * 2)
+    torch.testing.assert_close(moe.load, share)
+    torch.testing.assert_close(moe.aux_loss, 5 * (share * probs.mean(dim=0)).sum())
+    assert moe.aux_loss.requires_grad  # it trains the router
+    moe.eval()
+    moe(x)
+    assert moe.aux_loss is None  # only in training
+    with pytest.raises(ValueError, match='moe_top_k must be an int in 1..n_experts=4'):
+        MoE(16, 32, n_experts=4, moe_top_k=5)
+    with pytest.raises(ValueError, match='n_experts must be an int >= 2'):
+        MoE(16, 32, n_experts=1)
+
+
+def test_moe_balanced_router_gives_aux_loss_one():
+    from xlabml.layers import MoE
+    moe = MoE(8, 16, n_experts=4, moe_top_k=1).train()
+    torch.nn.init.zeros_(moe.router.weight)  # uniform probabilities: P_e = 1/4
+    moe(torch.randn(2, 6, 8))
+    # ties go to expert 0 (every f_e share sums to 1), so the loss is n * sum f_e / n = 1 at any routing
+    assert moe.aux_loss.item() == pytest.approx(1.0)
+
+
+def test_d_embedding_head_qk_and_softcap_shapes_and_values():
+    model = make(d_embedding=16, tie_embeddings=True)
+    assert model.embedding.weight.shape == (V, 16) and model.head.weight is model.embedding.weight
+    assert model.embedding_in.weight.shape == (32, 16) and model.embedding_out.weight.shape == (16, 32)
+    assert make(d_embedding=32).embedding_in is None  # d_model itself: no projections
+    capped, plain = make(logit_softcap=2.0), make()
+    x = tokens(2, 12)
+    torch.testing.assert_close(capped(x), 2.0 * torch.tanh(plain(x) / 2.0))  # same weights (same seed)
+    # head-QK adds the copy scores of the visible context's tokens to the head's logits
+    model = make(head_qk=8)
+    base = make()
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith('head_qk')})
+    x = tokens(1, 6)
+    h = model(x, return_hidden=True)  # b t c, after the final norm
+    q, k = model.head_qk.q(h), model.head_qk.k(h)
+    scores = (q @ k.transpose(1, 2) / 8).tril()  # causal: s <= t
+    copy = torch.zeros(1, 6, V).scatter_add_(2, x[:, None, :].expand(1, 6, 6), scores)
+    torch.testing.assert_close(model(x), base(x) + copy, rtol=1e-5, atol=1e-5)
+    for kwargs, match in ((dict(head_qk=0), 'head_qk'), (dict(d_embedding=0), 'd_embedding'),
+                          (dict(logit_softcap=-1.0), 'logit_softcap')):
+        with pytest.raises(ValueError, match=match):
+            make(**kwargs)

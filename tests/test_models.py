@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from xlabml.losses import linear_cross_entropy
+from xlabml.losses import cross_entropy, linear_cross_entropy, softcap_logits
 from xlabml.models import XLabModel, default_optimizer
 from xlabml.roles import parameter_roles, unwrapped_name
-from xlabml.schedules import WarmupCosine
+from xlabml.schedules import WSD, WarmupCosine
 
 PAD = 3
 TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
@@ -130,6 +130,36 @@ def test_warmup_cosine_shape():
     assert lrs[14:] == pytest.approx([0.1] * 6)  # floor
     with pytest.raises(ValueError, match='total_steps'):
         WarmupCosine(optimizer, warmup_steps=10, total_steps=5)
+
+
+def rates(schedule_cls, steps, **kwargs):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    schedule = schedule_cls(optimizer, **kwargs)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]['lr'])
+        optimizer.step()
+        schedule.step()
+    return lrs
+
+
+@pytest.mark.parametrize('decay, half', [('linear', 0.5), ('cosine', 0.5), ('1-sqrt', 1 - 0.5 ** 0.5)])
+def test_wsd_values_at_its_breakpoints(decay, half):
+    # 4 warmup steps, total 24, decay over the last 25% = 6 steps (18..24), floor 0.1 of the peak 2.0
+    lrs = rates(WSD, 30, warmup_steps=4, total_steps=24, decay_fraction=0.25, decay=decay, min_lr_ratio=0.1)
+    assert lrs[:4] == pytest.approx([0.5, 1.0, 1.5, 2.0])  # linear warmup: (step + 1) / warmup
+    assert lrs[4:19] == pytest.approx([2.0] * 15)  # stable to the first decay step, which is still the peak
+    assert lrs[21] == pytest.approx(2.0 * (0.1 + 0.9 * half))  # half way through the decay
+    assert all(a > b for a, b in zip(lrs[18:24], lrs[19:25]))  # strictly decreasing
+    assert lrs[24:] == pytest.approx([0.2] * 6)  # the floor from total_steps on
+    lrs = rates(WSD, 10, warmup_steps=6, total_steps=8, decay_fraction=0.5)  # decay never starts before warmup ends
+    assert lrs[:7] == pytest.approx([2 / 6, 4 / 6, 1.0, 4 / 3, 5 / 3, 2.0, 2.0])
+    assert lrs[7:] == pytest.approx([1.0, 0.0, 0.0])
+    assert rates(WSD, 5, warmup_steps=2, total_steps=None)[1:] == pytest.approx([2.0] * 4)  # until filled in
+    for kwargs, match in ((dict(decay='step'), "decay='step'"), (dict(decay_fraction=0.0), 'decay_fraction'),
+                          (dict(min_lr_ratio=1.5), 'min_lr_ratio'), (dict(total_steps=2), 'total_steps')):
+        with pytest.raises(ValueError, match=match):
+            WSD(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), **dict(warmup_steps=2) | kwargs)
 
 
 def test_schedule_steps_per_batch_and_total_from_trainer(tmp_path):
@@ -307,6 +337,61 @@ def test_linear_cross_entropy_equals_the_plain_loss(rows, chunk, vocab, with_bia
     for ours, theirs in zip(grads, ref_grads):
         assert ours.dtype == theirs.dtype
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)  # both round the logits to float32
+
+
+@settings(max_examples=10, deadline=None)
+@given(rows=st.integers(1, 50), chunk=st.integers(1, 60), vocab=st.integers(2, 30), z_loss=st.sampled_from([0.0, 1e-2]),
+       cap=st.sampled_from([None, 2.0, 30.0]), seed=st.integers(0, 2 ** 16))
+def test_z_loss_and_softcap_equal_their_formulas_in_both_paths(rows, chunk, vocab, z_loss, cap, seed):
+    """The chunked and plain objectives equal ``CE(cap tanh(l / cap)) + z_loss * sum logsumexp^2`` written out
+    with autograd, values and gradients; the stats are its parts."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = (2 * torch.randn(vocab, 8, generator=g, dtype=torch.float64)).requires_grad_()
+    bias = torch.randn(vocab, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, vocab, (rows,), generator=g)
+    targets[torch.rand(rows, generator=g) < 0.2] = -100
+    valid = targets != -100
+    raw = F.linear(hidden, weight, bias)
+    logits = raw if cap is None else cap * torch.tanh(raw / cap)
+    lse = torch.logsumexp(logits, -1)
+    nll = F.cross_entropy(logits, targets, reduction='sum')
+    reference = nll + z_loss * (lse.square() * valid).sum()
+    chunked, n, _, stats = linear_cross_entropy(hidden, weight, bias, targets, chunk_size=chunk, z_loss=z_loss,
+                                                softcap=cap, return_stats=True)
+    plain, plain_stats = cross_entropy(softcap_logits(raw, cap), targets, z_loss=z_loss)
+    assert n == valid.sum()
+    for ours, parts in ((chunked, stats), (plain, plain_stats)):
+        torch.testing.assert_close(ours.double(), reference, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(parts['nll'].double(), nll.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(parts['lse_sq'].double(), (lse.square() * valid).sum().detach(), rtol=1e-5,
+                                   atol=1e-5)
+        torch.testing.assert_close(parts['logit_absmax'].double(), logits.detach().abs().max(), rtol=1e-5, atol=1e-6)
+        if cap is not None:
+            assert parts['logit_absmax'] <= cap
+    inputs = (hidden, weight, bias)
+    expected = torch.autograd.grad(reference, inputs, retain_graph=True)
+    for grads in (torch.autograd.grad(chunked, inputs), torch.autograd.grad(plain, inputs)):
+        for ours, theirs in zip(grads, expected):
+            torch.testing.assert_close(ours.double(), theirs, rtol=1e-4, atol=1e-5)  # float32 logits
+
+
+def test_training_objective_adds_the_z_loss_and_logs_the_cross_entropy():
+    model = tiny(z_loss=1e-3, logit_softcap=5.0, loss_chunk_size=None).train()
+    x = torch.randint(4, 128, (2, 17), generator=torch.Generator().manual_seed(0))
+    batch = {'x': x[:, :-1], 'y': x[:, 1:]}
+    objective, n, _ = model.batch_loss(batch)
+    parts = model.loss_parts
+    assert objective.item() == pytest.approx((parts['ce'] + 1e-3 * parts['zloss']).item(), rel=1e-6)
+    assert parts['zloss'] > 0 and parts['logit_absmax'] < 5.0
+    chunked = tiny(z_loss=1e-3, logit_softcap=5.0, loss_chunk_size=7).train()
+    assert chunked.batch_loss(batch)[0].item() == pytest.approx(objective.item(), rel=1e-5)
+    model.eval()
+    assert model.batch_loss(batch)[0].item() == pytest.approx(parts['ce'].item(), rel=1e-5)  # eval: CE alone
+    with pytest.raises(ValueError, match='z_loss must be a number >= 0'):
+        tiny(z_loss=-1.0)
+    with pytest.raises(ValueError, match='logit_softcap'):
+        tiny(logit_softcap=0)
 
 
 def test_linear_cross_entropy_under_autocast_is_as_close_as_the_plain_loss():

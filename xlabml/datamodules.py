@@ -22,7 +22,7 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from xlabml.atomic import atomic_path, write_atomic
 from xlabml.checkpoints import check_tokenizer
-from xlabml.datasets import SequenceDataset, TokenDataset, resolve_step
+from xlabml.datasets import SequenceDataset, TokenDataset, resolve_step, warmup_length
 from xlabml.sources import (DEFAULT_SPLITS, SPLIT_NAMES, format_split_report, load_splits, sample_documents,
                             text_lengths)
 from xlabml.streaming import StreamLoader, StreamWindows, TextStream, sample_stream
@@ -98,6 +98,12 @@ class XLabDataModule(L.LightningDataModule):
         tokenizer_sample_bytes: the most text the tokenizer is trained on: a seeded random subset of the train
             split's documents (for a stream, a sample of its first ``4 *`` that many bytes, read from up to 64
             shards). Default 1 GB.
+        seq_len_warmup: sequence-length warmup: for this many optimizer steps, training batches are cut to the
+            first ``warmup_length(step, seq_len, seq_len_start, seq_len_warmup)`` tokens of their windows (short
+            windows first, in stages of ``seq_len_start`` tokens, then ``seq_len``); the windows and their order are
+            the usual ones, so a resumed run (which restores the step and the sampler) cuts exactly the same
+            batches. Cheaper early steps: a step of length L costs about L / seq_len of a full one. 0: off.
+        seq_len_start: the first (and the stage) length of the warmup; default ``seq_len // 4``.
     """
 
     def __init__(
@@ -122,6 +128,8 @@ class XLabDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         shuffle_buffer: int = 8192,
         tokenizer_sample_bytes: int = 1_000_000_000,
+        seq_len_warmup: int = 0,
+        seq_len_start: int | None = None,
     ):
         super().__init__()
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
@@ -133,6 +141,11 @@ class XLabDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size={batch_size!r}: expected an int >= 1")
         if not isinstance(num_proc, int) or num_proc < 1:
             raise ValueError(f"num_proc={num_proc!r}: expected an int >= 1")
+        if isinstance(seq_len_warmup, bool) or not isinstance(seq_len_warmup, int) or seq_len_warmup < 0:
+            raise ValueError(f"seq_len_warmup={seq_len_warmup!r}: expected an int >= 0 (optimizer steps)")
+        if seq_len_start is not None and (isinstance(seq_len_start, bool) or not isinstance(seq_len_start, int)
+                                          or not 1 <= seq_len_start <= seq_len):
+            raise ValueError(f"seq_len_start={seq_len_start!r}: expected None or an int in 1..seq_len={seq_len}")
         if isinstance(shuffle_buffer, bool) or not isinstance(shuffle_buffer, int) or shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer={shuffle_buffer!r}: expected an int >= 0 (windows per shuffled block)")
         if (isinstance(tokenizer_sample_bytes, bool) or not isinstance(tokenizer_sample_bytes, int)
@@ -383,6 +396,23 @@ class XLabDataModule(L.LightningDataModule):
 
     def val_dataloader(self):
         return self._eval_loader("val")
+
+    def train_length(self, step: int) -> int:
+        """Tokens per training window at optimizer step ``step`` (``seq_len`` without a warmup)."""
+        seq_len = self.hparams.seq_len
+        start = self.hparams.seq_len_start or max(1, seq_len // 4)
+        return warmup_length(step, seq_len, start, self.hparams.seq_len_warmup)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Lightning calls this on every batch before moving it to the device: during a sequence-length warmup,
+        a training batch is cut to ``train_length(trainer.global_step)`` tokens (every tensor of it)."""
+        trainer = self.trainer
+        if not self.hparams.seq_len_warmup or trainer is None or not trainer.training:
+            return batch
+        length = self.train_length(trainer.global_step)
+        if length >= batch["x"].size(1):
+            return batch
+        return {name: value[:, :length] for name, value in batch.items()}
 
     def test_dataloader(self):
         return self._eval_loader("test")

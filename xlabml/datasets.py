@@ -260,6 +260,17 @@ def resolve_step(step_size: float | int, seq_len: int) -> int:
     return step_size
 
 
+def warmup_length(step: int, seq_len: int, start: int, steps: int) -> int:
+    """Window length at optimizer step ``step`` (0-based) of a sequence-length warmup: ``start`` tokens at step 0,
+    growing linearly towards ``seq_len`` over ``steps`` steps in stages of ``start`` tokens
+    (``start * floor((start + (seq_len - start) * step / steps) / start)``), and ``seq_len`` from step ``steps``
+    on. E.g. ``seq_len=64, start=16, steps=600``: 16 for steps 0-199, 32 for 200-399, 48 for 400-599, then 64."""
+    if step >= steps or start >= seq_len:
+        return seq_len
+    grown = start + (seq_len - start) * step / steps
+    return min(seq_len, max(start, start * int(grown // start)))
+
+
 def _num_windows(num_targets: np.ndarray, seq_len: int, step: int) -> np.ndarray:
     """Windows needed so that every one of `num_targets` targets is covered: 1 + ceil((n - seq_len) / step)."""
     return 1 + np.maximum(0, -(-(num_targets - seq_len) // step))

@@ -26,6 +26,7 @@ from xlabml.attention import (  # noqa: F401  (re-exported: every model part in 
     ATTENTIONS, Attention, AttentionContext, FlashKernel, KVCache, LayerKVCache, NaiveKernel, SDPAKernel,
     apply_rotary,
 )
+from xlabml.losses import softcap_logits
 
 
 def pick(registry: dict, kind: str, name: str):
@@ -225,7 +226,144 @@ class SwiGLU(nn.Module):
         return self.proj(self.dropout(F.silu(gate) * up))  # b t c
 
 
-FEED_FORWARDS = {'gelu': GELUMLP, 'relu': ReLUMLP, 'swiglu': SwiGLU}
+class MoE(nn.Module):
+    """Mixture of experts (Shazeer et al. 2017; Switch; Mixtral's top-2 routing): a linear router scores
+    ``n_experts`` SwiGLU experts for each token, the token goes to its ``top_k`` best, and their outputs are summed
+    with the router's softmax probabilities of those experts, renormalised to sum to 1. Each expert's hidden size
+    is that of a dense SwiGLU of ``d_ff / top_k``, so a token costs about what the dense feed-forward costs while
+    the layer holds ``n_experts / top_k`` times its parameters.
+
+    Every token is routed (no capacity limit, no dropped tokens), so a token's output depends on that token alone:
+    cached generation routes exactly as training did. After each forward, ``load`` holds each expert's share of
+    the ``n * top_k`` assignments (e) and, in training, ``aux_loss`` the load-balancing loss (Switch, Fedus et
+    al.): ``n_experts * sum_e f_e * P_e``, with ``f_e`` that share and ``P_e`` the mean router probability of
+    expert e over the tokens; it is 1 at perfect balance and ``XLabModule`` adds ``moe_aux_loss`` times its mean
+    over the layers to the objective.
+
+    Scaling: the experts run one after another on the tokens routed to each (a sort, one host read of the
+    counts, then one call per expert), which is what a CPU wants; the work is ``top_k`` dense feed-forwards.
+    On GPUs at scale, a grouped GEMM over all experts at once (MegaBlocks) and experts sharded across devices
+    (expert parallelism, an all-to-all per layer) replace the loop; every device here holds every expert.
+    """
+    options = ('n_experts', 'moe_top_k')
+
+    def __init__(self, d_model, d_ff, *, dropout=0.0, bias=True, n_experts=8, moe_top_k=2):
+        super().__init__()
+        if not isinstance(n_experts, int) or n_experts < 2:
+            raise ValueError(f"n_experts must be an int >= 2 for ffn='moe', got {n_experts!r}")
+        if not isinstance(moe_top_k, int) or not 1 <= moe_top_k <= n_experts:
+            raise ValueError(f"moe_top_k must be an int in 1..n_experts={n_experts}, got {moe_top_k!r}")
+        self.n_experts, self.top_k = n_experts, moe_top_k
+        self.router = nn.Linear(d_model, n_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(d_model, max(1, d_ff // moe_top_k), dropout=dropout, bias=bias)
+                                     for _ in range(n_experts))
+        self.aux_loss, self.load = None, None
+
+    def output_projections(self):
+        return [expert.proj for expert in self.experts]
+
+    def route(self, x):  # n c -> (probabilities n e float32, weights n k, chosen experts n k)
+        probs = self.router(x).float().softmax(dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        return probs, weights / weights.sum(dim=-1, keepdim=True), chosen
+
+    def forward(self, x):  # b t c
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # n c
+        probs, weights, chosen = self.route(x)
+        flat = chosen.flatten()  # n*k assignments, token-major
+        order = flat.argsort(stable=True)  # grouped by expert
+        counts = torch.bincount(flat, minlength=self.n_experts)  # e
+        rows = order // self.top_k  # the token of each assignment
+        outputs = [expert(part) for expert, part in zip(self.experts, x[rows].split(counts.tolist())) if len(part)]
+        y = torch.cat(outputs) * weights.flatten()[order, None].to(x.dtype)  # n*k c
+        out = torch.zeros_like(x).index_add_(0, rows, y)
+        self.load = (counts.float() / flat.numel()).detach()  # e
+        self.aux_loss = self.n_experts * (self.load * probs.mean(dim=0)).sum() if self.training else None
+        return out.view(shape)  # b t c
+
+
+def visibility(ctx: AttentionContext, device) -> torch.Tensor | None:
+    """The attention rule of ``ctx`` as a boolean ``b|1 t s`` tensor (True: query slot t may see key slot s), or
+    None when every key is visible; for layers other than attention that mix tokens (head-QK, SGU)."""
+    mask, causal = ctx.mask(torch.float32)
+    if causal:
+        t = len(ctx.q_slots)
+        return torch.ones(t, t, dtype=torch.bool, device=device).tril()[None]
+    if mask is None:
+        return None
+    return mask[:, 0] if mask.dtype == torch.bool else torch.isfinite(mask[:, 0])  # ALiBi: -inf where hidden
+
+
+def key_slots(ctx: AttentionContext, device) -> torch.Tensor:
+    """The absolute slot of each key (s,) that ``ctx``'s layers read (cache indices with a cache)."""
+    if ctx.k_slots is not None:
+        return ctx.k_slots
+    return torch.arange(ctx.lo, ctx.hi, device=device)
+
+
+class SlotCache(nn.Module):
+    """Per-slot state of a token-mixing layer other than attention (b s ...), written at cache slots like a
+    ``LayerKVCache``; ``DecoderCache`` resets and reorders it with the KV cache."""
+
+    def __init__(self, batch_size, max_len, **shapes):  # name -> (trailing shape, dtype, device)
+        super().__init__()
+        for name, (shape, dtype, device) in shapes.items():
+            self.register_buffer(name, torch.zeros(batch_size, max_len, *shape, dtype=dtype, device=device),
+                                 persistent=False)
+        self.names = tuple(shapes)
+
+    def update(self, slots, lo, hi, **values):  # each b t ... -> b s ... (slots lo..hi-1, views)
+        out = []
+        for name in self.names:
+            buffer = getattr(self, name)
+            buffer.index_copy_(1, slots, values[name].to(buffer.dtype))
+            out.append(buffer[:, lo:hi])
+        return out
+
+
+class SGU(nn.Module):
+    """gMLP's channel-split spatial gating unit (Liu et al. 2021) as a feed-forward: ``u, v = split(gelu(x W))``,
+    ``v = norm(v)``, then ``u * (sum_s m(t, s) v_s + b)`` -> (dropout) -> linear, where token t mixes the values of
+    the keys it may see (the attention rule: causal, same document, window) with one learned weight per distance,
+    ``m(t, s) = w[t - s]`` for ``t - s < max_len`` (gMLP learns one weight per position pair; shift-invariant
+    weights let a packed document and a rolling cache see the same mixing). ``w`` starts at 0 and ``b`` at 1, so
+    the unit starts as a plain gated feed-forward, as in the paper. Hidden size: 2/3 of ``d_ff`` per half, as
+    SwiGLU, which keeps the parameters of the GELU feed-forward. Cached generation keeps each slot's ``v``.
+    """
+    options = ('max_len', 'norm')
+    uses_context = True
+
+    def __init__(self, d_model, d_ff, *, dropout=0.0, bias=True, max_len=512, norm=None):
+        super().__init__()
+        self.hidden = swiglu_hidden(d_ff)
+        self.fc = nn.Linear(d_model, 2 * self.hidden, bias=bias)
+        self.norm = (norm or LayerNorm)(self.hidden, bias=bias)
+        self.spatial = nn.Parameter(torch.zeros(max_len))  # weight per distance 0..max_len-1
+        self.gate_bias = nn.Parameter(torch.ones(self.hidden))
+        self.dropout = _dropout(dropout, True)
+        self.proj = nn.Linear(self.hidden, d_model, bias=bias)
+
+    def init_state(self, batch_size, max_len, device, dtype):
+        return SlotCache(batch_size, max_len, v=((self.hidden,), dtype, device))
+
+    def forward(self, x, ctx, state=None):  # b t c
+        u, v = F.gelu(self.fc(x)).chunk(2, dim=-1)  # b t f, b t f
+        v = self.norm(v)
+        if state is not None:
+            (v,) = state.update(ctx.input_pos, ctx.lo, ctx.hi, v=v)  # b s f
+        distance = ctx.q_slots[:, None] - key_slots(ctx, x.device)[None, :]  # t s
+        mix = self.spatial[distance.clamp(0, len(self.spatial) - 1)]  # t s
+        visible = distance < len(self.spatial)
+        rule = visibility(ctx, x.device)
+        if rule is not None:
+            visible = visible & rule  # b|1 t s
+        mix = mix.masked_fill(~visible, 0.0).to(v.dtype)  # b|1 t s
+        gate = mix @ v + self.gate_bias.to(v.dtype)  # b t f
+        return self.proj(self.dropout(u * gate))  # b t c
+
+
+FEED_FORWARDS = {'gelu': GELUMLP, 'relu': ReLUMLP, 'swiglu': SwiGLU, 'moe': MoE, 'sgu': SGU}
 
 
 # -------------------------------------------------------------------------------------------------- block
@@ -243,7 +381,14 @@ class Block(nn.Module):
 
     def forward(self, x, ctx, kv_cache=None):  # b t c -> b t c
         x = x + self.dropout(self.attn(self.norm1(x), ctx, kv_cache))
-        return x + self.dropout(self.ffn(self.norm2(x)))
+        return x + self.dropout(self.feed_forward(self.norm2(x), ctx, kv_cache))
+
+    def feed_forward(self, x, ctx, kv_cache=None):
+        """``ffn(x)``; a feed-forward that mixes tokens (``uses_context``, e.g. SGU) also gets the attention
+        context and its own state in the layer's cache."""
+        if getattr(self.ffn, 'uses_context', False):
+            return self.ffn(x, ctx, getattr(kv_cache, 'ffn_state', None))
+        return self.ffn(x)
 
 
 class PostNormBlock(Block):
@@ -251,7 +396,7 @@ class PostNormBlock(Block):
 
     def forward(self, x, ctx, kv_cache=None):
         x = self.norm1(x + self.dropout(self.attn(x, ctx, kv_cache)))
-        return self.norm2(x + self.dropout(self.ffn(x)))
+        return self.norm2(x + self.dropout(self.feed_forward(x, ctx, kv_cache)))
 
 
 class ParallelBlock(Block):
@@ -263,20 +408,92 @@ class ParallelBlock(Block):
 
     def forward(self, x, ctx, kv_cache=None):
         h = self.norm1(x)
-        return x + self.dropout(self.attn(h, ctx, kv_cache)) + self.dropout(self.ffn(h))
+        return x + self.dropout(self.attn(h, ctx, kv_cache)) + self.dropout(self.feed_forward(h, ctx, kv_cache))
 
 
 class PostNormParallelBlock(ParallelBlock):
     """Parallel residual with the norm after the sum: ``norm(x + attn(x) + ffn(x))``."""
 
     def forward(self, x, ctx, kv_cache=None):
-        return self.norm1(x + self.dropout(self.attn(x, ctx, kv_cache)) + self.dropout(self.ffn(x)))
+        return self.norm1(x + self.dropout(self.attn(x, ctx, kv_cache))
+                          + self.dropout(self.feed_forward(x, ctx, kv_cache)))
 
 
 BLOCKS = {  # (prenorm, parallel_residual)
     (True, False): Block, (False, False): PostNormBlock,
     (True, True): ParallelBlock, (False, True): PostNormParallelBlock,
 }
+
+
+# ------------------------------------------------------------------------------------------------- head
+
+class HeadQK(nn.Module):
+    """The head-QK trick (RWKV's "headQK", Transformer-JAX): a single-head bilinear score between the final hidden
+    states adds, to the logit of every token id that occurred in the visible context, the scores of its
+    occurrences: ``logits[t, v] += (1/d) sum_{s visible to t, x_s = v} q_t . k_s`` (s = t included), with q and
+    k linear maps of width ``d``. It lets the model copy a token it has seen at the cost of a t x s product.
+    Cached generation keeps each slot's key and token id."""
+
+    def __init__(self, d_model, n_vocab, size):
+        super().__init__()
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"head_qk must be None or a positive int (the q/k width), got {size!r}")
+        self.n_vocab, self.size = n_vocab, size
+        self.q = nn.Linear(d_model, size, bias=False)
+        self.k = nn.Linear(d_model, size, bias=False)
+
+    def init_state(self, batch_size, max_len, device, dtype):
+        return SlotCache(batch_size, max_len, k=((self.size,), dtype, device), ids=((), torch.long, device))
+
+    def forward(self, queries, keys, ids, ctx, state=None):
+        """Logits to add (b tq v) for the last ``tq`` query rows ``queries`` (b tq c), from ``keys`` (b t c) and the
+        token ids ``ids`` (b t) of this forward's tokens (and, with ``state``, every cached slot)."""
+        q, k = self.q(queries), self.k(keys)  # b tq d, b t d
+        if state is not None:
+            k, ids = state.update(ctx.input_pos, ctx.lo, ctx.hi, k=k, ids=ids)  # b s d, b s
+        scores = (q @ k.transpose(1, 2)).float() / self.size  # b tq s
+        visible = visibility(ctx, q.device)
+        if visible is not None:
+            scores = scores.masked_fill(~visible[:, -q.size(1):], 0.0)
+        b, tq, s = scores.shape
+        out = scores.new_zeros(b, tq, self.n_vocab)
+        return out.scatter_add_(2, ids[:, None, :].expand(b, tq, s), scores)  # b tq v, float32
+
+
+class DecoderCache(KVCache):
+    """A ``KVCache`` that also holds the per-slot state of the decoder's other token-mixing layers (``SlotCache``
+    modules: head-QK keys and ids, SGU values), reset and reordered with the keys and values."""
+
+    def slot_caches(self):
+        return [m for m in self.modules() if isinstance(m, SlotCache)]
+
+    def reset(self):
+        super().reset()
+        for cache in self.slot_caches():
+            for name in cache.names:
+                getattr(cache, name).zero_()
+
+    @torch.no_grad()
+    def reorder(self, index):
+        n, resized = self.filled, len(index) != self.batch_size
+        super().reorder(index)
+        index = torch.as_tensor(index, dtype=torch.long, device=self.doc_ids.device)
+        for cache in self.slot_caches():
+            for name in cache.names:
+                buffer = getattr(cache, name)
+                if resized:
+                    setattr(cache, name, buffer.index_select(0, index))
+                else:
+                    buffer[:, :n] = buffer[:, :n].index_select(0, index)
+
+    @torch.no_grad()
+    def take(self, source, index):
+        super().take(source, index)
+        index = torch.as_tensor(index, dtype=torch.long, device=self.doc_ids.device)
+        n = source.filled
+        for cache, other in zip(self.slot_caches(), source.slot_caches()):
+            for name in cache.names:
+                getattr(cache, name)[:, :n] = getattr(other, name)[:, :n].index_select(0, index)
 
 
 # ------------------------------------------------------------------------------------------------ decoder
@@ -294,6 +511,12 @@ class Decoder(nn.Module):
     Vaswani et al.), which puts them on the scale of the unit-amplitude sinusoidal encoding. With a tied head and
     no added position vectors (RoPE, ALiBi, none), 1.0 trains better: on Tiny Shakespeare the factor cost the
     tied model about 0.1 bit/char (``conf/extra/modern.yaml`` sets 1.0).
+
+    Capacity and stability options (``conf/extra/shakespeare.yaml`` and bench/results/ablation.md say which
+    helped): ``ffn='moe'`` (``MoE``: ``n_experts`` experts, ``moe_top_k`` per token) and ``ffn='sgu'`` (``SGU``);
+    ``d_embedding``: an embedding table and head of that width, with projections in (``embedding_in``) and out
+    (``embedding_out``) of the blocks' ``d_model``; ``head_qk``: the head-QK copy scores of that width
+    (``HeadQK``); ``logit_softcap``: logits soft-capped to (-cap, cap) by ``cap * tanh(logits / cap)``.
     """
 
     def __init__(self, n_vocab: int, max_len: int, d_model: int = 512, n_layers: int = 6, n_heads: int = 8,
@@ -303,7 +526,9 @@ class Decoder(nn.Module):
                  attention: str = 'sdpa', sliding_window: int | None = None, qk_norm: bool = False,
                  dropout_attn: bool = True, dropout_ffn: bool = True, dropout_residual: bool = False,
                  dropout_embedding: bool = False, tie_embeddings: bool = False, parallel_residual: bool = False,
-                 bias: bool = True, activation_checkpointing: bool = False, embedding_scale: float | None = None):
+                 bias: bool = True, activation_checkpointing: bool = False, embedding_scale: float | None = None,
+                 logit_softcap: float | None = None, d_embedding: int | None = None, n_experts: int = 8,
+                 moe_top_k: int = 2, head_qk: int | None = None):
         super().__init__()
         for name, value in (('n_vocab', n_vocab), ('max_len', max_len), ('d_model', d_model),
                             ('n_layers', n_layers), ('n_heads', n_heads), ('d_ff', d_ff)):
@@ -321,12 +546,20 @@ class Decoder(nn.Module):
         if embedding_scale is not None and not (isinstance(embedding_scale, (int, float))
                                                 and math.isfinite(embedding_scale) and embedding_scale > 0):
             raise ValueError(f"embedding_scale must be None (sqrt(d_model)) or a number > 0, got {embedding_scale!r}")
+        if logit_softcap is not None and not (isinstance(logit_softcap, (int, float)) and logit_softcap > 0):
+            raise ValueError(f"logit_softcap must be None or a number > 0, got {logit_softcap!r}")
+        if d_embedding is not None and (not isinstance(d_embedding, int) or d_embedding < 1):
+            raise ValueError(f"d_embedding must be None (d_model) or a positive int, got {d_embedding!r}")
         self.n_vocab, self.max_len, self.d_model, self.n_layers = n_vocab, max_len, d_model, n_layers
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d_model // n_heads
         self.sliding_window = sliding_window
         self.activation_checkpointing = activation_checkpointing
 
-        self.embedding = nn.Embedding(n_vocab, d_model)
+        d_embedding = d_model if d_embedding is None else d_embedding
+        self.embedding = nn.Embedding(n_vocab, d_embedding)
+        # the vocabulary's size in the table and head decoupled from d_model (LSWT): projections in and out
+        self.embedding_in = nn.Linear(d_embedding, d_model, bias=False) if d_embedding != d_model else None
+        self.embedding_out = nn.Linear(d_model, d_embedding, bias=False) if d_embedding != d_model else None
         self.position = pick(POSITIONS, 'position', position)(
             d_model=d_model, max_len=max_len, n_heads=n_heads, head_dim=self.head_dim,
             rope_base=rope_base, rope_fraction=rope_fraction)
@@ -334,17 +567,21 @@ class Decoder(nn.Module):
         self.embedding_dropout = _dropout(dropout, dropout_embedding)
         norm_cls = pick(NORMS, 'norm', norm)
         ffn_cls = pick(FEED_FORWARDS, 'ffn', ffn)
+        ffn_options = dict(n_experts=n_experts, moe_top_k=moe_top_k, max_len=max_len, norm=norm_cls)
+        ffn_options = {name: ffn_options[name] for name in getattr(ffn_cls, 'options', ())}
         kernel = pick(ATTENTIONS, 'attention', attention)
         block_cls = BLOCKS[bool(prenorm), bool(parallel_residual)]
         self.blocks = nn.ModuleList(
             block_cls(
                 Attention(d_model, n_heads, n_kv_heads, kernel=kernel, dropout=dropout * dropout_attn,
                           qk_norm=qk_norm, norm=norm_cls, bias=bias),
-                ffn_cls(d_model, d_ff, dropout=dropout * dropout_ffn, bias=bias),
+                ffn_cls(d_model, d_ff, dropout=dropout * dropout_ffn, bias=bias, **ffn_options),
                 norm_cls, d_model, dropout_residual=dropout * dropout_residual, bias=bias,
             ) for _ in range(n_layers))
         self.norm = norm_cls(d_model, bias=bias) if final_norm else nn.Identity()
-        self.head = nn.Linear(d_model, n_vocab, bias=bias)
+        self.head = nn.Linear(d_embedding, n_vocab, bias=bias)
+        self.head_qk = HeadQK(d_model, n_vocab, head_qk) if head_qk is not None else None
+        self.logit_softcap = None if logit_softcap is None else float(logit_softcap)
         self.embedding_scale = math.sqrt(d_model) if embedding_scale is None else float(embedding_scale)
         self.reset_parameters()
         if tie_embeddings:
@@ -360,7 +597,8 @@ class Decoder(nn.Module):
             if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 module.reset_parameters()
         for block in self.blocks:
-            for proj in (block.attn.proj, block.ffn.proj):
+            outputs = getattr(block.ffn, 'output_projections', lambda: [block.ffn.proj])()  # MoE: every expert's
+            for proj in (block.attn.proj, *outputs):
                 nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.n_layers))
 
     @property
@@ -377,10 +615,17 @@ class Decoder(nn.Module):
         rolls past ``max_len`` when the model's positions are relative."""
         weight = self.head.weight
         window = self.sliding_window
-        return KVCache(self.n_layers, batch_size, self.n_kv_heads, max_len or self.max_len, self.head_dim,
-                       device=device or weight.device, dtype=dtype or weight.dtype, static=static,
-                       rolling=self.relative_positions,
-                       reach=None if window is None else self.n_layers * (window - 1) + 1)
+        mixers = [(layer, block.ffn) for layer, block in enumerate(self.blocks) if hasattr(block.ffn, 'init_state')]
+        cache_cls = DecoderCache if mixers or self.head_qk is not None else KVCache
+        device, dtype, max_len = device or weight.device, dtype or weight.dtype, max_len or self.max_len
+        cache = cache_cls(self.n_layers, batch_size, self.n_kv_heads, max_len, self.head_dim,
+                          device=device, dtype=dtype, static=static, rolling=self.relative_positions,
+                          reach=None if window is None else self.n_layers * (window - 1) + 1)
+        for layer, ffn in mixers:  # read by Block.feed_forward
+            cache.layers[layer].ffn_state = ffn.init_state(batch_size, max_len, device, dtype)
+        if self.head_qk is not None:
+            cache.head_qk = self.head_qk.init_state(batch_size, max_len, device, dtype)
+        return cache
 
     def forward(self, x, positions=None, doc_ids=None, cache: KVCache | None = None, input_pos=None, *,
                 last_only: bool = False, return_hidden: bool = False):
@@ -404,7 +649,9 @@ class Decoder(nn.Module):
             ctx, positions = self._context(x, positions, doc_ids)
         else:
             ctx, positions = self._cached_context(x, positions, doc_ids, cache, input_pos)
-        h = self.embedding(x) * self.embedding_scale  # b t c
+        h = self.embedding(x) * self.embedding_scale  # b t c (b t e with d_embedding)
+        if self.embedding_in is not None:
+            h = self.embedding_in(h)  # b t c
         pos = self.position.embed(positions)  # float32 whatever the model's dtype
         if pos is not None:
             h = h + pos.to(h.dtype)
@@ -419,10 +666,25 @@ class Decoder(nn.Module):
         else:
             for block in self.blocks:
                 h = block(h, ctx)
-        if last_only:
-            h = h[:, -1:]  # b 1 c
-        h = self.norm(h)
-        return h if return_hidden else self.head(h)  # b t c | b t v
+        if self.head_qk is not None:  # its keys need every position's final hidden state
+            keys = self.norm(h)
+            h = keys[:, -1:] if last_only else keys
+        else:
+            if last_only:
+                h = h[:, -1:]  # b 1 c
+            h = self.norm(h)
+        if self.embedding_out is not None:
+            h = self.embedding_out(h)  # b t e
+        if return_hidden:
+            return h  # b t c | b t e
+        logits = self.head(h)  # b t v
+        if self.head_qk is not None:
+            state = getattr(cache, 'head_qk', None) if cache is not None else None
+            copy = self.head_qk(keys[:, -h.size(1):], keys, x, ctx, state)  # b t v, float32
+            logits = (logits.float() + copy).to(logits.dtype)
+        if self.logit_softcap is not None:
+            logits = softcap_logits(logits, self.logit_softcap).to(logits.dtype)
+        return logits
 
     def _context(self, x, positions, doc_ids):
         b, t = x.shape

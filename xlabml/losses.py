@@ -8,6 +8,11 @@ forward pass: softmax minus one-hot), keeping only the gradients of the hidden s
 weight and its bias; backward only scales those (in place: it runs once). Peak memory is two float32 chunks of
 logits and the head's float32 weight gradient, whatever the batch; the work is the same three matrix products as
 the plain loss (forward, and the two of backward), so nothing is recomputed. ``bench/memory.py`` measures both.
+
+Two stabilisers act on the logits in both paths with the same numbers (``softcap_logits``, ``cross_entropy``):
+logit soft-capping (``cap * tanh(logits / cap)``, Gemma 2; part of the model, so inference sees it too) and the
+z-loss (PaLM: ``z_loss * logsumexp(logits)^2`` per counted row, added to the objective only, which keeps the
+log-partition near 0 so bf16 logits stay precise).
 """
 from __future__ import annotations
 
@@ -16,9 +21,38 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def softcap_logits(logits: Tensor, cap: float | None) -> Tensor:
+    """``cap * tanh(logits / cap)`` computed in float32 (returned in float32), or ``logits`` as they are when
+    ``cap`` is None: every logit within (-cap, cap), with slope 1 near 0."""
+    if cap is None:
+        return logits
+    return torch.tanh(logits.float() / cap) * cap  # not in place: tanh's backward reads its output
+
+
+def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, z_loss: float = 0.0
+                  ) -> tuple[Tensor, dict[str, Tensor]]:
+    """The plain path's summed objective: cross-entropy plus ``z_loss`` times the squared log-partition, over
+    the rows whose target is not ``ignore_index``, in float32.
+
+    Args:
+        logits: (..., v), already soft-capped if the model caps them.
+        targets: (...) class ids.
+    Returns:
+        (summed objective, stats): ``stats`` holds detached sums ``nll`` and ``lse_sq`` (of logsumexp^2) over the
+        counted rows and ``logit_absmax`` (the largest |logit| of the batch), as ``linear_cross_entropy`` gives.
+    """
+    logits, targets = logits.flatten(0, -2).float(), targets.flatten()
+    nll = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction='sum')
+    lse = torch.logsumexp(logits, dim=-1)  # n
+    lse_sq = (lse.square() * (targets != ignore_index)).sum()
+    objective = nll + z_loss * lse_sq if z_loss else nll
+    stats = {'nll': nll.detach(), 'lse_sq': lse_sq.detach(), 'logit_absmax': logits.detach().abs().max()}
+    return objective, stats
+
+
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
-                         ignore_index: int = -100, chunk_size: int = 8192, accuracy: bool = True
-                         ) -> tuple[Tensor, Tensor, Tensor | None]:
+                         ignore_index: int = -100, chunk_size: int = 8192, accuracy: bool = True,
+                         z_loss: float = 0.0, softcap: float | None = None, return_stats: bool = False):
     """Summed cross-entropy of ``F.linear(hidden, weight, bias)`` against ``targets``, in chunks of rows.
 
     Equal to ``F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction='sum')`` (and its
@@ -32,9 +66,14 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
         chunk_size: rows per chunk; the memory it takes is about 2 x chunk_size x v x 4 bytes (two float32
             chunks of logits), plus the gradients (the inputs' sizes, the weight's in float32).
         accuracy: also count the rows whose argmax is the target.
+        z_loss: add ``z_loss * logsumexp(logits)^2`` of each counted row to the summed loss (and its gradient).
+        softcap: soft-cap the logits (``softcap_logits``) before the loss, as a capped model's head does.
+        return_stats: also return the stats of ``cross_entropy`` (detached sums ``nll``, ``lse_sq`` and the
+            largest |logit|, ``logit_absmax``).
     Returns:
         (summed loss: float32 scalar, number of counted rows: long scalar, rows predicted right: long scalar or
-        None without ``accuracy``). Gradients reach ``hidden``, ``weight`` and ``bias`` through the summed loss.
+        None without ``accuracy``[, stats]). Gradients reach ``hidden``, ``weight`` and ``bias`` through the
+        summed loss.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -43,19 +82,25 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
-    nll, correct = _LinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, chunk_size, dtype,
-                                             needs_grad, accuracy)
-    return nll, (targets != ignore_index).sum(), correct if accuracy else None
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be None or > 0, got {softcap!r}")
+    loss, correct, nll, lse_sq, absmax = _LinearCrossEntropy.apply(
+        hidden, weight, bias, targets, ignore_index, chunk_size, dtype, needs_grad, accuracy, float(z_loss), softcap)
+    out = loss, (targets != ignore_index).sum(), correct if accuracy else None
+    return (*out, {'nll': nll, 'lse_sq': lse_sq, 'logit_absmax': absmax}) if return_stats else out
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ignore_index, chunk_size, dtype, needs_grad, accuracy):
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, chunk_size, dtype, needs_grad, accuracy, z_loss,
+                softcap):
         n = hidden.size(0)
         with torch.autocast(hidden.device.type, enabled=False):  # casts are explicit: dtype is autocast's
             w = weight.to(dtype)  # v c
             b = bias.to(dtype) if bias is not None else None
             nll = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            lse_sq = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            absmax = torch.zeros((), dtype=torch.float32, device=hidden.device)
             correct = torch.zeros((), dtype=torch.long, device=hidden.device)
             if needs_grad:
                 grad_hidden = torch.empty_like(hidden)  # n c
@@ -66,18 +111,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 h, y = hidden[rows].to(dtype), targets[rows]  # m c, m
                 valid = y != ignore_index  # m
                 logits = F.linear(h, w, b).float()  # m v, rounded to `dtype` first as the plain head's are
+                if softcap is not None:  # softcap_logits, in place
+                    logits = logits.div_(softcap).tanh_().mul_(softcap)
+                absmax = torch.maximum(absmax, logits.abs().max())
                 if accuracy:
                     correct += ((logits.argmax(dim=-1) == y) & valid).sum()
+                lse = torch.logsumexp(logits, dim=-1)  # m
+                lse_sq += (lse.square() * valid).sum()
                 logp = torch.log_softmax(logits, dim=-1)  # m v
-                del logits  # at most two m x v float32 tensors at a time
+                # with a cap, d(capped)/d(raw) = 1 - (capped / cap)^2 takes the logits' place: at most two m x v
+                # float32 tensors at a time
+                slope = logits.div_(softcap).square_().neg_().add_(1.0) if softcap is not None and needs_grad else None
+                del logits
                 y = y.masked_fill(~valid, 0)[:, None]  # m 1, any class for ignored rows: masked below
                 nll -= logp.gather(1, y).squeeze(1).masked_fill(~valid, 0.0).sum()
                 if not needs_grad:
                     continue
-                # d(nll)/d(logits) = softmax - one_hot; ignored rows are zeroed through their (cheaper) m x c
-                # factors rather than in the m x v gradient
-                grad = logp.exp_().scatter_add_(1, y, logp.new_full(y.shape, -1.0))  # m v, float32
+                # d(nll)/d(logits) = softmax - one_hot, plus 2 z_loss lse softmax for the z-loss; ignored rows are
+                # zeroed through their (cheaper) m x c factors rather than in the m x v gradient
+                grad = logp.exp_()  # m v, float32
                 del logp
+                if z_loss:
+                    grad.mul_((1.0 + 2.0 * z_loss * lse)[:, None])
+                grad.scatter_add_(1, y, grad.new_full(y.shape, -1.0))
+                if slope is not None:
+                    grad.mul_(slope)
+                    del slope
                 keep = valid[:, None]  # m 1
                 if grad_bias is not None:
                     grad_bias += (grad.T @ keep.to(grad.dtype)).squeeze(1).to(grad_bias.dtype)  # v
@@ -89,12 +148,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if needs_grad:
             ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
             ctx.dtypes = weight.dtype, bias.dtype if bias is not None else None
-        ctx.mark_non_differentiable(correct)
-        return nll, correct
+        loss = nll + z_loss * lse_sq if z_loss else nll.clone()
+        ctx.mark_non_differentiable(correct, nll, lse_sq, absmax)
+        return loss, correct, nll, lse_sq, absmax
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_nll, grad_correct):
+    def backward(ctx, grad_nll, *_):
         # the gradients were computed for d(loss)/d(nll) = 1: scale them in place (a second copy of the head's
         # weight gradient would cost as much memory as the weight), which allows one backward only
         if ctx.used:
@@ -106,7 +166,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         weight_dtype, bias_dtype = ctx.dtypes
         grads = [grad_hidden.mul_(scale.to(grad_hidden.dtype)), grad_weight.mul_(scale).to(weight_dtype),
                  grad_bias.mul_(scale).to(bias_dtype) if grad_bias is not None else None]
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 _MIXED_ADDMM = [True]  # whether torch.addmm takes out_dtype here (CUDA, recent torch); cleared on first failure

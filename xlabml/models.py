@@ -31,7 +31,7 @@ from lightning.pytorch.utilities import grad_norm
 from .init_from import InitFrom, parse_init_from
 from .layers import Decoder
 from .lora import LoRAConfig, LoRASettings, apply_lora
-from .losses import linear_cross_entropy
+from .losses import cross_entropy, linear_cross_entropy
 from .metrics import target_bytes, token_bytes
 from .roles import parameter_roles, unwrapped_name
 from .schedules import WarmupCosine  # noqa: F401  (re-exported: xlabml.models.WarmupCosine)
@@ -73,13 +73,24 @@ class XLabModule(L.LightningModule):
     the steps since the last log); training metrics are logged every ``log_every_n_steps`` steps (when the
     logger writes) and at the first step. With ``debug``: the 2-norm of every gradient before each
     optimizer step, and a warning on a non-finite training loss.
+
+    Training objective: the cross-entropy (what ``train_loss`` logs), plus ``z_loss`` times the mean squared
+    log-partition of the logits (logged as ``train_zloss``, with the largest |logit| as ``train_logit_absmax``,
+    when ``z_loss`` is set or the model soft-caps its logits), plus ``moe_aux_loss`` times the mean of the
+    auxiliary losses of the model's layers (a layer with an ``aux_loss`` attribute, e.g. the MoE feed-forward's
+    load balancing; logged as ``train_moe_aux`` with ``train_moe_load_max``/``_min``, the most and least loaded
+    expert's share of the routed tokens times the number of experts: 1.0 is perfect balance). Validation and
+    test losses are the cross-entropy alone.
     """
     model: nn.Module
 
     def __init__(self, *, pad_index: int | None, optimizer: OptimizerCallable | None,
                  scheduler: LRSchedulerCallable | None, compile: bool, weight_decay_embeddings: bool,
-                 debug: bool, loss_chunk_size: int | None = None):
+                 debug: bool, loss_chunk_size: int | None = None, z_loss: float = 0.0, moe_aux_loss: float = 0.0):
         super().__init__()
+        for name, value in (('z_loss', z_loss), ('moe_aux_loss', moe_aux_loss)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         if loss_chunk_size is not None and (not isinstance(loss_chunk_size, int) or loss_chunk_size < 1):
             raise ValueError(f"loss_chunk_size must be None (plain loss) or a positive number of rows, "
                              f"got {loss_chunk_size!r}")
@@ -90,6 +101,9 @@ class XLabModule(L.LightningModule):
         self.compile_model = compile
         self.weight_decay_embeddings = weight_decay_embeddings
         self.debug = debug
+        self.z_loss, self.moe_aux_loss = float(z_loss), float(moe_aux_loss)
+        self.loss_parts = {}  # the training objective's parts at the last training step (detached)
+        self._aux_layers = None  # the model's modules with an auxiliary loss, found on first use
         self._throughput = [0, 0.0, 0.0]  # tokens, seconds, start of the current step
         self._totals = {}  # stage -> [summed loss, target count, target bytes] for perplexity and bits per byte
         self._byte_sizes = None  # UTF-8 bytes of each token id (xlabml.metrics.token_bytes), when known
@@ -135,19 +149,61 @@ class XLabModule(L.LightningModule):
         """The head the chunked loss applies, or None for the plain loss (no ``loss_chunk_size``, or a head
         that a transformation replaced by something other than a linear layer)."""
         head = getattr(self.model, 'head', None)
+        if getattr(self.model, 'head_qk', None) is not None:  # logits are more than the head's: the plain loss
+            return None
         return head if self.loss_chunk_size and isinstance(head, nn.Linear) else None
 
     def batch_loss(self, batch, accuracy: bool = True):
         """``loss(logits, batch['y'], accuracy)`` for the batch's logits, computed with the chunked loss when
-        ``loss_chunk_size`` is set (equal up to float rounding, without materialising the logits)."""
+        ``loss_chunk_size`` is set (equal up to float rounding, without materialising the logits).
+
+        In training mode (``self.training``) the first value is the training objective instead (see the class
+        docstring: cross-entropy + z-loss + auxiliary losses), and ``self.loss_parts`` holds its parts."""
         head = self._chunked_head()
+        if not self.training:
+            if head is None:
+                return self.loss(self(batch['x'], **self._model_inputs(batch)), batch['y'], accuracy=accuracy)
+            hidden = self(batch['x'], **self._model_inputs(batch), return_hidden=True)  # b t c
+            nll, n, correct = linear_cross_entropy(hidden, head.weight, head.bias, batch['y'],
+                                                   ignore_index=self._ignore_index(),
+                                                   chunk_size=self.loss_chunk_size, accuracy=accuracy,
+                                                   softcap=getattr(self.model, 'logit_softcap', None))
+            return nll / n.clamp(min=1), n, correct
+        return self._objective(batch, head, accuracy)
+
+    def _objective(self, batch, head, accuracy):
+        """The training objective of ``batch_loss``: (objective, n, correct), parts in ``self.loss_parts``."""
+        ignore = self._ignore_index()
+        y = batch['y']
         if head is None:
-            return self.loss(self(batch['x'], **self._model_inputs(batch)), batch['y'], accuracy=accuracy)
-        hidden = self(batch['x'], **self._model_inputs(batch), return_hidden=True)  # b t c
-        nll, n, correct = linear_cross_entropy(hidden, head.weight, head.bias, batch['y'],
-                                               ignore_index=self._ignore_index(), chunk_size=self.loss_chunk_size,
-                                               accuracy=accuracy)
-        return nll / n.clamp(min=1), n, correct
+            logits = self(batch['x'], **self._model_inputs(batch))
+            summed, stats = cross_entropy(logits, y, ignore_index=ignore, z_loss=self.z_loss)
+            n = (y != ignore).sum()
+            correct = None
+            if accuracy:
+                with torch.no_grad():
+                    correct = ((logits.argmax(dim=-1) == y) & (y != ignore)).sum()
+        else:
+            hidden = self(batch['x'], **self._model_inputs(batch), return_hidden=True)  # b t c
+            summed, n, correct, stats = linear_cross_entropy(
+                hidden, head.weight, head.bias, y, ignore_index=ignore, chunk_size=self.loss_chunk_size,
+                accuracy=accuracy, z_loss=self.z_loss, softcap=getattr(self.model, 'logit_softcap', None),
+                return_stats=True)
+        count = n.clamp(min=1)
+        objective = summed / count
+        parts = {'ce': stats['nll'] / count, 'zloss': stats['lse_sq'] / count, 'logit_absmax': stats['logit_absmax']}
+        aux = [layer.aux_loss for layer in self._aux_loss_layers() if layer.aux_loss is not None]
+        if aux:
+            aux = torch.stack(aux).mean()
+            objective = objective + self.moe_aux_loss * aux
+            parts['moe_aux'] = aux.detach()
+        self.loss_parts = parts
+        return objective, n, correct
+
+    def _aux_loss_layers(self):
+        if self._aux_layers is None:
+            self._aux_layers = [m for m in self.model.modules() if hasattr(m, 'aux_loss')]
+        return self._aux_layers
 
     def _model_inputs(self, batch):
         return dict(positions=batch.get('positions'), doc_ids=batch.get('doc_ids'))
@@ -167,8 +223,11 @@ class XLabModule(L.LightningModule):
             return loss
         n_targets = int(n)
         on_step = stage == 'train'
-        self.log(f'{stage}_loss', loss, batch_size=n_targets, prog_bar=True, on_step=on_step, on_epoch=not on_step,
+        shown = self.loss_parts['ce'] if on_step and self.training else loss  # the cross-entropy alone
+        self.log(f'{stage}_loss', shown, batch_size=n_targets, prog_bar=True, on_step=on_step, on_epoch=not on_step,
                  sync_dist=not on_step)
+        if on_step and self.training:
+            self._log_loss_parts(n_targets)
         self.log(f'{stage}_acc', correct / max(n_targets, 1), batch_size=n_targets, on_step=on_step,
                  on_epoch=not on_step, sync_dist=not on_step)
         if stage != 'train':
@@ -178,6 +237,18 @@ class XLabModule(L.LightningModule):
             if self._byte_sizes is not None:
                 totals[2] += target_bytes(batch['y'], self._byte_sizes, self._ignore_index())
         return loss
+
+    def _log_loss_parts(self, n_targets):
+        parts = self.loss_parts
+        if self.z_loss or getattr(self.model, 'logit_softcap', None) is not None:
+            self.log('train_zloss', parts['zloss'], batch_size=n_targets, on_step=True, on_epoch=False)
+            self.log('train_logit_absmax', parts['logit_absmax'], on_step=True, on_epoch=False)
+        if 'moe_aux' in parts:
+            self.log('train_moe_aux', parts['moe_aux'], on_step=True, on_epoch=False)
+            loads = torch.stack([layer.load for layer in self._aux_loss_layers() if layer.load is not None])
+            scaled = loads * loads.size(-1)  # layers experts: 1.0 = each expert gets its share
+            self.log('train_moe_load_max', scaled.max(), on_step=True, on_epoch=False)
+            self.log('train_moe_load_min', scaled.min(), on_step=True, on_epoch=False)
 
     def training_step(self, batch, batch_idx):
         loss = self._step(batch, 'train')
@@ -267,14 +338,18 @@ class XLabModule(L.LightningModule):
         the same when FSDP has flattened every parameter into a 1-D shard: hidden matrices and an untied head
         decay; biases, norm gains and (unless ``weight_decay_embeddings``) the embedding and learned position
         tables, a head tied to the embedding included, do not; nor does a parameter of a module type XLab does
-        not know (role ``other``). The decay group takes the optimizer's weight_decay, the other 0."""
+        not know (role ``other``). The decay group takes the optimizer's weight_decay, the other 0. Each group
+        also lists the role of each of its parameters (``roles``), which other optimizers ignore."""
         decaying = DECAY_ROLES | (EMBEDDING_ROLES if self.weight_decay_embeddings else frozenset())
         roles = parameter_roles(self.model)
-        decay, no_decay = [], []
+        decay, no_decay = {'params': [], 'roles': []}, {'params': [], 'roles': [], 'weight_decay': 0.0}
         for name, p in self.model.named_parameters():  # a tied weight once
             if p.requires_grad:
-                (decay if roles[unwrapped_name(name)] in decaying else no_decay).append(p)
-        return [{'params': decay}, {'params': no_decay, 'weight_decay': 0.0}]
+                role = roles[unwrapped_name(name)]
+                group = decay if role in decaying else no_decay
+                group['params'].append(p)
+                group['roles'].append(role)  # for optimizers that treat roles apart (xlabml.optim.MuonAdamW)
+        return [decay, no_decay]
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Lightning's clipping, except clipping by norm under FSDP: the norm must be taken over every shard,
@@ -304,6 +379,9 @@ class XLabModule(L.LightningModule):
             optimizer = default_optimizer(self.parameter_groups(), fused=False if self._clips_mixed() else None)
         else:
             optimizer = self.optimizer(self.parameter_groups())
+        root = self._fsdp_root()
+        if root is not None and hasattr(optimizer, 'attach_fsdp'):  # Muon orthogonalises whole matrices
+            optimizer.attach_fsdp(root)
         if self.scheduler is None:
             return optimizer
         scheduler = self.scheduler(optimizer)
@@ -331,6 +409,9 @@ class XLabModel(XLabModule):
             each chunk made at once (``xlabml.losses.linear_cross_entropy``): the batch's logits are never all in
             memory. None: the plain loss over the full logits.
         debug: log gradient norms, warn on a non-finite loss.
+        z_loss: weight of the z-loss (mean squared log-partition of the logits) in the training objective.
+        moe_aux_loss: weight of the MoE load-balancing loss (``ffn='moe'``) in the training objective.
+        logit_softcap, d_embedding, n_experts, moe_top_k, head_qk: architecture, see ``Decoder``.
         init_from: start from another model's weights (``xlabml.init_from``): a checkpoint or export path, a
             Hugging Face directory, or ``{path: ..., only: [embedding, ...]}`` for some weights only. Copied in
             ``setup`` at the start of a run, never over weights a checkpoint restored.
@@ -352,10 +433,12 @@ class XLabModel(XLabModule):
                  scheduler: LRSchedulerCallable | None = None, compile: bool = False,
                  activation_checkpointing: bool = False, weight_decay_embeddings: bool = False,
                  embedding_scale: float | None = None, debug: bool = False, loss_chunk_size: int | None = 8192,
+                 z_loss: float = 0.0, moe_aux_loss: float = 0.01, logit_softcap: float | None = None,
+                 d_embedding: int | None = None, n_experts: int = 8, moe_top_k: int = 2, head_qk: int | None = None,
                  init_from: str | InitFrom | None = None, lora: LoRASettings | None = None):
         super().__init__(pad_index=pad_index, optimizer=optimizer, scheduler=scheduler, compile=compile,
                          weight_decay_embeddings=weight_decay_embeddings, debug=debug,
-                         loss_chunk_size=loss_chunk_size)
+                         loss_chunk_size=loss_chunk_size, z_loss=z_loss, moe_aux_loss=moe_aux_loss)
         self.save_hyperparameters(ignore=['optimizer', 'scheduler'])
         self.model = Decoder(
             n_vocab, max_len, d_model, n_layers, n_heads, d_ff, dropout, n_kv_heads=n_kv_heads,
@@ -364,7 +447,8 @@ class XLabModel(XLabModule):
             dropout_attn=dropout_attn, dropout_ffn=dropout_ffn, dropout_residual=dropout_residual,
             dropout_embedding=dropout_embedding, tie_embeddings=tie_embeddings,
             parallel_residual=parallel_residual, bias=bias, activation_checkpointing=activation_checkpointing,
-            embedding_scale=embedding_scale)
+            embedding_scale=embedding_scale, logit_softcap=logit_softcap, d_embedding=d_embedding,
+            n_experts=n_experts, moe_top_k=moe_top_k, head_qk=head_qk)
         self.init_from = parse_init_from(init_from)  # (path, only) or None
         self.lora_config = None if lora is None else LoRAConfig.from_settings(lora)
         self.lora_base = None  # {'path', 'hash'} of the base weights under the adapters, once they are loaded

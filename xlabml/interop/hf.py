@@ -78,6 +78,10 @@ def _common(arch: dict, sd: dict) -> str | None:
         return "no final norm (final_norm: false)"
     if _embedding_scale(arch) != 1.0 and arch["tie_embeddings"]:
         return f"embedding_scale={_embedding_scale(arch):g} with a tied head (stock models do not scale embeddings)"
+    for key, what in (("d_embedding", "embedding projections"), ("head_qk", "head-QK copy scores"),
+                      ("logit_softcap", "logit soft-capping")):
+        if arch.get(key) is not None and not (key == "d_embedding" and arch[key] == arch["d_model"]):
+            return f"{what} ({key}={arch[key]}); no stock class has them"
     bias = sd.get("head.bias")
     if bias is not None and bool(bias.ne(0).any()):
         return "a non-zero output head bias (bias: true); no stock class has a head bias"
