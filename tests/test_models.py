@@ -435,6 +435,28 @@ def test_chunked_training_step_equals_the_plain_one(variant):
         torch.testing.assert_close(grads[7][name], grads[None][name], rtol=1e-5, atol=1e-7)
 
 
+def test_linear_cross_entropy_computes_only_the_gradients_asked_for(monkeypatch):
+    """A frozen head (LoRA) costs no weight gradient: the v x c product per chunk is skipped, and the hidden
+    states' gradient is the plain loss's."""
+    import xlabml.losses as losses
+
+    calls = []
+    real = losses._add_matmul
+    monkeypatch.setattr(losses, '_add_matmul', lambda *args: calls.append(1) or real(*args))
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(30, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight, bias = torch.randn(20, 8, generator=g, dtype=torch.float64), torch.randn(20, generator=g)
+    targets = torch.randint(0, 20, (30,), generator=g)
+    nll, _, _ = linear_cross_entropy(hidden, weight, bias.double(), targets, chunk_size=7)
+    (grad,) = torch.autograd.grad(nll, [hidden])
+    assert calls == []
+    (ref,) = torch.autograd.grad(plain_reference(hidden, weight, bias.double(), targets)[0], [hidden])
+    torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-6)
+    weight.requires_grad_(True)
+    torch.autograd.grad(linear_cross_entropy(hidden, weight, None, targets, chunk_size=7)[0], [hidden, weight])
+    assert len(calls) == 5  # one per chunk of 7 rows of 30
+
+
 def test_chunked_loss_keeps_no_batch_sized_logits_for_backward():
     n_vocab, rows = 128, 4 * 32
     saved = []

@@ -102,10 +102,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             lse_sq = torch.zeros((), dtype=torch.float32, device=hidden.device)
             absmax = torch.zeros((), dtype=torch.float32, device=hidden.device)
             correct = torch.zeros((), dtype=torch.long, device=hidden.device)
-            if needs_grad:
-                grad_hidden = torch.empty_like(hidden)  # n c
-                grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))  # v c
-                grad_bias = torch.zeros_like(bias, dtype=grad_weight.dtype) if bias is not None else None  # v
+            if needs_grad:  # only the gradients asked for: a frozen head (LoRA) skips the v x c product per chunk
+                need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+                grad_dtype = torch.promote_types(weight.dtype, torch.float32)
+                grad_hidden = torch.empty_like(hidden) if need_hidden else None  # n c
+                grad_weight = torch.zeros_like(weight, dtype=grad_dtype) if need_weight else None  # v c
+                grad_bias = torch.zeros_like(bias, dtype=grad_dtype) if need_bias else None  # v
             for start in range(0, n, chunk_size):
                 rows = slice(start, start + chunk_size)
                 h, y = hidden[rows].to(dtype), targets[rows]  # m c, m
@@ -141,8 +143,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if grad_bias is not None:
                     grad_bias += (grad.T @ keep.to(grad.dtype)).squeeze(1).to(grad_bias.dtype)  # v
                 low = grad.to(dtype)  # m v, as the plain loss's gradient reaches the head's matmul
-                grad_hidden[rows] = (low @ w) * keep  # m c
-                _add_matmul(grad_weight, low, grad, h * keep)  # v c
+                if grad_hidden is not None:
+                    grad_hidden[rows] = (low @ w) * keep  # m c
+                if grad_weight is not None:
+                    _add_matmul(grad_weight, low, grad, h * keep)  # v c
                 del grad, low
         ctx.used = False
         if needs_grad:
@@ -164,7 +168,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         scale = grad_nll.float()  # a scalar
         weight_dtype, bias_dtype = ctx.dtypes
-        grads = [grad_hidden.mul_(scale.to(grad_hidden.dtype)), grad_weight.mul_(scale).to(weight_dtype),
+        grads = [grad_hidden.mul_(scale.to(grad_hidden.dtype)) if grad_hidden is not None else None,
+                 grad_weight.mul_(scale).to(weight_dtype) if grad_weight is not None else None,
                  grad_bias.mul_(scale).to(bias_dtype) if grad_bias is not None else None]
         return (*grads, None, None, None, None, None, None, None, None)
 
