@@ -26,7 +26,7 @@ from xlabml.datasets import SequenceDataset, TokenDataset, resolve_step
 from xlabml.sources import (DEFAULT_SPLITS, SPLIT_NAMES, format_split_report, load_splits, sample_documents,
                             text_lengths)
 from xlabml.streaming import StreamLoader, StreamWindows, TextStream, sample_stream
-from xlabml.tokenizer import Tokenizer, TokenizerTrainer, escape, split_text
+from xlabml.tokenizer import CHAT_TOKENS, Tokenizer, TokenizerTrainer, escape, split_text
 
 # Splits each Lightning stage reads; stages may run without an optional split (e.g. fit without val).
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
@@ -411,7 +411,7 @@ class XLabDataModule(L.LightningDataModule):
         vocabulary = {"total": len(tokenizer), "special": 0, "learned": 0, "single_characters": 0, "byte_tokens": 0}
         for index in range(len(tokenizer)):
             piece = tokenizer.get_token(index)
-            kind = ("special" if index < 4 else "byte_tokens" if _BYTE_TOKEN.fullmatch(piece)
+            kind = ("special" if index < 4 or piece in CHAT_TOKENS else "byte_tokens" if _BYTE_TOKEN.fullmatch(piece)
                     else "single_characters" if len(piece) == 1 else "learned")
             vocabulary[kind] += 1
         if isinstance(texts, TextStream):
