@@ -11,7 +11,10 @@ the selected weights into ``model`` (an ``XLabModel``) in place. ``only`` select
     blocks        every block; ``blocks.0``, ``blocks.3.attn``, ... any prefix of the decoder's parameter names
 
 so LSWT's warm start of the embeddings from another model is ``only: [embedding]``. Every selected tensor must
-exist in the source with the same shape, or nothing is copied and one line names the first mismatch.
+exist in the source with the same shape, or nothing is copied and one line names the first mismatch; except that
+the model's vocabulary may be larger than the source's (a chat tokenizer appends its tokens to the source's
+vocabulary, ``xlabml.chat``): the embedding and head rows of the ids they share are copied, and each new row
+starts at the mean of the source's rows (an average token, whose logit starts ordinary rather than arbitrary).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from torch import nn
 
 ROLES = {"embedding": "embedding.", "head": "head.", "position": "position.", "final_norm": "norm.",
          "blocks": "blocks."}
+VOCABULARY_ROWS = ("embedding.weight", "head.weight", "head.bias")  # dim 0 indexed by token id
 
 
 def _source_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -73,10 +77,22 @@ def load_initial_weights(model: nn.Module, path: str | os.PathLike, only=None) -
     for key in selected:
         if key not in source:
             raise ValueError(f"init_from: {path} has no {key!r} (the model needs it; select less with only=...)")
-        if tuple(source[key].shape) != tuple(target[key].shape):
+        if tuple(source[key].shape) != tuple(target[key].shape) and not _grows_vocabulary(key, source[key],
+                                                                                             target[key]):
             raise ValueError(f"init_from: {key} has shape {tuple(source[key].shape)} in {path} but "
                              f"{tuple(target[key].shape)} in the model")
     with torch.no_grad():
         for key in selected:
-            target[key].copy_(source[key].to(target[key].dtype))
+            weights = source[key].to(target[key].dtype)
+            rows = weights.shape[0] if weights.dim() else 0
+            if weights.dim() and rows < target[key].shape[0]:  # a larger vocabulary: new rows at the mean
+                target[key][rows:].copy_(weights.float().mean(dim=0).to(weights.dtype))
+                target[key][:rows].copy_(weights)
+            else:
+                target[key].copy_(weights)
     return selected
+
+
+def _grows_vocabulary(key: str, source: torch.Tensor, target: torch.Tensor) -> bool:
+    return (key in VOCABULARY_ROWS and source.dim() == target.dim() >= 1 and source.shape[1:] == target.shape[1:]
+            and source.shape[0] < target.shape[0])

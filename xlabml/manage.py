@@ -6,6 +6,10 @@ callbacks (about a third of a training checkpoint), under a name carrying a shor
 (``xlabml.checkpoints.export_checkpoint``). Files are written atomically and never overwritten: exporting the
 same weights twice finds the file already there.
 
+``add-chat-tokens TOKENIZER OUTPUT`` writes the chat tokenizer of a tokenizer: the same vocabulary with the
+chat template's role tokens appended (``xlabml.chat.make_chat_tokenizer``), for instruction tuning a model
+pretrained with it.
+
 Each subcommand is a ``COMMANDS`` entry (a ``Command``); the work itself is done by library functions.
 """
 from __future__ import annotations
@@ -60,6 +64,25 @@ def _export(args: argparse.Namespace) -> None:
         print(f"{path} already exists with this content; nothing written")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# add-chat-tokens
+
+
+def _chat_tokens_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("tokenizer", help="the tokenizer model file the model was pretrained with")
+    parser.add_argument("output", help="where to write the chat tokenizer (never overwritten)")
+
+
+def _chat_tokens(args: argparse.Namespace) -> None:
+    from xlabml.chat import ChatTemplate, make_chat_tokenizer
+
+    tokenizer = make_chat_tokenizer(args.tokenizer, args.output)
+    template = ChatTemplate(tokenizer)
+    ids = ", ".join(f"{role} {index}" for role, index in template.role_ids.items())
+    print(f"wrote {args.output}: {len(tokenizer)} tokens (role tokens {ids}; content hash {tokenizer.content_hash}); "
+          f"train with data.tokenizer_path: {args.output} and data.num_tokens >= {len(tokenizer)}")
+
+
 COMMANDS: dict[str, Command] = {
     "export-checkpoint": Command(
         "write a slim checkpoint (weights + hyperparameters) named by its content hash",
@@ -67,6 +90,14 @@ COMMANDS: dict[str, Command] = {
         "content hash (no optimizer state) to DIR/<name>-<hash>.<format>, atomically; never overwrites.",
         _export_arguments,
         _export,
+    ),
+    "add-chat-tokens": Command(
+        "write a chat tokenizer: a tokenizer with the chat template's role tokens appended",
+        "Write TOKENIZER with the role tokens <|system|>, <|user|>, <|assistant|> appended as control tokens "
+        "(xlabml.chat) to OUTPUT, atomically; never overwrites. Ids of TOKENIZER keep their meaning, so a model "
+        "pretrained with it can be instruction-tuned with the result (data.format: chat).",
+        _chat_tokens_arguments,
+        _chat_tokens,
     ),
 }
 # export-hf, import-hf, export-gguf, evaluate: moving models to and from other tools (xlabml.interop.cli)
