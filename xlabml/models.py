@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import grad_norm
 
 from .layers import Decoder
 from .losses import linear_cross_entropy
+from .posttrain.objective import Objective
 from .roles import parameter_roles, unwrapped_name
 from .schedules import WarmupCosine  # noqa: F401  (re-exported: xlabml.models.WarmupCosine)
 
@@ -67,12 +68,15 @@ class XLabModule(L.LightningModule):
     the steps since the last log); training metrics are logged every ``log_every_n_steps`` steps (when the
     logger writes) and at the first step. With ``debug``: the 2-norm of every gradient before each
     optimizer step, and a warning on a non-finite training loss.
+
+    With an ``objective`` (``xlabml.posttrain.objective.Objective``, e.g. DPO) the objective computes and logs
+    each batch's loss instead.
     """
     model: nn.Module
 
     def __init__(self, *, pad_index: int | None, optimizer: OptimizerCallable | None,
                  scheduler: LRSchedulerCallable | None, compile: bool, weight_decay_embeddings: bool,
-                 debug: bool, loss_chunk_size: int | None = None):
+                 debug: bool, loss_chunk_size: int | None = None, objective: Objective | None = None):
         super().__init__()
         if loss_chunk_size is not None and (not isinstance(loss_chunk_size, int) or loss_chunk_size < 1):
             raise ValueError(f"loss_chunk_size must be None (plain loss) or a positive number of rows, "
@@ -84,6 +88,7 @@ class XLabModule(L.LightningModule):
         self.compile_model = compile
         self.weight_decay_embeddings = weight_decay_embeddings
         self.debug = debug
+        self.objective = objective
         self._throughput = [0, 0.0, 0.0]  # tokens, seconds, start of the current step
         self._totals = {}  # stage -> [summed loss, target count] for perplexity
 
@@ -154,6 +159,11 @@ class XLabModule(L.LightningModule):
         return self.global_step == 0 or (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0
 
     def _step(self, batch, stage):
+        if self.objective is not None:
+            return self.objective.step(self, batch, stage)
+        if 'x' not in batch:
+            raise ValueError(f"a batch with {sorted(batch)} is not one of token windows: preference pairs "
+                             "(data.format: preference) need model.objective: xlabml.posttrain.dpo.DPO")
         log_now = stage != 'train' or self._logging_step()
         loss, n, correct = self.batch_loss(batch, accuracy=log_now)
         if not log_now:
@@ -186,7 +196,7 @@ class XLabModule(L.LightningModule):
         self._throughput[2] = time.perf_counter()
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        self._throughput[0] += batch['x'].numel()
+        self._throughput[0] += sum(v.numel() for k, v in batch.items() if k == 'x' or k.endswith('_x'))
         self._throughput[1] += time.perf_counter() - self._throughput[2]
 
     def validation_step(self, batch, batch_idx):
@@ -234,6 +244,14 @@ class XLabModule(L.LightningModule):
         return {'loss': nll.sum(dim=1) / tokens.clamp(min=1), 'tokens': tokens}
 
     # --------------------------------------------------------------------------------- debug, optimizer
+
+    def on_save_checkpoint(self, checkpoint):
+        if self.objective is not None:
+            self.objective.on_save_checkpoint(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint):
+        if self.objective is not None:
+            self.objective.on_load_checkpoint(self, checkpoint)
 
     def on_before_optimizer_step(self, optimizer):
         if self.debug:
@@ -308,8 +326,10 @@ class XLabModel(XLabModule):
             each chunk made at once (``xlabml.losses.linear_cross_entropy``): the batch's logits are never all in
             memory. None: the plain loss over the full logits.
         debug: log gradient norms, warn on a non-finite loss.
-    Optimizer and scheduler are not saved in the hyperparameters (they are configuration of the run, and
-    may not pickle); ``load_from_checkpoint`` gets the defaults unless given.
+        objective: what to train for instead of next-token cross-entropy, e.g. ``xlabml.posttrain.dpo.DPO``
+            (with ``data.format: preference``); None: cross-entropy on the non-pad targets.
+    Optimizer, scheduler and objective are not saved in the hyperparameters (they are configuration of the run,
+    and may not pickle); ``load_from_checkpoint`` gets the defaults unless given.
     """
 
     def __init__(self, n_vocab: int, max_len: int, d_model: int = 512, n_layers: int = 6, n_heads: int = 8,
@@ -322,11 +342,12 @@ class XLabModel(XLabModule):
                  bias: bool = True, pad_index: int | None = 3, optimizer: OptimizerCallable = default_optimizer,
                  scheduler: LRSchedulerCallable | None = None, compile: bool = False,
                  activation_checkpointing: bool = False, weight_decay_embeddings: bool = False,
-                 embedding_scale: float | None = None, debug: bool = False, loss_chunk_size: int | None = 8192):
+                 embedding_scale: float | None = None, debug: bool = False, loss_chunk_size: int | None = 8192,
+                 objective: Objective | None = None):
         super().__init__(pad_index=pad_index, optimizer=optimizer, scheduler=scheduler, compile=compile,
                          weight_decay_embeddings=weight_decay_embeddings, debug=debug,
-                         loss_chunk_size=loss_chunk_size)
-        self.save_hyperparameters(ignore=['optimizer', 'scheduler'])
+                         loss_chunk_size=loss_chunk_size, objective=objective)
+        self.save_hyperparameters(ignore=['optimizer', 'scheduler', 'objective'])
         self.model = Decoder(
             n_vocab, max_len, d_model, n_layers, n_heads, d_ff, dropout, n_kv_heads=n_kv_heads,
             position=position, rope_base=rope_base, rope_fraction=rope_fraction, norm=norm, prenorm=prenorm,
