@@ -429,3 +429,33 @@ def test_resume_with_more_steps_stretches_the_whole_run_schedule(tmp_path):
         trainer(tmp_path, max_steps=12, limit_val_batches=0, callbacks=[again]).fit(
             make(), batches, ckpt_path=tmp_path / 'straight' / 'step=3.ckpt')
     assert again.lrs == straight.lrs[3:]
+
+
+def test_validation_logs_bits_per_byte_of_the_decoded_targets(tmp_path):
+    """val_bpb = summed NLL / ln 2 / bytes, where the bytes are those of the validation documents' text: every
+    target is scored once (windows of stride seq_len), and <eos> decodes to nothing."""
+    from xlabml.datamodules import XLabDataModule
+    from xlabml.tokenizer import TokenizerTrainer
+    words = "the quick brown fox jumps over a lazy dog while python code runs in loops é ü".split()
+    docs = [" ".join(words[(i * 7 + j) % len(words)] for j in range(3 + (i * 5) % 30)) for i in range(60)]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(docs) + "\n")
+    tok = tmp_path / "tok.model"
+    TokenizerTrainer().train(docs, 300, tok)
+    dm = XLabDataModule(locations=str(corpus), splits={"train": 0.8, "val": 0.2}, num_tokens=300,
+                        tokenizer_path=str(tok), seq_len=16, batch_size=4, cache_dir=str(tmp_path / "cache"))
+    dm.prepare_data()
+    dm.setup("validate")
+    model = tiny(n_vocab=300, max_len=16).eval()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for batch in dm.val_dataloader():
+            keep = batch['y'] != PAD
+            nll += F.cross_entropy(model(batch['x'])[keep], batch['y'][keep], reduction='sum').item()
+            count += int(keep.sum())
+    n_bytes = sum(len(text.encode("utf-8")) for text in dm.texts()["val"]["text"])
+    metrics = trainer(tmp_path).validate(model, datamodule=dm, verbose=False)[0]
+    assert metrics['val_loss'] == pytest.approx(nll / count, rel=1e-5)
+    assert metrics['val_bpb'] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-5)
+    # the byte count is not the token count: a bits-per-token figure would differ
+    assert abs(metrics['val_bpb'] - metrics['val_bpt']) > 0.1

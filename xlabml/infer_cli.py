@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="beam score = log-prob / length**z: > 0 favours longer outputs (default 0)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print tokens as they are generated (default: when stdout is a terminal)")
+    window = p.add_mutually_exclusive_group()
+    window.add_argument("--context-keep", type=_positive_int, metavar="K",
+                        help="past the model's context, restart the window at its last K tokens (faster, inexact); "
+                        "default: the exact window of the last max_len tokens at every step")
+    window.add_argument("--rolling", action="store_true",
+                        help="past the model's context, roll the KV cache: every layer attends to the last max_len "
+                        "tokens at one token's cost (RoPE, ALiBi or no positions; inexact for several layers)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="auto",
                    help="weights, activations and KV cache in this precision (logits are sampled in float32); "
                    "auto = bf16 on a GPU, fp32 on a CPU (default: auto)")
@@ -198,6 +205,7 @@ def run(args: argparse.Namespace, out=None) -> None:
                     repetition_penalty=args.repetition_penalty, generator=generator)
     if args.greedy_search:
         sampling = dict(temperature=0.0, repetition_penalty=args.repetition_penalty)
+    sliding = dict(context_keep=args.context_keep, rolling=args.rolling)
     stream = out.isatty() if args.stream is None else args.stream
     loaded = time.perf_counter()
     generated = 0
@@ -206,12 +214,14 @@ def run(args: argparse.Namespace, out=None) -> None:
             out.write(SEPARATOR + "\n")
         if args.beam_search:
             new = inference.beam_search(model, x, args.beam_width, args.limit, block_size, eos_class=eos,
-                                        exclude_classes=excluded, length_penalty=args.length_penalty).tolist()
+                                        exclude_classes=excluded, length_penalty=args.length_penalty,
+                                        **sliding).tolist()
         elif stream:
             printer = _StreamPrinter(tokenizer, ids, out)
             new = []
             for token in inference.generate_stream(model, x, args.limit, block_size, eos_class=eos,
-                                                   exclude_classes=excluded, compile=args.compile, **sampling):
+                                                   exclude_classes=excluded, compile=args.compile, **sliding,
+                                                   **sampling):
                 new.append(token)
                 printer.add(token)
             printer.add(None, final=True)
@@ -220,7 +230,7 @@ def run(args: argparse.Namespace, out=None) -> None:
             continue
         else:
             new = inference.sample(model, x, args.limit, block_size, eos_class=eos, exclude_classes=excluded,
-                                   compile=args.compile, **sampling).tolist()
+                                   compile=args.compile, **sliding, **sampling).tolist()
         generated += len(new)
         out.write(escape_control(tokenizer.decode(ids + new)) + "\n")
         out.flush()

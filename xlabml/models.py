@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import grad_norm
 
 from .layers import Decoder
 from .losses import linear_cross_entropy
+from .metrics import target_bytes, token_bytes
 from .posttrain.objective import Objective
 from .roles import parameter_roles, unwrapped_name
 from .schedules import WarmupCosine  # noqa: F401  (re-exported: xlabml.models.WarmupCosine)
@@ -64,6 +65,8 @@ class XLabModule(L.LightningModule):
 
     Logged: ``{train,val,test}_loss`` and ``_acc`` (token-weighted: batch_size = number of non-pad targets),
     ``val_ppl``/``val_bpt`` and ``test_ppl``/``test_bpt`` (exp and log2 of the epoch's token-mean loss),
+    ``val_bpb``/``test_bpb`` (bits per byte of the text the targets decode to: tokenizer-independent, so models
+    with different tokenizers compare; logged when the trainer's data module has a ``tokenizer``),
     ``lr``, ``tokens/s`` (input tokens per second of training-step wall time, forward to optimizer step, over
     the steps since the last log); training metrics are logged every ``log_every_n_steps`` steps (when the
     logger writes) and at the first step. With ``debug``: the 2-norm of every gradient before each
@@ -90,7 +93,8 @@ class XLabModule(L.LightningModule):
         self.debug = debug
         self.objective = objective
         self._throughput = [0, 0.0, 0.0]  # tokens, seconds, start of the current step
-        self._totals = {}  # stage -> [summed loss, target count] for perplexity
+        self._totals = {}  # stage -> [summed loss, target count, target bytes] for perplexity and bits per byte
+        self._byte_sizes = None  # UTF-8 bytes of each token id (xlabml.metrics.token_bytes), when known
 
     def configure_model(self):
         if self.compile_model and not getattr(self, '_compiled', False):
@@ -175,9 +179,11 @@ class XLabModule(L.LightningModule):
         self.log(f'{stage}_acc', correct / max(n_targets, 1), batch_size=n_targets, on_step=on_step,
                  on_epoch=not on_step, sync_dist=not on_step)
         if stage != 'train':
-            totals = self._totals.setdefault(stage, [0.0, 0])
+            totals = self._totals.setdefault(stage, [0.0, 0, 0])
             totals[0] += loss.detach() * n_targets
             totals[1] += n_targets
+            if self._byte_sizes is not None:
+                totals[2] += target_bytes(batch['y'], self._byte_sizes, self._ignore_index())
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -207,9 +213,19 @@ class XLabModule(L.LightningModule):
 
     def on_validation_epoch_start(self):
         self._totals.pop('val', None)
+        self._find_byte_sizes()
 
     def on_test_epoch_start(self):
         self._totals.pop('test', None)
+        self._find_byte_sizes()
+
+    def _find_byte_sizes(self):
+        """The bytes each token id decodes to, from the data module's tokenizer (once; None without one)."""
+        if self._byte_sizes is not None or self._trainer is None:
+            return
+        tokenizer = getattr(self.trainer.datamodule, 'tokenizer', None)
+        if tokenizer is not None:
+            self._byte_sizes = token_bytes(tokenizer, getattr(self.model, 'n_vocab', None)).to(self.device)
 
     def on_validation_epoch_end(self):
         self._log_perplexity('val')
@@ -220,16 +236,20 @@ class XLabModule(L.LightningModule):
     def _log_perplexity(self, stage):
         if stage not in self._totals:
             return
-        summed, count = self._totals.pop(stage)
+        summed, count, n_bytes = self._totals.pop(stage)
         summed = torch.as_tensor(summed, dtype=torch.float64, device=self.device)
         count = torch.as_tensor(count, dtype=torch.float64, device=self.device)
+        n_bytes = torch.as_tensor(n_bytes, dtype=torch.float64, device=self.device)
         summed = self.trainer.strategy.reduce(summed, reduce_op='sum')
         count = self.trainer.strategy.reduce(count, reduce_op='sum')
+        n_bytes = self.trainer.strategy.reduce(n_bytes, reduce_op='sum')
         mean = (summed / count.clamp(min=1)).float()
         # already reduced over the ranks, so equal on all of them: sync_dist averages equal values (a no-op on
         # one process) and spares Lightning's per-epoch "use sync_dist=True" warning under DDP
         self.log(f'{stage}_ppl', mean.exp(), sync_dist=True)
         self.log(f'{stage}_bpt', mean / math.log(2), sync_dist=True)
+        if self._byte_sizes is not None and float(n_bytes) > 0:
+            self.log(f'{stage}_bpb', (summed / math.log(2) / n_bytes).float(), sync_dist=True)
 
     def predict_step(self, batch, batch_idx):
         """With targets: ``{'loss': (b,) mean NLL per sequence over its non-pad targets, 'tokens': (b,) their
