@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xlabml import chat
-from xlabml.chat import (ROLE_TOKENS, ChatTemplate, add_chat_tokens, check_messages, extends, make_chat_tokenizer,
-                         render_chat, render_plain, template_of)
+from xlabml.chat import (ROLE_TOKENS, ChatTemplate, add_chat_tokens, chat_template, check_messages, extends,
+                         make_chat_tokenizer, render_chat, render_plain, template_of)
 from xlabml.corpus import iter_builtin_texts
 from xlabml.init_from import load_initial_weights
 from xlabml.models import XLabModel
@@ -143,6 +143,8 @@ def test_template_of_a_checkpoint(tokenizer, old, tmp_path):
     plain_ckpt, _ = make_checkpoint(tmp_path / "plain.ckpt", tmp_path / "old.model")
     assert template_of(chat_ckpt).role_ids["assistant"] == 499
     assert template_of(str(plain_ckpt)) is None
+    # a base model (trained on text) has role tokens it never learned: it is prompted with plain text
+    assert chat_template(chat_ckpt) is None and chat_template(str(plain_ckpt)) is None
 
     class Loaded:  # what xlabml.checkpoints.load_checkpoint returns holds the tokenizer
         def __init__(self, tokenizer):

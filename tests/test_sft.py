@@ -226,6 +226,15 @@ def test_xlab_fit_with_the_sft_overlay(tokenizer, tmp_path, monkeypatch):
     loaded = load_checkpoint(tmp_path / "logs" / "version_0" / "checkpoints" / "last.ckpt")
     assert loaded.data_hparams["format"] == "chat" and loaded.data_hparams["packed"] is True
     assert template_of(loaded).role_ids["assistant"] == len(tokenizer) - 1  # the template travels with it
+    # ... and a server prompts the instruction-tuned model through it (a base model gets plain text: test_chat)
+    from xlabml.chat import chat_template
+    from xlabml.serve.chat import render_chat as serve_chat
+
+    messages = [("system", "be."), ("developer", "ab"), ("user", "abc")]
+    assert chat_template(loaded) is not None and chat_template(loaded.path) is not None
+    prompt = serve_chat(messages, loaded.tokenizer, loaded)
+    assert prompt.ids == render_chat(messages, tokenizer) and prompt.ids[-1] == len(tokenizer) - 1
+    assert (prompt.stop, prompt.strip) == ([], False)
 
 
 # ------------------------------------------------------------------------------------------------ learning

@@ -20,7 +20,11 @@ the ``<eos>`` that ends each of them (``ChatTemplate.render``).
 Control tokens are never produced by ``Tokenizer.encode``: a message whose text spells ``<|user|>`` is encoded as
 that text, decodes back to it, and cannot fake a turn. Control tokens decode to ''.
 
-Public API: ``ChatTemplate``, ``template_of``, ``render_chat``, ``add_chat_tokens``, ``make_chat_tokenizer``,
+Every tokenizer trained by XLab holds the role tokens, so a base model's tokenizer has a template too, whose tokens
+that model never learned: what to prompt a model with is ``chat_template(checkpoint)``, the template of a checkpoint
+that was post-trained on chats (``data.format: chat`` or ``preference``), None for a base model.
+
+Public API: ``ChatTemplate``, ``template_of``, ``chat_template``, ``render_chat``, ``add_chat_tokens``, ``make_chat_tokenizer``,
 ``check_messages``, ``render_plain``, ``extends``.
 """
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import Any
 
 from xlabml.tokenizer import CHAT_TOKENS, Tokenizer, _control_piece
 
-__all__ = ["ChatTemplate", "Rendered", "template_of", "render_chat", "add_chat_tokens", "make_chat_tokenizer",
+__all__ = ["ChatTemplate", "Rendered", "template_of", "chat_template", "render_chat", "add_chat_tokens", "make_chat_tokenizer",
            "check_messages", "render_plain", "extends", "ROLES", "ROLE_TOKENS", "TEMPLATE_NAME"]
 
 TEMPLATE_NAME = "xlab-chat-1"
@@ -185,6 +189,28 @@ def template_of(source: Any) -> ChatTemplate | None:
     if tokenizer is None or not all(token in tokenizer for token in ROLE_TOKENS.values()):
         return None
     return ChatTemplate(tokenizer)
+
+
+POST_TRAINING_FORMATS = ("chat", "preference")  # data formats whose rows go through the template
+
+
+def chat_template(checkpoint: Any) -> ChatTemplate | None:
+    """The template to prompt a checkpoint with: its tokenizer's template when the checkpoint was trained on chats
+    or preference pairs (its data settings' ``format`` is ``chat`` or ``preference``, and the tokenizer holds the
+    role tokens); None for a base model, whose role tokens were never trained (prompt it with plain text).
+
+    Args:
+        checkpoint: a ``LoadedCheckpoint`` (``xlabml.checkpoints.load_checkpoint``) or a checkpoint path.
+    """
+    if isinstance(checkpoint, (str, os.PathLike)):
+        from xlabml.checkpoints import data_hparams, read_checkpoint
+
+        settings = data_hparams(read_checkpoint(checkpoint))
+    else:
+        settings = getattr(checkpoint, "data_hparams", None) or {}
+    if settings.get("format") not in POST_TRAINING_FORMATS:
+        return None
+    return template_of(checkpoint)
 
 
 def _find_tokenizer(source: Any) -> Tokenizer | None:
