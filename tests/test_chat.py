@@ -174,6 +174,9 @@ def test_base_model_weights_carry_over_to_the_chat_vocabulary(old, tmp_path):
     smaller = XLabModel(n_vocab=400, max_len=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.0)
     with pytest.raises(ValueError, match=r"embedding.weight has shape \(497, 32\) .* but \(400, 32\)"):
         load_initial_weights(smaller, ckpt)
+    larger = XLabModel(n_vocab=504, max_len=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.0)
+    with pytest.raises(ValueError, match=r"embedding.weight has shape \(497, 32\) .* but \(504, 32\)"):
+        load_initial_weights(larger, ckpt)  # more rows than the chat tokens: another tokenizer
     wider = XLabModel(n_vocab=500, max_len=64, d_model=48, n_layers=2, n_heads=4, d_ff=64, dropout=0.0)
     with pytest.raises(ValueError, match="has shape"):
         load_initial_weights(wider, ckpt)

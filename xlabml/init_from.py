@@ -12,9 +12,10 @@ the selected weights into ``model`` (an ``XLabModel``) in place. ``only`` select
 
 so LSWT's warm start of the embeddings from another model is ``only: [embedding]``. Every selected tensor must
 exist in the source with the same shape, or nothing is copied and one line names the first mismatch; except that
-the model's vocabulary may be larger than the source's (a chat tokenizer appends its tokens to the source's
-vocabulary, ``xlabml.chat``): the embedding and head rows of the ids they share are copied, and each new row
-starts at the mean of the source's rows (an average token, whose logit starts ordinary rather than arbitrary).
+the model's vocabulary may be larger than the source's by exactly the chat tokens (``xlabml.chat.add_chat_tokens``
+appends them to a tokenizer trained before they were reserved): the embedding and head rows of the ids they share
+are copied, and each new row starts at the mean of the source's rows (an average token, whose logit starts
+ordinary rather than arbitrary). Any other difference in vocabulary size is a mismatched tokenizer: an error.
 """
 from __future__ import annotations
 
@@ -94,5 +95,7 @@ def load_initial_weights(model: nn.Module, path: str | os.PathLike, only=None) -
 
 
 def _grows_vocabulary(key: str, source: torch.Tensor, target: torch.Tensor) -> bool:
+    from xlabml.tokenizer import CHAT_TOKENS
+
     return (key in VOCABULARY_ROWS and source.dim() == target.dim() >= 1 and source.shape[1:] == target.shape[1:]
-            and source.shape[0] < target.shape[0])
+            and source.shape[0] + len(CHAT_TOKENS) == target.shape[0])
