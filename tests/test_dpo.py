@@ -237,10 +237,12 @@ def test_xlab_fit_with_the_dpo_overlay(tokenizer, tmp_path, monkeypatch):
 def held_out_margins(model, data, pad):
     """Each held-out pair's policy log-probability margin (chosen minus rejected) and reward margin."""
     batch = {k: torch.stack([data[i][k] for i in range(len(data))]) for k in data[0]}
+    training = model.training
     with torch.no_grad():
         policy = [sequence_logps(model.eval(), batch[f"{s}_x"], batch[f"{s}_y"], pad) for s in ("chosen", "rejected")]
         reference = [sequence_logps(model.objective.reference, batch[f"{s}_x"], batch[f"{s}_y"], pad)
                      for s in ("chosen", "rejected")]
+    model.train(training)
     return policy[0] - policy[1], (policy[0] - reference[0]) - (policy[1] - reference[1])
 
 
