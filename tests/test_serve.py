@@ -455,3 +455,33 @@ def test_command_line_errors_are_one_line(trained, capsys, argv, message):
     taken.close()
     assert exit.value.code == 1 and err.startswith("xlab-serve: error: ") and message in err, err
     assert err.count("\n") == 1
+
+
+def test_command_line_serves_lora_adapters_merged(trained):
+    """A LoRA run's checkpoint (adapters + a reference to its base) is served with the adapters folded into the
+    base: no adapter layers left, and the logits of the adapted model."""
+    from xlabml.lora import LoRALinear
+
+    model = XLabModel(N_VOCAB, BLOCK, d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.0, position="rope",
+                      n_kv_heads=2, init_from=trained.ckpt, lora={"rank": 2, "targets": ["qkv", "ffn.fc"]})
+    model.setup("fit")  # copies the base weights (init_from)
+    torch.manual_seed(1)
+    for layer in model.modules():
+        if isinstance(layer, LoRALinear):
+            torch.nn.init.normal_(layer.lora_b, std=0.5)  # adapters that change the outputs
+    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                  "datamodule_hyper_parameters": {"tokenizer_path": trained.tokenizer.path, "seq_len": BLOCK},
+                  "XLabDataModule": {"tokenizer_hash": trained.tokenizer.content_hash,
+                                     "tokenizer_path": trained.tokenizer.path}}
+    model.on_save_checkpoint(checkpoint)  # what Lightning calls: the adapters only, and the base's reference
+    assert all("lora_" in key for key in checkpoint["state_dict"])
+    path = trained.tmp / "adapters.ckpt"
+    torch.save(checkpoint, path)
+    served = cli.build(cli.build_parser().parse_args([str(path), "-d", "cpu"])).state.engine.model
+    assert not any(isinstance(layer, LoRALinear) for layer in served.modules())
+    x = torch.tensor([prompt_ids(trained, "the quick brown fox")])
+    with torch.no_grad():
+        expected, base = model.eval()(x), trained.model.float()(x)
+        torch.testing.assert_close(served(x), expected, atol=1e-4, rtol=1e-5)  # merged: rounding differs
+        assert (expected - base).abs().max() > 0.1  # the adapters matter
+    trained.model.double()

@@ -3,9 +3,10 @@
 Loads a training checkpoint or an export (``.ckpt``, or ``.safetensors`` with its ``.json``) and the tokenizer
 named by the checkpoint's data settings (or ``-t``) with ``xlabml.checkpoints.load_checkpoint``, which checks
 that the tokenizer is the one the model was trained with, and samples, greedy-searches or beam-searches a
-continuation of the prompt with ``xlabml.inference``. The prompt is a string, ``FILE:path`` for a file's text, or ``-`` for
-standard input. Output is the prompt followed by the continuation, with control characters other than tab and
-newline escaped; it streams token by token when writing to a terminal (``--stream``/``--no-stream``).
+continuation of the prompt with ``xlabml.inference``. A LoRA run's checkpoint (adapters only) loads with the base
+model it records, the adapters merged into its weights. The prompt is a string, ``FILE:path`` for a file's text,
+or ``-`` for standard input. Output is the prompt followed by the continuation, with control characters other
+than tab and newline escaped; it streams token by token when writing to a terminal (``--stream``/``--no-stream``).
 """
 from __future__ import annotations
 
@@ -183,7 +184,9 @@ def run(args: argparse.Namespace, out=None) -> None:
     device = _device(args.device)
     started = time.perf_counter()
     # compiling the whole model is for training; inference compiles its decode step (--compile)
-    loaded = load_checkpoint(args.checkpoint, device, overrides={"compile": False}, tokenizer=args.tokenizer)
+    # a LoRA run's adapters are folded into the base they record: the same outputs, without the adapters' matmuls
+    loaded = load_checkpoint(args.checkpoint, device, overrides={"compile": False}, tokenizer=args.tokenizer,
+                             merge_lora=True)
     model, tokenizer = loaded.model.eval().requires_grad_(False), loaded.tokenizer
     model = model.to(_dtype(args.dtype, device))
     if tokenizer is None:

@@ -18,6 +18,7 @@ Optimizer and schedule from YAML (under ``model:``; stepped every optimizer step
 import math
 import time
 import warnings
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -27,7 +28,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import grad_norm
 
+from .init_from import InitFrom, parse_init_from
 from .layers import Decoder
+from .lora import LoRAConfig, LoRASettings, apply_lora
 from .losses import linear_cross_entropy
 from .metrics import target_bytes, token_bytes
 from .posttrain.objective import Objective
@@ -346,6 +349,12 @@ class XLabModel(XLabModule):
             each chunk made at once (``xlabml.losses.linear_cross_entropy``): the batch's logits are never all in
             memory. None: the plain loss over the full logits.
         debug: log gradient norms, warn on a non-finite loss.
+        init_from: start from another model's weights (``xlabml.init_from``): a checkpoint or export path, a
+            Hugging Face directory, or ``{path: ..., only: [embedding, ...]}`` for some weights only. Copied in
+            ``setup`` at the start of a run, never over weights a checkpoint restored.
+        lora: ``{rank, alpha, dropout, targets}`` (``xlabml.lora.LoRAConfig``): wrap the targeted linear layers in
+            low-rank adapters and freeze the rest; needs ``init_from`` (the whole base). Checkpoints then hold
+            the adapters and the base's path and weights hash only.
         objective: what to train for instead of next-token cross-entropy, e.g. ``xlabml.posttrain.dpo.DPO``
             (with ``data.format: preference``); None: cross-entropy on the non-pad targets.
     Optimizer, scheduler and objective are not saved in the hyperparameters (they are configuration of the run,
@@ -363,6 +372,7 @@ class XLabModel(XLabModule):
                  scheduler: LRSchedulerCallable | None = None, compile: bool = False,
                  activation_checkpointing: bool = False, weight_decay_embeddings: bool = False,
                  embedding_scale: float | None = None, debug: bool = False, loss_chunk_size: int | None = 8192,
+                 init_from: str | InitFrom | None = None, lora: LoRASettings | None = None,
                  objective: Objective | None = None):
         super().__init__(pad_index=pad_index, optimizer=optimizer, scheduler=scheduler, compile=compile,
                          weight_decay_embeddings=weight_decay_embeddings, debug=debug,
@@ -376,6 +386,79 @@ class XLabModel(XLabModule):
             dropout_embedding=dropout_embedding, tie_embeddings=tie_embeddings,
             parallel_residual=parallel_residual, bias=bias, activation_checkpointing=activation_checkpointing,
             embedding_scale=embedding_scale)
+        self.init_from = parse_init_from(init_from)  # (path, only) or None
+        self.lora_config = None if lora is None else LoRAConfig.from_settings(lora)
+        self.lora_base = None  # {'path', 'hash'} of the base weights under the adapters, once they are loaded
+        # True once the weights are set: by init_from, or by a checkpoint (load_checkpoint; xlab with --ckpt_path)
+        self.init_from_done = False
+        if self.lora_config is not None:
+            if self.init_from is None:
+                raise ValueError("model.lora needs model.init_from: the base model whose weights the adapters adapt")
+            if self.init_from[1] is not None:
+                raise ValueError(f"model.lora needs the whole base model, but model.init_from.only="
+                                 f"{self.init_from[1]} leaves the other weights random")
+            self.hparams['lora'] = self.lora_config.settings()  # every setting recorded, defaults included
+            apply_lora(self.model, **self.lora_config.settings())
+
+    # ---------------------------------------------------------------------------- warm start, adapters
+
+    def setup(self, stage):
+        # Lightning restores a ckpt_path only after setup, so a resumed run must say so beforehand: xlab and
+        # load_checkpoint set init_from_done. (trainer.fit(model, ckpt_path=...) on a model fresh from its
+        # constructor reads init_from too, then the checkpoint's weights replace those.)
+        if self.init_from is not None and not self.init_from_done:
+            self.apply_init_from()
+
+    def apply_init_from(self):
+        """Copy the ``init_from`` weights into the model (``xlabml.init_from.copy_weights``), after checking the
+        trainer's data module's tokenizer against the one they were trained with (when the embedding or the head
+        is copied); for a LoRA model, record the base's path and weights hash. Called by ``setup`` at the start of
+        a run without ``ckpt_path``."""
+        from .checkpoints import check_tokenizer, warn
+        from .init_from import copy_weights, read_source, token_indexed
+        from .lora import weights_hash
+
+        path, only = self.init_from
+        source = read_source(path)
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        tokenizer = getattr(datamodule, 'tokenizer', None)
+        recorded, indexed = source.tokenizer, token_indexed(only)  # indexed: rows are the source tokenizer's ids
+        if indexed and recorded.get('tokenizer_hash') and tokenizer is not None:
+            check_tokenizer(tokenizer, recorded['tokenizer_hash'], recorded.get('tokenizer_path'), path)
+        elif indexed and not recorded.get('tokenizer_hash'):
+            what = f"that the data's tokenizer {tokenizer.path}" if tokenizer is not None else "the tokenizer"
+            warn(f"model.init_from {path} records no tokenizer hash (a Hugging Face model, or weights imported "
+                 f"without an XLab tokenizer): cannot check {what} is the one its weights were trained with")
+        copy_weights(self, source, only)
+        if self.lora_config is not None:
+            # the identity of the weights as the file stores them, whatever dtype a run casts the model to
+            self.lora_base = {'path': str(Path(path).resolve()), 'hash': weights_hash(source.weights)}
+        self.init_from_done = True
+
+    def on_save_checkpoint(self, checkpoint):
+        """A LoRA run's checkpoint keeps the adapters only, and the base's path and weights hash."""
+        super().on_save_checkpoint(checkpoint)  # the objective's state (DPO's reference)
+        if self.lora_config is None:
+            return
+        from .checkpoints import LORA_KEY
+        from .lora import adapter_keys
+
+        if self.lora_base is None:
+            raise ValueError("a LoRA model's checkpoint refers to its base weights, but none were loaded: start "
+                             "the run with model.init_from (or from a LoRA checkpoint with ckpt_path)")
+        keys = set(adapter_keys(self))
+        checkpoint['state_dict'] = {k: v for k, v in checkpoint['state_dict'].items() if k in keys}
+        checkpoint[LORA_KEY] = dict(self.lora_base)
+
+    def on_load_checkpoint(self, checkpoint):
+        """A LoRA checkpoint (adapters only): the base weights come from its recorded base, checked by hash."""
+        from .checkpoints import LORA_KEY, lora_state_dict
+
+        super().on_load_checkpoint(checkpoint)
+        if checkpoint.get(LORA_KEY):
+            path = self.trainer.ckpt_path if self._trainer is not None else 'the checkpoint'
+            checkpoint['state_dict'], self.lora_base = lora_state_dict(self, checkpoint, path)
+        self.init_from_done = True
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,

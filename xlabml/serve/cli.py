@@ -70,7 +70,9 @@ def build(args: argparse.Namespace):
     one_line_warnings(PROG)
     device = _device(args.device)
     # compiling the whole model is for training; generation runs eagerly
-    loaded = load_checkpoint(args.checkpoint, device, overrides={"compile": False}, tokenizer=args.tokenizer)
+    # a LoRA run's adapters are folded into the base they record: the same outputs, one matmul per layer
+    loaded = load_checkpoint(args.checkpoint, device, overrides={"compile": False}, tokenizer=args.tokenizer,
+                             merge_lora=True)
     if loaded.tokenizer is None:
         raise ValueError(f"checkpoint {args.checkpoint} names no tokenizer; give one with -t/--tokenizer")
     if len(loaded.tokenizer) <= 4:
