@@ -204,6 +204,21 @@ def test_reference_is_the_initial_weights_and_survives_a_resume(tokenizer, tmp_p
     assert plain.objective is None
 
 
+def test_reference_is_the_model_init_from_starts_from(tokenizer, tmp_path):
+    from interop_support import make_checkpoint
+
+    arch = dict(n_vocab=len(tokenizer), max_len=16, d_model=32, n_layers=1, n_heads=2, d_ff=64, position="rope")
+    ckpt, base = make_checkpoint(tmp_path / "sft.ckpt", tokenizer.path, seed=3, **arch)
+    model = XLabModel(**arch, dropout=0.0, init_from=str(ckpt), objective=DPO(beta=0.1),
+                      optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0))
+    path = write_jsonl(tmp_path / "p.jsonl", pairs(["abc", "bcd", "cde", "def"]))
+    trainer(tmp_path, 2, enable_checkpointing=False).fit(model, datamodule(tmp_path, tokenizer, path))
+    expected = base.model.state_dict()
+    reference = model.objective.reference.state_dict()
+    assert all(torch.equal(reference[k], expected[k]) for k in expected)  # the checkpoint's weights, not the init
+    assert any(not torch.equal(model.model.state_dict()[k], expected[k]) for k in expected)
+
+
 # ------------------------------------------------------------------------------------------------ command
 
 
