@@ -335,7 +335,7 @@ def test_compute_stats_exact_on_a_small_split(tmp_path, corpus, tokenizer_file):
     assert split["chars_per_token"] == round(sum(map(len, texts)) / sum(lengths), 4)
     assert split["text_length"]["max"] == max(map(len, texts)) and split["token_length"]["min"] == min(lengths)
     vocab = stats["vocabulary"]
-    assert vocab["total"] == NUM_TOKENS and vocab["special"] == 4 and vocab["byte_tokens"] == 256
+    assert vocab["total"] == NUM_TOKENS and vocab["special"] == 4 + 3 and vocab["byte_tokens"] == 256
     assert vocab["special"] + vocab["learned"] + vocab["single_characters"] + vocab["byte_tokens"] == NUM_TOKENS
     sampled = dm.compute_stats("train", sample_size=20)["split"]
     assert sampled["tokens_estimated"] and sampled["sampled_documents"] == 20 and sampled["documents"] == 108

@@ -5,8 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xlabml.corpus import iter_builtin_texts
-from xlabml.tokenizer import (_ESCAPE_TABLE, ESCAPE, META, Tokenizer, TokenizerTrainer, escape, split_text,
-                              unescape)
+from xlabml.tokenizer import (_ESCAPE_TABLE, CHAT_TOKENS, ESCAPE, META, Tokenizer, TokenizerTrainer, escape,
+                              split_text, unescape)
 
 E, M = ESCAPE, META
 
@@ -166,7 +166,7 @@ def test_train_args_checked_and_passed_through(tmp_path):
         TokenizerTrainer({"vocab_size": 7})
     texts = list(iter_builtin_texts("python-topics"))[:3]
     tok = TokenizerTrainer({"max_sentencepiece_length": 2}).train(texts, 400, tmp_path / "a.model")
-    assert max(len(tok.get_token(i)) for i in range(4, len(tok)) if i >= 260) == 2
+    assert max(len(tok.get_token(i)) for i in range(260, len(tok) - len(CHAT_TOKENS))) == 2
 
 
 def test_long_line_is_split_not_dropped(tmp_path):
@@ -198,8 +198,8 @@ def test_split_text():
 def test_char_model(tmp_path):
     text = "hello world\n" * 20
     tok = TokenizerTrainer({"model_type": "char"}).train([text], 1000, tmp_path / "char.model")
-    # num_tokens is an upper bound for char models: 4 special + 256 bytes + the distinct characters.
-    assert len(tok) == 4 + 256 + len(set(text))
+    # num_tokens is an upper bound for char models: 4 special + 256 bytes + the distinct characters + 3 chat tokens.
+    assert len(tok) == 4 + 256 + len(set(text)) + len(CHAT_TOKENS)
     assert tok.encode("hello") == [tok[c] for c in "hello"]
     for s in ["hello world", f"unseen {M}{E} 漢字 \x00", ""]:
         assert tok.decode(tok.encode(s)) == s

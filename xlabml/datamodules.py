@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import os
@@ -26,8 +27,9 @@ from xlabml.datasets import SequenceDataset, TokenDataset, resolve_step, warmup_
 from xlabml.sources import (DEFAULT_SPLITS, SPLIT_NAMES, format_split_report, load_splits, sample_documents,
                             text_lengths)
 from xlabml.streaming import StreamLoader, StreamWindows, TextStream, sample_stream
-from xlabml.tokenizer import Tokenizer, TokenizerTrainer, escape, split_text
+from xlabml.tokenizer import CHAT_TOKENS, Tokenizer, TokenizerTrainer, escape, split_text
 
+DATA_FORMATS = ("text", "chat", "preference")  # what a data row is (see XLabDataModule's `format`)
 # Splits each Lightning stage reads; stages may run without an optional split (e.g. fit without val).
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -104,6 +106,12 @@ class XLabDataModule(L.LightningDataModule):
             the usual ones, so a resumed run (which restores the step and the sampler) cuts exactly the same
             batches. Cheaper early steps: a step of length L costs about L / seq_len of a full one. 0: off.
         seq_len_start: the first (and the stage) length of the warmup; default ``seq_len // 4``.
+        format: what a data row is: ``text`` (a document, for pretraining), ``chat`` (a chat or a prompt/response
+            pair, for instruction tuning: targets are the assistant replies only) or ``preference`` (a prompt with a
+            chosen and a rejected response, for DPO: batches of pairs). Chat and preference rows are read from
+            JSON Lines/JSON/Parquet/CSV/Arrow files (``xlabml.posttrain.records``) and need an existing tokenizer
+            (rows of messages: a chat tokenizer, ``./manage.py add-chat-tokens``); preference pairs are padded
+            windows (``packed`` does not apply).
     """
 
     def __init__(
@@ -130,6 +138,7 @@ class XLabDataModule(L.LightningDataModule):
         tokenizer_sample_bytes: int = 1_000_000_000,
         seq_len_warmup: int = 0,
         seq_len_start: int | None = None,
+        format: str = "text",
     ):
         super().__init__()
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
@@ -154,6 +163,17 @@ class XLabDataModule(L.LightningDataModule):
         unknown = sorted(set(splits or {}) - set(SPLIT_NAMES))
         if unknown:
             raise ValueError(f"splits {splits!r}: unknown split names {unknown}; expected some of {list(SPLIT_NAMES)}")
+        if format not in DATA_FORMATS:
+            raise ValueError(f"format={format!r}: expected one of {list(DATA_FORMATS)}")
+        if format == "preference" and packed:
+            raise ValueError("packed applies to text and chat data, not to format='preference' (each pair is two "
+                             "padded windows): set packed: false")
+        if format == "preference" and seq_len_warmup:
+            raise ValueError("seq_len_warmup applies to text and chat data, not to format='preference' (a cut pair "
+                             "would lose its responses): set seq_len_warmup: 0")
+        if format != "text" and dynamic_encode:
+            raise ValueError(f"dynamic_encode applies to text only, not to format={format!r} (chats and preference "
+                             "pairs are encoded once and cached)")
         self.save_hyperparameters()
         self._tokenizer: Tokenizer | None = None
         self._texts = None
@@ -206,8 +226,12 @@ class XLabDataModule(L.LightningDataModule):
         """Documents of every configured split (``datasets.Dataset`` with a ``text`` column, or a ``TextStream``
         for a streamed split), loaded once."""
         if self._texts is None:
+            load = None
+            if self.hparams.format != "text":  # checked chats or pairs, one JSON string each in `text`
+                from xlabml.posttrain.records import load_examples
+                load = functools.partial(load_examples, format=self.hparams.format)
             self._texts, self.split_report = load_splits(self.hparams.locations, self.hparams.splits,
-                                                         self.hparams.seed)
+                                                         self.hparams.seed, load=load)
             rank_zero_info(format_split_report(self.split_report))
         return self._texts
 
@@ -240,6 +264,15 @@ class XLabDataModule(L.LightningDataModule):
                              f"({self.split_report})")
         tokenizer = self.tokenizer
         tokens = self._token_dataset(name, texts, tokenizer)
+        if self.hparams.format == "preference":
+            from xlabml.posttrain.preference import PreferenceDataset
+            return PreferenceDataset(tokens, self.hparams.seq_len, pad_index=tokenizer[tokenizer.pad_token], name=name)
+        if self.hparams.format == "chat":
+            from xlabml.posttrain.sft import ChatSequenceDataset
+            return ChatSequenceDataset(
+                tokens, self.hparams.seq_len, self.hparams.step_size, packed=self.hparams.packed,
+                sos_index=tokenizer[tokenizer.sos_token], eos_index=tokenizer[tokenizer.eos_token],
+                pad_index=tokenizer[tokenizer.pad_token])
         return SequenceDataset(
             tokens, self.hparams.seq_len, self.hparams.step_size, packed=self.hparams.packed,
             train_sos=self.hparams.train_sos, sos_index=tokenizer[tokenizer.sos_token],
@@ -255,6 +288,18 @@ class XLabDataModule(L.LightningDataModule):
             seed=self.hparams.seed, cycle=cycle, resume=train, rank=rank, world_size=world)
 
     def _token_dataset(self, name: str, texts, tokenizer) -> TokenDataset:
+        if self.hparams.format == "chat":
+            from xlabml.posttrain.sft import encode_chats
+            tokens = encode_chats(texts, tokenizer, num_proc=self.hparams.num_proc, cache_dir=self._cache_dir)
+            if not tokens.from_cache:
+                rank_zero_info(f"data: encoded {name} split: {len(tokens)} chats, {tokens.num_tokens} tokens")
+            return tokens
+        if self.hparams.format == "preference":
+            from xlabml.posttrain.preference import encode_pairs
+            pairs = encode_pairs(texts, tokenizer, num_proc=self.hparams.num_proc, cache_dir=self._cache_dir)
+            if not pairs.from_cache:
+                rank_zero_info(f"data: encoded {name} split: {len(pairs)} preference pairs")
+            return pairs
         tokens = TokenDataset(texts, tokenizer, num_proc=self.hparams.num_proc, dynamic=self.hparams.dynamic_encode,
                               cache_dir=self._cache_dir)
         if not tokens.from_cache:
@@ -272,6 +317,10 @@ class XLabDataModule(L.LightningDataModule):
             if path is None:
                 raise ValueError("tokenizer_path is not set: set it to the tokenizer file to load, or to where the "
                                  "tokenizer trained on the train split is saved (or set tokenizer_url)")
+            if self.hparams.format != "text":
+                raise FileNotFoundError(f"tokenizer {path} not found: format={self.hparams.format!r} fine-tunes a "
+                                        "pretrained model and needs its tokenizer (for chats, the chat tokenizer made "
+                                        "by `./manage.py add-chat-tokens`)")
             texts = self.texts()
             train = texts.get("train")
             if train is None or not isinstance(train, TextStream) and len(train) == 0:
@@ -441,7 +490,7 @@ class XLabDataModule(L.LightningDataModule):
         vocabulary = {"total": len(tokenizer), "special": 0, "learned": 0, "single_characters": 0, "byte_tokens": 0}
         for index in range(len(tokenizer)):
             piece = tokenizer.get_token(index)
-            kind = ("special" if index < 4 else "byte_tokens" if _BYTE_TOKEN.fullmatch(piece)
+            kind = ("special" if index < 4 or piece in CHAT_TOKENS else "byte_tokens" if _BYTE_TOKEN.fullmatch(piece)
                     else "single_characters" if len(piece) == 1 else "learned")
             vocabulary[kind] += 1
         if isinstance(texts, TextStream):

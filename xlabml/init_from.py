@@ -13,7 +13,11 @@ import-hf`` would, nothing written) and copies the selected weights into ``model
 
 so LSWT's warm start of the embeddings from another model is ``only: [embedding]``. The data's tokenizer must be
 the source's when the embedding or the head is copied (``token_indexed``), not otherwise. Every selected tensor must
-exist in the source with the same shape, or nothing is copied and one line names the first mismatch. Adapters a
+exist in the source with the same shape, or nothing is copied and one line names the first mismatch; except that
+the model's vocabulary may be larger than the source's by exactly the chat tokens (``xlabml.chat.add_chat_tokens``
+appends them to a tokenizer trained before they were reserved): the embedding and head rows of the ids they share
+are copied, and each new row starts at the mean of the source's rows (an average token, whose logit starts
+ordinary rather than arbitrary). Adapters a
 transformation added (``xlabml.lora``) are not weights of the source: they are never selected.
 
 ``XLabModel(init_from=...)`` (``model.init_from`` in YAML) takes a path or ``{path: ..., only: [...]}``
@@ -42,6 +46,7 @@ class InitFrom(TypedDict, total=False):
 
 ROLES = {"embedding": "embedding.", "head": "head.", "position": "position.", "final_norm": "norm.",
          "blocks": "blocks."}
+VOCABULARY_ROWS = ("embedding.weight", "head.weight", "head.bias")  # dim 0 indexed by token id
 
 
 def parse_init_from(value: Any) -> Optional[tuple[str, Optional[list[str]]]]:
@@ -166,10 +171,24 @@ def copy_weights(model: nn.Module, source: InitSource, only=None) -> list[str]:
     for key in selected:
         if key not in weights:
             raise ValueError(f"init_from: {path} has no {key!r} (the model needs it; select less with only=...)")
-        if tuple(weights[key].shape) != tuple(target[key].shape):
+        if tuple(weights[key].shape) != tuple(target[key].shape) and not _grows_vocabulary(key, weights[key],
+                                                                                              target[key]):
             raise ValueError(f"init_from: {key} has shape {tuple(weights[key].shape)} in {path} but "
                              f"{tuple(target[key].shape)} in the model")
     with torch.no_grad():
         for key in selected:
-            target[key].copy_(weights[key].to(target[key].dtype))
+            copied = weights[key].to(target[key].dtype)
+            rows = copied.shape[0] if copied.dim() else 0
+            if copied.dim() and rows < target[key].shape[0]:  # the chat tokens' new rows: at the mean
+                target[key][rows:].copy_(copied.float().mean(dim=0).to(copied.dtype))
+                target[key][:rows].copy_(copied)
+            else:
+                target[key].copy_(copied)
     return selected
+
+
+def _grows_vocabulary(key: str, source: torch.Tensor, target: torch.Tensor) -> bool:
+    from xlabml.tokenizer import CHAT_TOKENS
+
+    return (key in VOCABULARY_ROWS and source.dim() == target.dim() >= 1 and source.shape[1:] == target.shape[1:]
+            and source.shape[0] + len(CHAT_TOKENS) == target.shape[0])

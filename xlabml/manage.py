@@ -8,6 +8,10 @@ callbacks (about a third of a training checkpoint), under a name carrying a shor
 model. Files are written atomically and never overwritten: exporting the
 same weights twice finds the file already there.
 
+``add-chat-tokens TOKENIZER OUTPUT`` writes the chat tokenizer of a tokenizer: the same vocabulary with the
+chat template's role tokens appended (``xlabml.chat.make_chat_tokenizer``), for instruction tuning a model
+pretrained with it.
+
 ``merge-lora CKPT OUT [--base PATH]`` folds the adapters of a LoRA run's checkpoint into its base model's weights
 and writes a plain checkpoint (``.ckpt`` or ``.safetensors``) that loads without the base
 (``xlabml.checkpoints.merge_lora_checkpoint``); never overwrites.
@@ -75,6 +79,25 @@ def _export(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# add-chat-tokens
+
+
+def _chat_tokens_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("tokenizer", help="the tokenizer model file the model was pretrained with")
+    parser.add_argument("output", help="where to write the chat tokenizer (never overwritten)")
+
+
+def _chat_tokens(args: argparse.Namespace) -> None:
+    from xlabml.chat import ChatTemplate, make_chat_tokenizer
+
+    tokenizer = make_chat_tokenizer(args.tokenizer, args.output)
+    template = ChatTemplate(tokenizer)
+    ids = ", ".join(f"{role} {index}" for role, index in template.role_ids.items())
+    print(f"wrote {args.output}: {len(tokenizer)} tokens (role tokens {ids}; content hash {tokenizer.content_hash}); "
+          f"train with data.tokenizer_path: {args.output} and data.num_tokens >= {len(tokenizer)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # merge-lora
 
 
@@ -101,6 +124,14 @@ COMMANDS: dict[str, Command] = {
         "never overwrites.",
         _export_arguments,
         _export,
+    ),
+    "add-chat-tokens": Command(
+        "write a chat tokenizer: a tokenizer with the chat template's role tokens appended",
+        "Write TOKENIZER with the role tokens <|system|>, <|user|>, <|assistant|> appended as control tokens "
+        "(xlabml.chat) to OUTPUT, atomically; never overwrites. Ids of TOKENIZER keep their meaning, so a model "
+        "pretrained with it can be instruction-tuned with the result (data.format: chat).",
+        _chat_tokens_arguments,
+        _chat_tokens,
     ),
     "merge-lora": Command(
         "write a LoRA run's model with its adapters merged into the base, as a plain checkpoint",

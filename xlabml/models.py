@@ -33,6 +33,7 @@ from .layers import Decoder
 from .lora import LoRAConfig, LoRASettings, apply_lora
 from .losses import cross_entropy, linear_cross_entropy
 from .metrics import target_bytes, token_bytes
+from .posttrain.objective import Objective
 from .roles import parameter_roles, unwrapped_name
 from .schedules import WarmupCosine  # noqa: F401  (re-exported: xlabml.models.WarmupCosine)
 
@@ -81,12 +82,15 @@ class XLabModule(L.LightningModule):
     load balancing; logged as ``train_moe_aux`` with ``train_moe_load_max``/``_min``, the most and least loaded
     expert's share of the routed tokens times the number of experts: 1.0 is perfect balance). Validation and
     test losses are the cross-entropy alone.
+    With an ``objective`` (``xlabml.posttrain.objective.Objective``, e.g. DPO) the objective computes and logs
+    each batch's loss instead.
     """
     model: nn.Module
 
     def __init__(self, *, pad_index: int | None, optimizer: OptimizerCallable | None,
                  scheduler: LRSchedulerCallable | None, compile: bool, weight_decay_embeddings: bool,
-                 debug: bool, loss_chunk_size: int | None = None, z_loss: float = 0.0, moe_aux_loss: float = 0.0):
+                 debug: bool, loss_chunk_size: int | None = None, z_loss: float = 0.0, moe_aux_loss: float = 0.0,
+                 objective: Objective | None = None):
         super().__init__()
         for name, value in (('z_loss', z_loss), ('moe_aux_loss', moe_aux_loss)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
@@ -104,6 +108,7 @@ class XLabModule(L.LightningModule):
         self.z_loss, self.moe_aux_loss = float(z_loss), float(moe_aux_loss)
         self.loss_parts = {}  # the training objective's parts at the last training step (detached)
         self._aux_layers = None  # the model's modules with an auxiliary loss, found on first use
+        self.objective = objective
         self._throughput = [0, 0.0, 0.0]  # tokens, seconds, start of the current step
         self._totals = {}  # stage -> [summed loss, target count, target bytes] for perplexity and bits per byte
         self._byte_sizes = None  # UTF-8 bytes of each token id (xlabml.metrics.token_bytes), when known
@@ -217,6 +222,11 @@ class XLabModule(L.LightningModule):
         return self.global_step == 0 or (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0
 
     def _step(self, batch, stage):
+        if self.objective is not None:
+            return self.objective.step(self, batch, stage)
+        if 'x' not in batch:
+            raise ValueError(f"a batch with {sorted(batch)} is not one of token windows: preference pairs "
+                             "(data.format: preference) need model.objective: xlabml.posttrain.dpo.DPO")
         log_now = stage != 'train' or self._logging_step()
         loss, n, correct = self.batch_loss(batch, accuracy=log_now)
         if not log_now:
@@ -266,7 +276,7 @@ class XLabModule(L.LightningModule):
         self._throughput[2] = time.perf_counter()
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        self._throughput[0] += batch['x'].numel()
+        self._throughput[0] += sum(v.numel() for k, v in batch.items() if k == 'x' or k.endswith('_x'))
         self._throughput[1] += time.perf_counter() - self._throughput[2]
 
     def validation_step(self, batch, batch_idx):
@@ -328,6 +338,14 @@ class XLabModule(L.LightningModule):
         return {'loss': nll.sum(dim=1) / tokens.clamp(min=1), 'tokens': tokens}
 
     # --------------------------------------------------------------------------------- debug, optimizer
+
+    def on_save_checkpoint(self, checkpoint):
+        if self.objective is not None:
+            self.objective.on_save_checkpoint(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint):
+        if self.objective is not None:
+            self.objective.on_load_checkpoint(self, checkpoint)
 
     def on_before_optimizer_step(self, optimizer):
         if self.debug:
@@ -418,8 +436,10 @@ class XLabModel(XLabModule):
         lora: ``{rank, alpha, dropout, targets}`` (``xlabml.lora.LoRAConfig``): wrap the targeted linear layers in
             low-rank adapters and freeze the rest; needs ``init_from`` (the whole base). Checkpoints then hold
             the adapters and the base's path and weights hash only.
-    Optimizer and scheduler are not saved in the hyperparameters (they are configuration of the run, and
-    may not pickle); ``load_from_checkpoint`` gets the defaults unless given.
+        objective: what to train for instead of next-token cross-entropy, e.g. ``xlabml.posttrain.dpo.DPO``
+            (with ``data.format: preference``); None: cross-entropy on the non-pad targets.
+    Optimizer, scheduler and objective are not saved in the hyperparameters (they are configuration of the run,
+    and may not pickle); ``load_from_checkpoint`` gets the defaults unless given.
     """
 
     def __init__(self, n_vocab: int, max_len: int, d_model: int = 512, n_layers: int = 6, n_heads: int = 8,
@@ -435,11 +455,13 @@ class XLabModel(XLabModule):
                  embedding_scale: float | None = None, debug: bool = False, loss_chunk_size: int | None = 8192,
                  z_loss: float = 0.0, moe_aux_loss: float = 0.01, logit_softcap: float | None = None,
                  d_embedding: int | None = None, n_experts: int = 8, moe_top_k: int = 2, head_qk: int | None = None,
-                 init_from: str | InitFrom | None = None, lora: LoRASettings | None = None):
+                 init_from: str | InitFrom | None = None, lora: LoRASettings | None = None,
+                 objective: Objective | None = None):
         super().__init__(pad_index=pad_index, optimizer=optimizer, scheduler=scheduler, compile=compile,
                          weight_decay_embeddings=weight_decay_embeddings, debug=debug,
-                         loss_chunk_size=loss_chunk_size, z_loss=z_loss, moe_aux_loss=moe_aux_loss)
-        self.save_hyperparameters(ignore=['optimizer', 'scheduler'])
+                         loss_chunk_size=loss_chunk_size, z_loss=z_loss, moe_aux_loss=moe_aux_loss,
+                         objective=objective)
+        self.save_hyperparameters(ignore=['optimizer', 'scheduler', 'objective'])
         self.model = Decoder(
             n_vocab, max_len, d_model, n_layers, n_heads, d_ff, dropout, n_kv_heads=n_kv_heads,
             position=position, rope_base=rope_base, rope_fraction=rope_fraction, norm=norm, prenorm=prenorm,
@@ -500,6 +522,7 @@ class XLabModel(XLabModule):
 
     def on_save_checkpoint(self, checkpoint):
         """A LoRA run's checkpoint keeps the adapters only, and the base's path and weights hash."""
+        super().on_save_checkpoint(checkpoint)  # the objective's state (DPO's reference)
         if self.lora_config is None:
             return
         from .checkpoints import LORA_KEY
@@ -516,6 +539,7 @@ class XLabModel(XLabModule):
         """A LoRA checkpoint (adapters only): the base weights come from its recorded base, checked by hash."""
         from .checkpoints import LORA_KEY, lora_state_dict
 
+        super().on_load_checkpoint(checkpoint)
         if checkpoint.get(LORA_KEY):
             path = self.trainer.ckpt_path if self._trainer is not None else 'the checkpoint'
             checkpoint['state_dict'], self.lora_base = lora_state_dict(self, checkpoint, path)

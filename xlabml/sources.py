@@ -264,7 +264,7 @@ def _is_count_or_ratio(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def load_splits(locations, splits: Mapping[str, Any] | None = None, seed: int = 42
+def load_splits(locations, splits: Mapping[str, Any] | None = None, seed: int = 42, load=None
                 ) -> tuple[dict[str, datasets.Dataset | TextStream], dict[str, Any]]:
     """Documents of each split, and a report of how the documents were shared out.
 
@@ -281,6 +281,8 @@ def load_splits(locations, splits: Mapping[str, Any] | None = None, seed: int = 
     split is then a :class:`~xlabml.streaming.TextStream` of the documents whose text hashes (keyed by `seed`)
     into the split's share of ``[0, 1)``, so every rank, worker and run agrees on it; only ratios (and ``0``)
     are allowed. A split given as its own streamed source is that whole stream.
+    `load` reads one source or a list of them into a dataset with a ``text`` column (default
+    :func:`load_locations`; ``xlabml.posttrain`` passes one that reads chats or preference pairs).
     Returns: ``(splits_by_name, report)``; the report counts ``documents`` (in `locations`), ``empty``
         (empty documents, skipped), the documents of each split and ``unused`` ones; for streamed locations it
         holds each split's share (float) and the ``unused`` share, and ``"stream"`` for a streamed split source.
@@ -303,6 +305,7 @@ def load_splits(locations, splits: Mapping[str, Any] | None = None, seed: int = 
         ratios = {k: v for k, v in numeric.items() if isinstance(v, float)}
         raise ValueError(f"splits {ratios!r}: ratios sum to {ratio_sum:.6g}, past 1")
 
+    load = load or load_locations
     result: dict[str, datasets.Dataset | TextStream] = {}
     report: dict[str, Any] = {}
     documents = None
@@ -310,7 +313,7 @@ def load_splits(locations, splits: Mapping[str, Any] | None = None, seed: int = 
         if not _as_source_list(locations):
             raise ValueError(f"splits {splits!r}: numeric splits share out the documents of 'locations', "
                              "but no locations are given")
-        documents = load_locations(locations)
+        documents = load(locations)
     if isinstance(documents, datasets.IterableDataset):
         result, report = _hash_splits(documents, numeric, seed)
     elif numeric:
@@ -343,7 +346,7 @@ def load_splits(locations, splits: Mapping[str, Any] | None = None, seed: int = 
                 report[name] = counts[name]
         report["unused"] = remainder
     for name, source in explicit.items():
-        dataset = load_locations(source)
+        dataset = load(source)
         if isinstance(dataset, datasets.IterableDataset):
             from xlabml.streaming import TextStream  # (xlabml.streaming builds on this module)
             result[name], report[name] = TextStream(dataset, seed=seed), "stream"

@@ -29,13 +29,14 @@ import hashlib
 import io
 import os
 import re
+import struct
 from collections.abc import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
 from xlabml.atomic import write_atomic
 
-__all__ = ["Tokenizer", "TokenizerTrainer", "escape", "unescape", "split_text", "ESCAPE", "META"]
+__all__ = ["Tokenizer", "TokenizerTrainer", "escape", "unescape", "split_text", "ESCAPE", "META", "CHAT_TOKENS"]
 
 ESCAPE = "\ue000"
 META = "\u2581"  # SentencePiece's whitespace meta symbol
@@ -44,6 +45,8 @@ _UNESCAPE_TABLE = {ESCAPE + ESCAPE: ESCAPE, ESCAPE + "u": META}
 _UNESCAPE_RE = re.compile(f"{ESCAPE}[{ESCAPE}u]")
 
 _SPECIAL_TOKENS = ("<unk>", "<sos>", "<eos>", "<pad>")  # at ids 0, 1, 2, 3
+# The chat template's role tokens (xlabml.chat): control tokens at the end of every trained vocabulary
+CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 
 
 def escape(text: str) -> str:
@@ -88,6 +91,9 @@ class Tokenizer:
     """A trained tokenizer. Build it with ``Tokenizer.load`` or ``TokenizerTrainer.train``.
 
     Special tokens have fixed ids: ``<unk>`` 0, ``<sos>`` 1, ``<eos>`` 2, ``<pad>`` 3; all four decode to ''.
+    A tokenizer trained by ``TokenizerTrainer`` ends with the chat template's role tokens ``CHAT_TOKENS`` (control
+    tokens: never produced by ``encode``, decoded to ''; see ``xlabml.chat``); an older one gets them appended by
+    ``xlabml.chat.add_chat_tokens``.
 
     Attributes:
         path: the model file it was loaded from or saved to (None when loaded from bytes).
@@ -183,6 +189,42 @@ class Tokenizer:
             self._check_ids(ids)
             raise
 
+    def with_control_tokens(self, names: Sequence[str]) -> Tokenizer:
+        """A new tokenizer: this one with control tokens ``names`` appended, at ids ``len(self)``, ``len(self) + 1``,
+        ... (every existing id keeps its meaning, so a model trained with this tokenizer keeps working).
+
+        A control token is never produced by ``encode`` (text that spells its name is encoded as text, so
+        ``decode(encode(s)) == s`` still holds for every string and ``encode`` gives the same ids as before) and
+        decodes to ''; only code that inserts its id explicitly (a chat template) puts it in a sequence. The new
+        model file is this one's bytes followed by the new pieces (appending to a protobuf's repeated field), so
+        its ``content_hash`` differs and ``model_proto.startswith(self.model_proto)``. The result has no
+        ``path``: save it with ``save``.
+
+        Raises:
+            ValueError: a name is empty, repeated, or already a piece of the vocabulary.
+        """
+        names = list(names)
+        for name in names:
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"control token name {name!r}: expected a non-empty string")
+            if name in self:
+                raise ValueError(f"control token {name!r} is already in the vocabulary (id {self[name]})")
+        if len(set(names)) != len(names):
+            raise ValueError(f"control token names {names} repeat a name")
+        return Tokenizer(self.model_proto + b"".join(map(_control_piece, names)), num_threads=self._num_threads)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the model file to ``path`` atomically (never overwriting) and make it this tokenizer's ``path``.
+
+        Raises:
+            FileExistsError: ``path`` exists.
+        """
+        path = os.fspath(path)
+        if os.path.lexists(path):
+            raise FileExistsError(f"tokenizer file already exists, refusing to overwrite it: {path}")
+        write_atomic(path, self.model_proto)
+        self.path = path
+
     def tokenize(self, text: str) -> list[str]:
         """The pieces ``encode`` would give, as strings (in escaped form: a space shows as ``▁``)."""
         return self._sp.encode(escape(text), out_type=str)
@@ -223,6 +265,26 @@ class Tokenizer:
         return f"Tokenizer(path={self.path!r}, num_tokens={len(self)})"
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _control_piece(name: str) -> bytes:
+    """The protobuf record of one more ``ModelProto.pieces`` entry: a CONTROL piece (type 3) of score 0.
+
+    Fields of ``SentencePiece``: piece (1, string), score (2, float), type (3, enum); the record is field 1 of
+    ``ModelProto``. Parsers append a repeated field's records in the order read, wherever they are in the bytes.
+    """
+    data = name.encode("utf-8")
+    body = b"\x0a" + _varint(len(data)) + data + b"\x15" + struct.pack("<f", 0.0) + b"\x18" + _varint(3)
+    return b"\x0a" + _varint(len(body)) + body
+
+
 class TokenizerTrainer:
     """Trains a reversible SentencePiece tokenizer.
 
@@ -243,6 +305,10 @@ class TokenizerTrainer:
     With ``model_type: char`` the vocabulary holds the special tokens, the 256 byte tokens and the corpus'
     most frequent characters, and ``num_tokens`` is an upper bound: a corpus with fewer distinct characters
     gives a smaller vocabulary (``len(tokenizer)``); a model sized by ``num_tokens`` just has unused rows.
+
+    The last ids of every trained vocabulary are the chat template's role tokens (``CHAT_TOKENS``, control
+    tokens), so a model pretrained with it can be instruction-tuned without changing its vocabulary; SentencePiece
+    learns ``num_tokens - len(CHAT_TOKENS)`` pieces.
     """
 
     DEFAULT_ARGS = {
@@ -278,7 +344,7 @@ class TokenizerTrainer:
         so SentencePiece sees every character. Newlines inside a text are kept (they become tokens).
 
         Returns:
-            the trained Tokenizer (its ``path`` is ``save_path``).
+            the trained Tokenizer (its ``path`` is ``save_path``), ``CHAT_TOKENS`` at its last ids.
         Raises:
             FileExistsError: ``save_path`` exists (nothing is overwritten).
             ValueError: ``num_tokens`` is too small for the special, byte and required character tokens, or more
@@ -287,8 +353,9 @@ class TokenizerTrainer:
         save_path = os.fspath(save_path)
         if os.path.exists(save_path):
             raise FileExistsError(f"tokenizer file already exists, refusing to overwrite it: {save_path}")
-        if not isinstance(num_tokens, int) or num_tokens <= len(_SPECIAL_TOKENS):
-            raise ValueError(f"num_tokens must be an int > {len(_SPECIAL_TOKENS)}, got {num_tokens!r}")
+        reserved = len(_SPECIAL_TOKENS) + len(CHAT_TOKENS)
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens <= reserved:
+            raise ValueError(f"num_tokens must be an int > {reserved} (the special and chat tokens), got {num_tokens!r}")
         args = {**self.DEFAULT_ARGS, "num_threads": _default_num_threads(), **self.train_args}
         max_bytes = int(args["max_sentence_length"])
         stats = {"texts": 0}
@@ -297,7 +364,7 @@ class TokenizerTrainer:
             spm.SentencePieceTrainer.train(
                 sentence_iterator=self._sentences(texts, max_bytes, stats),
                 model_writer=writer,
-                vocab_size=num_tokens,
+                vocab_size=num_tokens - len(CHAT_TOKENS),
                 unk_id=0, bos_id=1, eos_id=2, pad_id=3,
                 unk_piece=_SPECIAL_TOKENS[0], bos_piece=_SPECIAL_TOKENS[1],
                 eos_piece=_SPECIAL_TOKENS[2], pad_piece=_SPECIAL_TOKENS[3],
@@ -306,8 +373,10 @@ class TokenizerTrainer:
             )
         except RuntimeError as e:
             raise self._explain(e, num_tokens, stats) from None
-        write_atomic(save_path, writer.getvalue())  # complete or absent, never overwriting one made meanwhile
-        return Tokenizer(writer.getvalue(), path=save_path)
+        tokenizer = Tokenizer(writer.getvalue()).with_control_tokens(CHAT_TOKENS)
+        write_atomic(save_path, tokenizer.model_proto)  # complete or absent, never overwriting one made meanwhile
+        tokenizer.path = save_path
+        return tokenizer
 
     @classmethod
     def _sentences(cls, texts: Iterable[str], max_bytes: int, stats: dict) -> Iterator[str]:
@@ -328,12 +397,13 @@ class TokenizerTrainer:
             return ValueError("no training texts: the iterable of texts was empty")
         if "Vocabulary size too high" in message:
             bound = re.search(r"<= (\d+)", message)
-            limit = f" (at most {bound.group(1)})" if bound else ""
+            limit = f" (at most {int(bound.group(1)) + len(CHAT_TOKENS)})" if bound else ""
             return ValueError(f"num_tokens={num_tokens} is more than the training texts can fill{limit}: "
                               f"use a smaller vocabulary or more text [SentencePiece: {message}]")
         if "Vocabulary size is smaller than required_chars" in message:
             return ValueError(f"num_tokens={num_tokens} is too small: it must hold the 4 special tokens, the 256 "
-                              f"byte tokens and the required characters [SentencePiece: {message}]")
+                              f"byte tokens, the required characters and the {len(CHAT_TOKENS)} chat tokens "
+                              f"[SentencePiece: {message}]")
         return ValueError(f"tokenizer training failed: {message}")
 
 

@@ -1,8 +1,9 @@
 """Chat messages as prompt ids: the one function that knows chat templates.
 
-A model post-trained for chat stores its template with its tokenizer and checkpoint; ``render_chat`` is where
-that template is applied. A checkpoint without one (a base model served for chat) gets the plain-text fallback
-below, which any model trained on ordinary text can continue::
+A model post-trained for chat (SFT or DPO, ``xlabml.posttrain``) stores its template with its tokenizer and
+checkpoint (``xlabml.chat.chat_template``); ``render_chat`` is where that template is applied: the prompt ends with
+``<|assistant|>`` and the reply ends at the model's <eos>. A checkpoint without one (a base model served for chat)
+gets the plain-text fallback below, which any model trained on ordinary text can continue::
 
     <sos>System: {system message}
 
@@ -42,11 +43,16 @@ def render_chat(messages: Sequence[tuple[str, str]], tokenizer, checkpoint=None)
     Args:
         messages: (role, text) pairs in order; roles are keys of ``ROLES`` (checked by the request model).
         tokenizer: the model's ``Tokenizer``.
-        checkpoint: the ``LoadedCheckpoint`` served (None: a model given without one). When a checkpoint
-            records a chat template, that template renders the chat; none does yet, so this is the plain-text
-            fallback of the module doc.
+        checkpoint: the ``LoadedCheckpoint`` served (None: a model given without one). When the checkpoint was
+            post-trained on chats (``xlabml.chat.chat_template``), its template renders the chat; otherwise the
+            plain-text fallback of the module doc does.
     Returns: a ``ChatPrompt``.
     """
+    from xlabml.chat import chat_template
+
+    template = chat_template(checkpoint) if checkpoint is not None else None
+    if template is not None:
+        return ChatPrompt(template.render(messages, add_generation_prompt=True).ids)
     turns = [f"{ROLES[role]}: {text}" for role, text in messages]
     text = "\n\n".join(turns + ["Assistant:"])
     return ChatPrompt([tokenizer[tokenizer.sos_token]] + tokenizer.encode(text), list(FALLBACK_STOP), strip=True)
