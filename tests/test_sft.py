@@ -195,7 +195,9 @@ def test_bad_sources_and_settings(tokenizer, tmp_path):
     assert json.loads(loaded[0]["text"]) == {"messages": [["user", "a"], ["assistant", "b"]]}
     for settings, match in [(dict(format="chats"), "format='chats': expected one of"),
                             (dict(dynamic_encode=True), "dynamic_encode applies to text only"),
-                            (dict(format="preference", packed=True), "packed applies to text and chat data")]:
+                            (dict(format="preference", packed=True), "packed applies to text and chat data"),
+                            (dict(format="preference", packed=False, seq_len_warmup=10),
+                             "seq_len_warmup applies to text and chat data")]:
         with pytest.raises(ValueError, match=match):
             datamodule(tmp_path, tokenizer, path, **settings)
     missing = datamodule(tmp_path, tokenizer, path, tokenizer_path=str(tmp_path / "none.model"))
