@@ -267,6 +267,32 @@ BLOCKS = {  # (prenorm, parallel_residual)
 
 # ------------------------------------------------------------------------------------------------ decoder
 
+MEMORY_GRADS = ('none', 'recompute')  # memory_grad: how the segment memory gets gradients (xlabml.memory)
+
+
+def resolve_layer_windows(layer_windows, sliding_window, n_layers) -> list[int | None]:
+    """Each layer's sliding window from ``layer_windows``: a list whose length divides ``n_layers`` (repeated
+    over the layers), of ``'local'`` (the model's ``sliding_window``), ``'global'`` or None (no window), or a
+    number of tokens. None: every layer gets ``sliding_window`` through the model's attention context."""
+    if layer_windows is None:
+        return [None] * n_layers
+    pattern = list(layer_windows) if isinstance(layer_windows, (list, tuple)) else None
+    if not pattern or n_layers % len(pattern):
+        raise ValueError(f"layer_windows={layer_windows!r}: expected a list whose length divides n_layers={n_layers}")
+    windows = []
+    for entry in pattern:
+        if entry == 'local':
+            if sliding_window is None:
+                raise ValueError("layer_windows names 'local' layers but sliding_window (their window) is not set")
+            entry = sliding_window
+        elif entry == 'global':
+            entry = None
+        if entry is not None and (isinstance(entry, bool) or not isinstance(entry, int) or entry < 1):
+            raise ValueError(f"layer_windows entry {entry!r}: expected 'local', 'global', null or a window >= 1")
+        windows.append(entry)
+    return windows * (n_layers // len(pattern))
+
+
 class Decoder(nn.Module):
     """GPT-style decoder: token embedding (+ absolute positions) -> blocks -> optional final norm -> head.
 
@@ -289,7 +315,9 @@ class Decoder(nn.Module):
                  attention: str = 'sdpa', sliding_window: int | None = None, qk_norm: bool = False,
                  dropout_attn: bool = True, dropout_ffn: bool = True, dropout_residual: bool = False,
                  dropout_embedding: bool = False, tie_embeddings: bool = False, parallel_residual: bool = False,
-                 bias: bool = True, activation_checkpointing: bool = False, embedding_scale: float | None = None):
+                 bias: bool = True, activation_checkpointing: bool = False, embedding_scale: float | None = None,
+                 registers: int = 0, kv_share: int = 1, layer_windows: list[str | int | None] | None = None,
+                 memory_len: int = 0, memory_grad: str = 'none'):
         super().__init__()
         for name, value in (('n_vocab', n_vocab), ('max_len', max_len), ('d_model', d_model),
                             ('n_layers', n_layers), ('n_heads', n_heads), ('d_ff', d_ff)):
@@ -307,16 +335,35 @@ class Decoder(nn.Module):
         if embedding_scale is not None and not (isinstance(embedding_scale, (int, float))
                                                 and math.isfinite(embedding_scale) and embedding_scale > 0):
             raise ValueError(f"embedding_scale must be None (sqrt(d_model)) or a number > 0, got {embedding_scale!r}")
+        for name, value in (('registers', registers), ('memory_len', memory_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if isinstance(kv_share, bool) or not isinstance(kv_share, int) or kv_share < 1:
+            raise ValueError(f"kv_share must be an integer >= 1 (layers per shared key/value), got {kv_share!r}")
+        if memory_grad not in MEMORY_GRADS:
+            raise ValueError(f"memory_grad={memory_grad!r}; expected one of: {', '.join(MEMORY_GRADS)}")
         self.n_vocab, self.max_len, self.d_model, self.n_layers = n_vocab, max_len, d_model, n_layers
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d_model // n_heads
-        self.sliding_window = sliding_window
+        self.layer_windows = resolve_layer_windows(layer_windows, sliding_window, n_layers)
+        self.sliding_window = None if layer_windows is not None else sliding_window
         self.activation_checkpointing = activation_checkpointing
+        self.kv_share, self.memory_len, self.memory_grad = kv_share, memory_len, memory_grad
+        # the key/value store of each layer: its own (index into a cache's layers), or None (shares the first
+        # layer's of its group of kv_share)
+        self.kv_stores = [i // kv_share if i % kv_share == 0 else None for i in range(n_layers)]
+        for i in range(n_layers):
+            if self.layer_windows[i] != self.layer_windows[i - i % kv_share]:
+                raise ValueError(f"layer_windows gives layer {i} another window than layer {i - i % kv_share}, "
+                                 f"whose keys and values it shares (kv_share={kv_share})")
 
         self.embedding = nn.Embedding(n_vocab, d_model)
         self.position = pick(POSITIONS, 'position', position)(
             d_model=d_model, max_len=max_len, n_heads=n_heads, head_dim=self.head_dim,
             rope_base=rope_base, rope_fraction=rope_fraction)
         self.uses_bias = isinstance(self.position, ALiBiPosition)
+        if memory_len and not self.relative_positions:
+            raise ValueError(f"memory_len={memory_len} needs relative positions (rope, alibi or none): with "
+                             f"position={position!r} the memory's keys have no position that means anything")
         self.embedding_dropout = _dropout(dropout, dropout_embedding)
         norm_cls = pick(NORMS, 'norm', norm)
         ffn_cls = pick(FEED_FORWARDS, 'ffn', ffn)
@@ -325,10 +372,12 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList(
             block_cls(
                 Attention(d_model, n_heads, n_kv_heads, kernel=kernel, dropout=dropout * dropout_attn,
-                          qk_norm=qk_norm, norm=norm_cls, bias=bias),
+                          qk_norm=qk_norm, norm=norm_cls, bias=bias, window=self.layer_windows[i],
+                          registers=registers, kv_group=i // kv_share if kv_share > 1 else None,
+                          shares_kv=self.kv_stores[i] is None),
                 ffn_cls(d_model, d_ff, dropout=dropout * dropout_ffn, bias=bias),
                 norm_cls, d_model, dropout_residual=dropout * dropout_residual, bias=bias,
-            ) for _ in range(n_layers))
+            ) for i in range(n_layers))
         self.norm = norm_cls(d_model, bias=bias) if final_norm else nn.Identity()
         self.head = nn.Linear(d_model, n_vocab, bias=bias)
         self.embedding_scale = math.sqrt(d_model) if embedding_scale is None else float(embedding_scale)
@@ -348,6 +397,8 @@ class Decoder(nn.Module):
         for block in self.blocks:
             for proj in (block.attn.proj, block.ffn.proj):
                 nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.n_layers))
+            if getattr(block.attn, 'registers', None) is not None:
+                nn.init.normal_(block.attn.registers, mean=0.0, std=std)
 
     @property
     def relative_positions(self) -> bool:
@@ -356,20 +407,50 @@ class Decoder(nn.Module):
         cache may roll past ``max_len`` (see ``KVCache``)."""
         return type(self.position).embed is Position.embed
 
+    @property
+    def reach(self) -> int | None:
+        """The most recent tokens that can reach the logits through the layers' sliding windows
+        (``sum(window - 1) + 1``), or None when a layer sees every earlier token."""
+        windows = self.layer_windows if any(w is not None for w in self.layer_windows) else \
+            [self.sliding_window] * self.n_layers
+        if any(w is None for w in windows):
+            return None
+        return sum(w - 1 for w in windows) + 1
+
+    @property
+    def context_len(self) -> int:
+        """The context generation keeps per token: ``max_len``, plus the segment memory's ``memory_len``."""
+        return self.max_len + self.memory_len
+
     def init_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None, *,
-                   static: bool = False) -> KVCache:
+                   static: bool = False, kv_dtype: str | None = None, sink_tokens: int = 0,
+                   window: int | None = None, kv_budget: int | None = None):
         """A fresh, zeroed KV cache for ``batch_size`` rows and ``max_len`` slots (default: the model's
         ``max_len``), on the model's device and dtype unless given. See ``KVCache`` for ``static``; the cache
-        rolls past ``max_len`` when the model's positions are relative."""
+        rolls past ``max_len`` when the model's positions are relative. Layers with their own sliding window
+        (``layer_windows``) keep only that window; layers sharing keys and values share one cache.
+
+        Compression (``xlabml.kvcache``): ``kv_dtype='int8'`` stores keys and values as int8 with per-token,
+        per-head scales; ``sink_tokens`` + ``window`` keep the first and the most recent tokens only
+        (StreamingLLM), and ``kv_budget`` keeps at most that many, evicting by cumulative attention score
+        (H2O; ``window`` recent tokens are always kept): a bounded cache that never needs a new prefill."""
         weight = self.head.weight
-        window = self.sliding_window
-        return KVCache(self.n_layers, batch_size, self.n_kv_heads, max_len or self.max_len, self.head_dim,
-                       device=device or weight.device, dtype=dtype or weight.dtype, static=static,
-                       rolling=self.relative_positions,
-                       reach=None if window is None else self.n_layers * (window - 1) + 1)
+        device, dtype = device or weight.device, dtype or weight.dtype
+        stores = [i for i in range(self.n_layers) if self.kv_stores[i] is not None]
+        if sink_tokens or window is not None or kv_budget is not None:
+            from xlabml.kvcache import BoundedKVCache
+            if any(self.layer_windows):
+                raise ValueError("sink_tokens/window/kv_budget bound the cache of every layer; this model's "
+                                 "layer_windows already bound some: use one or the other")
+            return BoundedKVCache(len(stores), batch_size, self.n_kv_heads, self.head_dim, sink_tokens=sink_tokens,
+                                  window=window, kv_budget=kv_budget, device=device, dtype=dtype, kv_dtype=kv_dtype)
+        reach = self.reach
+        return KVCache(len(stores), batch_size, self.n_kv_heads, max_len or self.max_len, self.head_dim,
+                       device=device, dtype=dtype, static=static, rolling=self.relative_positions, reach=reach,
+                       kv_dtype=kv_dtype, windows=[self.layer_windows[i] for i in stores])
 
     def forward(self, x, positions=None, doc_ids=None, cache: KVCache | None = None, input_pos=None, *,
-                last_only: bool = False):
+                last_only: bool = False, memory=None):
         """Next-token logits.
 
         Args:
@@ -380,32 +461,40 @@ class Decoder(nn.Module):
             input_pos: LongTensor (t,), strictly increasing cache indices of these tokens (same for all rows;
                 index i lives in slot ``i % cache.max_len``, see ``KVCache``); required with a cache.
             last_only: compute logits for the last position only (b, 1, v): cheaper prefill/decode.
+            memory: a ``xlabml.memory.SegmentMemory`` (training and evaluation on consecutive segments, the
+                model's ``memory_len``): the keys and values of the row's previous tokens, updated in place;
+                ``positions`` are then ignored (the memory's and the segment's tokens are numbered in order).
         Returns:
             logits (b, t, v), or (b, 1, v) with ``last_only``; float of the model's dtype.
         """
-        b, t = x.shape
-        if cache is None:
+        if memory is not None:
+            h = memory.forward(self, x, doc_ids)  # b t c, the memory updated
+        elif cache is None:
             ctx, positions = self._context(x, positions, doc_ids)
+            h = self.hidden(x, positions, ctx)
         else:
-            ctx, positions = self._cached_context(x, positions, doc_ids, cache, input_pos)
+            context = getattr(cache, 'context', None)  # a cache of another kind numbers its slots itself
+            ctx, positions = (context(self, x, positions, doc_ids, input_pos) if context is not None else
+                              self._cached_context(x, positions, doc_ids, cache, input_pos))
+            h = self.hidden(x, positions, ctx, cache.layers)
+        if last_only:
+            h = h[:, -1:]  # b 1 c
+        return self.head(self.norm(h))  # b t v
+
+    def hidden(self, x, positions, ctx, stores=None):
+        """The blocks' output (b, t, c) for tokens ``x`` at ``positions`` (b, t) in attention context ``ctx``;
+        ``stores``: each layer's key/value store (a cache's or the memory's layers, see ``kv_stores``)."""
         h = self.embedding(x) * self.embedding_scale  # b t c
         pos = self.position.embed(positions)
         if pos is not None:
             h = h + pos
         h = self.embedding_dropout(h)
         ctx.rope = self.position.rotary(positions)
-        if cache is not None:
-            for block, kv in zip(self.blocks, cache.layers):
-                h = block(h, ctx, kv)
-        elif self.activation_checkpointing and self.training:
-            for block in self.blocks:
-                h = checkpoint(block, h, ctx, use_reentrant=False)
-        else:
-            for block in self.blocks:
-                h = block(h, ctx)
-        if last_only:
-            h = h[:, -1:]  # b 1 c
-        return self.head(self.norm(h))  # b t v
+        recompute = self.activation_checkpointing and self.training
+        for block, i in zip(self.blocks, self.kv_stores):
+            store = None if stores is None or i is None else stores[i]
+            h = checkpoint(block, h, ctx, store, use_reentrant=False) if recompute else block(h, ctx, store)
+        return h
 
     def _context(self, x, positions, doc_ids):
         b, t = x.shape
