@@ -23,6 +23,7 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from xlabml.atomic import atomic_path, write_atomic
 from xlabml.checkpoints import check_tokenizer
 from xlabml.datasets import SequenceDataset, TokenDataset, resolve_step
+from xlabml.segments import SegmentDataset
 from xlabml.sources import (DEFAULT_SPLITS, SPLIT_NAMES, format_split_report, load_splits, sample_documents,
                             text_lengths)
 from xlabml.streaming import StreamLoader, StreamWindows, TextStream, sample_stream
@@ -98,6 +99,10 @@ class XLabDataModule(L.LightningDataModule):
         tokenizer_sample_bytes: the most text the tokenizer is trained on: a seeded random subset of the train
             split's documents (for a stream, a sample of its first ``4 *`` that many bytes, read from up to 64
             shards). Default 1 GB.
+        segments: consecutive segments instead of windows, for a model with a segment memory (``memory_len``):
+            each split's token stream is cut into ``batch_size`` rows and each batch holds the next segment of
+            ``seq_len`` tokens of every row (``xlabml.segments``), in order, for training and evaluation alike
+            (``step_size``, ``packed`` and the shuffle do not apply). Resumes exactly.
     """
 
     def __init__(
@@ -122,6 +127,7 @@ class XLabDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         shuffle_buffer: int = 8192,
         tokenizer_sample_bytes: int = 1_000_000_000,
+        segments: bool = False,
     ):
         super().__init__()
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
@@ -218,15 +224,25 @@ class XLabDataModule(L.LightningDataModule):
                                  f"{list(self.texts())}")
             self.datasets[name] = self._sequence_dataset(name)
 
-    def _sequence_dataset(self, name: str) -> SequenceDataset | StreamWindows:
+    def _sequence_dataset(self, name: str) -> SequenceDataset | StreamWindows | SegmentDataset:
         texts = self.texts()[name]
         if isinstance(texts, TextStream):
+            if self.hparams.segments:
+                raise ValueError(f"segments: true needs the {name!r} split's whole token stream (it is cut into "
+                                 "batch_size rows); a streamed split (streaming: true) has no end to cut at")
             return self._stream_windows(name, cycle=False)
         if len(texts) == 0:
             raise ValueError(f"split {name!r} is empty: splits={self.hparams.splits!r} gives it no documents "
                              f"({self.split_report})")
         tokenizer = self.tokenizer
         tokens = self._token_dataset(name, texts, tokenizer)
+        if self.hparams.segments:
+            trainer = self.trainer
+            world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+            return SegmentDataset(
+                tokens, self.hparams.seq_len, self.hparams.batch_size, sos_index=tokenizer[tokenizer.sos_token],
+                eos_index=tokenizer[tokenizer.eos_token], pad_index=tokenizer[tokenizer.pad_token],
+                train_sos=self.hparams.train_sos, rank=rank, world_size=world)
         return SequenceDataset(
             tokens, self.hparams.seq_len, self.hparams.step_size, packed=self.hparams.packed,
             train_sos=self.hparams.train_sos, sos_index=tokenizer[tokenizer.sos_token],
@@ -344,6 +360,9 @@ class XLabDataModule(L.LightningDataModule):
         if isinstance(self.texts().get("train"), TextStream):
             return self._stream_train_loader()
         dataset = self._dataset("train")
+        if isinstance(dataset, SegmentDataset):  # whole batches, in order; each process has its own rows
+            sampler = ResumableSampler(dataset, num_replicas=1, rank=0, shuffle=False)
+            return StatefulDataLoader(dataset, sampler=sampler, **{**self._loader_args(), "batch_size": None})
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed)
@@ -379,6 +398,8 @@ class XLabDataModule(L.LightningDataModule):
                 rank_zero_warn(f"the {name} split is streamed: every {name} run reads all of it; set "
                                f"trainer.limit_{name}_batches to a number of batches per process to bound it")
             return DataLoader(dataset, **self._loader_args())
+        if isinstance(dataset, SegmentDataset):
+            return DataLoader(dataset, shuffle=False, **{**self._loader_args(), "batch_size": None})
         return DataLoader(dataset, shuffle=False, **self._loader_args())
 
     def val_dataloader(self):

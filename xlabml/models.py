@@ -79,14 +79,17 @@ class XLabModule(L.LightningModule):
             self.model.compile()  # in place: parameter names (and checkpoints) stay as without compile
             self._compiled = True
 
-    def forward(self, x, positions=None, doc_ids=None, cache=None, input_pos=None, *, last_only: bool = False):
+    def forward(self, x, positions=None, doc_ids=None, cache=None, input_pos=None, *, last_only: bool = False,
+                memory=None):
         """Logits (b, t, n_vocab) of the wrapped model; see ``xlabml.layers.Decoder.forward``."""
+        extra = {'memory': memory} if memory is not None else {}  # a wrapped model need not know the keyword
         return self.model(x, positions=positions, doc_ids=doc_ids, cache=cache, input_pos=input_pos,
-                          last_only=last_only)
+                          last_only=last_only, **extra)
 
-    def init_cache(self, batch_size, max_len=None, device=None, dtype=None, *, static: bool = False):
-        """A KV cache for the wrapped model; see ``xlabml.layers.Decoder.init_cache``."""
-        return self.model.init_cache(batch_size, max_len, device=device, dtype=dtype, static=static)
+    def init_cache(self, batch_size, max_len=None, device=None, dtype=None, *, static: bool = False, **options):
+        """A KV cache for the wrapped model; see ``xlabml.layers.Decoder.init_cache`` (``options``: its
+        compression keywords)."""
+        return self.model.init_cache(batch_size, max_len, device=device, dtype=dtype, static=static, **options)
 
     # ------------------------------------------------------------------------------------- loss, metrics
 
@@ -109,7 +112,45 @@ class XLabModule(L.LightningModule):
         return nll / n.clamp(min=1), n, correct
 
     def _model_inputs(self, batch):
-        return dict(positions=batch.get('positions'), doc_ids=batch.get('doc_ids'))
+        inputs = dict(positions=batch.get('positions'), doc_ids=batch.get('doc_ids'))
+        if getattr(self.model, 'memory_len', 0):
+            inputs['memory'] = self._segment_memory(batch)
+        return inputs
+
+    # ------------------------------------------------------------------------------------- segment memory
+
+    def _segment_memory(self, batch):
+        """The model's segment memory (``xlabml.memory``) of the running stage, told which rows restart."""
+        if 'reset' not in batch:
+            raise ValueError(f"model.memory_len={self.model.memory_len} needs consecutive segments of each batch row "
+                             "(data.segments: true), not independent windows")
+        stage = 'train' if self.training else self._eval_stage()
+        memories = self.__dict__.setdefault('_memories', {})
+        if stage not in memories:
+            from .memory import SegmentMemory
+            memories[stage] = SegmentMemory(recompute=self.model.memory_grad == 'recompute')
+        return memories[stage].segment(batch['reset'])
+
+    def _eval_stage(self):
+        stage = getattr(getattr(self._trainer, 'state', None), 'stage', None)
+        return {'sanity_check': 'validate'}.get(getattr(stage, 'value', None), getattr(stage, 'value', 'eval'))
+
+    def _forget_memory(self, stage):
+        memory = getattr(self, '_memories', {}).get(stage)
+        if memory is not None:
+            memory.reset()
+
+    def on_save_checkpoint(self, checkpoint):
+        memory = getattr(self, '_memories', {}).get('train')
+        if memory is not None:  # the training memory, for a resume that continues exactly
+            checkpoint['segment_memory'] = memory.state_dict()
+
+    def on_load_checkpoint(self, checkpoint):
+        if checkpoint.get('segment_memory'):
+            from .memory import SegmentMemory
+            memory = SegmentMemory(recompute=getattr(self.model, 'memory_grad', 'none') == 'recompute')
+            memory.load_state_dict(checkpoint['segment_memory'], device=self.device)
+            self.__dict__.setdefault('_memories', {})['train'] = memory
 
     def _logging_step(self):
         # Training metrics are logged when the logger writes (every log_every_n_steps, and the first step):
@@ -164,9 +205,11 @@ class XLabModule(L.LightningModule):
 
     def on_validation_epoch_start(self):
         self._totals.pop('val', None)
+        self._forget_memory('validate')
 
     def on_test_epoch_start(self):
         self._totals.pop('test', None)
+        self._forget_memory('test')
 
     def on_validation_epoch_end(self):
         self._log_perplexity('val')
@@ -256,6 +299,8 @@ class XLabModel(XLabModule):
         activation_checkpointing: recompute each block's activations in backward (less memory).
         weight_decay_embeddings: also decay embedding tables (default: only non-embedding matrices decay).
         debug: log gradient norms, warn on a non-finite loss.
+        registers, kv_share, layer_windows, memory_len, memory_grad: memory variants of the architecture (see
+            ``Decoder``); ``memory_len`` needs ``data.segments: true`` (``xlabml.memory``).
     Optimizer and scheduler are not saved in the hyperparameters (they are configuration of the run, and
     may not pickle); ``load_from_checkpoint`` gets the defaults unless given.
     """
@@ -270,7 +315,9 @@ class XLabModel(XLabModule):
                  bias: bool = True, pad_index: int | None = 3, optimizer: OptimizerCallable = default_optimizer,
                  scheduler: LRSchedulerCallable | None = None, compile: bool = False,
                  activation_checkpointing: bool = False, weight_decay_embeddings: bool = False,
-                 embedding_scale: float | None = None, debug: bool = False):
+                 embedding_scale: float | None = None, debug: bool = False, registers: int = 0, kv_share: int = 1,
+                 layer_windows: list[str | int | None] | None = None, memory_len: int = 0,
+                 memory_grad: str = 'none'):
         super().__init__(pad_index=pad_index, optimizer=optimizer, scheduler=scheduler, compile=compile,
                          weight_decay_embeddings=weight_decay_embeddings, debug=debug)
         self.save_hyperparameters(ignore=['optimizer', 'scheduler'])
@@ -281,7 +328,8 @@ class XLabModel(XLabModule):
             dropout_attn=dropout_attn, dropout_ffn=dropout_ffn, dropout_residual=dropout_residual,
             dropout_embedding=dropout_embedding, tie_embeddings=tie_embeddings,
             parallel_residual=parallel_residual, bias=bias, activation_checkpointing=activation_checkpointing,
-            embedding_scale=embedding_scale)
+            embedding_scale=embedding_scale, registers=registers, kv_share=kv_share, layer_windows=layer_windows,
+            memory_len=memory_len, memory_grad=memory_grad)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
