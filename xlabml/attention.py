@@ -1,5 +1,5 @@
 """Causal self-attention and its KV cache: the per-forward ``AttentionContext`` (which keys each query may see),
-the kernels that compute it (``ATTENTIONS``: SDPA, the flash_attn package, naive), the ``Attention`` layer and
+the kernels that compute it (``KERNELS``: SDPA, the flash_attn package, naive), the ``Attention`` layer and
 the preallocated ``KVCache`` of cached inference. The attention rule they share is in ``xlabml.layers``.
 
 Shapes: ``b`` batch, ``t`` new tokens, ``s`` key slots, ``h`` query heads, ``g`` key/value heads, ``d`` head
@@ -185,7 +185,7 @@ class FlashKernel:
         return y.transpose(1, 2), None  # b h t d
 
 
-ATTENTIONS = {'sdpa': SDPAKernel, 'flash': FlashKernel, 'naive': NaiveKernel}
+KERNELS = {'sdpa': SDPAKernel, 'flash': FlashKernel, 'naive': NaiveKernel}
 
 
 class Attention(nn.Module):
@@ -212,7 +212,7 @@ class Attention(nn.Module):
         self.k_norm = norm(self.head_dim, bias=bias) if qk_norm and not shares_kv else None
         # registers: keys and values (2 g n d), initialised with the other weights (Decoder.reset_parameters)
         self.registers = nn.Parameter(torch.empty(2, n_kv_heads, registers, self.head_dim)) if registers else None
-        self.kernel = kernel()  # one of ATTENTIONS
+        self.kernel = kernel()  # one of KERNELS
         self.dropout = dropout
         self.keep_weights, self.weights = False, None
 

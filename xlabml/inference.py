@@ -303,7 +303,8 @@ class _Rows:
                              "model's are absolute: use context_keep to trade exactness for speed")
         reach = getattr(cache, "reach", None)
         exact = can_roll and keep is None and reach is not None and reach <= block_size
-        self.rolling = rolling or exact
+        # a cache that bounds itself (a linear-attention state, sinks + window, a budget) never prefills again
+        self.rolling = rolling or exact or getattr(cache, "unbounded", False)
         self.keep = block_size if keep is None else keep
         self.prompt_len = max(len(p) for p in prompts)
         self.tokens = torch.zeros(len(prompts), self.prompt_len + max_new, dtype=torch.long, device=device)

@@ -16,6 +16,7 @@ size, ``c`` model width (d_model), ``v`` vocabulary.
 """
 
 import math
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -23,9 +24,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from xlabml.attention import (  # noqa: F401  (re-exported: every model part in one namespace)
-    ATTENTIONS, Attention, AttentionContext, FlashKernel, KVCache, LayerKVCache, NaiveKernel, SDPAKernel,
+    KERNELS, Attention, AttentionContext, FlashKernel, KVCache, LayerKVCache, NaiveKernel, SDPAKernel,
     apply_rotary,
 )
+from xlabml.linear_attention import LinearAttention, LinearStateCache
+
+# attention: a kernel of softmax attention (``Attention``), or linear attention (another layer)
+ATTENTIONS = {**KERNELS, 'linear': LinearAttention}
 
 
 def pick(registry: dict, kind: str, name: str):
@@ -368,13 +373,17 @@ class Decoder(nn.Module):
         norm_cls = pick(NORMS, 'norm', norm)
         ffn_cls = pick(FEED_FORWARDS, 'ffn', ffn)
         kernel = pick(ATTENTIONS, 'attention', attention)
+        self.linear = kernel is LinearAttention
+        if self.linear:
+            self._check_linear(position, sliding_window, registers, kv_share, layer_windows, memory_len)
+        attention_cls = LinearAttention if self.linear else partial(Attention, kernel=kernel)
         block_cls = BLOCKS[bool(prenorm), bool(parallel_residual)]
         self.blocks = nn.ModuleList(
             block_cls(
-                Attention(d_model, n_heads, n_kv_heads, kernel=kernel, dropout=dropout * dropout_attn,
-                          qk_norm=qk_norm, norm=norm_cls, bias=bias, window=self.layer_windows[i],
-                          registers=registers, kv_group=i // kv_share if kv_share > 1 else None,
-                          shares_kv=self.kv_stores[i] is None),
+                attention_cls(d_model, n_heads, n_kv_heads, dropout=dropout * dropout_attn,
+                              qk_norm=qk_norm, norm=norm_cls, bias=bias, window=self.layer_windows[i],
+                              registers=registers, kv_group=i // kv_share if kv_share > 1 else None,
+                              shares_kv=self.kv_stores[i] is None),
                 ffn_cls(d_model, d_ff, dropout=dropout * dropout_ffn, bias=bias),
                 norm_cls, d_model, dropout_residual=dropout * dropout_residual, bias=bias,
             ) for i in range(n_layers))
@@ -384,6 +393,18 @@ class Decoder(nn.Module):
         self.reset_parameters()
         if tie_embeddings:
             self.head.weight = self.embedding.weight
+
+    @staticmethod
+    def _check_linear(position, sliding_window, registers, kv_share, layer_windows, memory_len):
+        if position in ('alibi', 'learned'):
+            raise ValueError(f"attention='linear' takes position 'rope', 'sinusoidal' or 'none', not {position!r} (a "
+                             "linear layer has no score to bias, and its generation runs past max_len)")
+        for name, value, default in (('sliding_window', sliding_window, None), ('registers', registers, 0),
+                                     ('kv_share', kv_share, 1), ('layer_windows', layer_windows, None),
+                                     ('memory_len', memory_len, 0)):
+            if value != default:
+                raise ValueError(f"attention='linear' keeps its whole context in a fixed-size state: {name}={value!r} "
+                                 "is for softmax attention")
 
     def reset_parameters(self):
         std = 0.02
@@ -437,6 +458,11 @@ class Decoder(nn.Module):
         weight = self.head.weight
         device, dtype = device or weight.device, dtype or weight.dtype
         stores = [i for i in range(self.n_layers) if self.kv_stores[i] is not None]
+        if self.linear:
+            if kv_dtype is not None or sink_tokens or window is not None or kv_budget is not None:
+                raise ValueError("attention='linear' keeps a fixed-size state per layer, not a KV cache to compress "
+                                 "(kv_dtype, sink_tokens, window, kv_budget)")
+            return LinearStateCache(self.n_layers, batch_size, self.n_kv_heads, self.head_dim, device, dtype)
         if sink_tokens or window is not None or kv_budget is not None:
             from xlabml.kvcache import BoundedKVCache
             if any(self.layer_windows):
