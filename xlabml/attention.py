@@ -400,6 +400,10 @@ class KVCache(nn.Module):
     that can (``n_layers * (sliding_window - 1) + 1`` for a model with a sliding window, None = all), is at most
     ``max_len``. A cache of a model with absolute positions refuses indices past ``max_len``.
 
+    ``kv_dtype='int8'`` stores keys and values as int8 (``Int8LayerKVCache``); ``windows`` gives a layer with its
+    own sliding window a ring of that many slots instead (``WindowLayerKVCache``). ``layers`` holds one store per
+    layer that owns keys and values (layers sharing them have none; see ``Decoder.kv_stores``).
+
     ``static=False`` (default) attends only over the written slots (with a sliding window, only the window):
     cheapest on CPU, but it reads ``input_pos`` on the host each forward. ``static=True`` always attends over
     all slots with a mask: fixed shapes and no host syncs, for ``torch.compile``/CUDA graphs (it cannot check
