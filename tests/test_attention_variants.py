@@ -194,3 +194,26 @@ def test_registers_and_windows_train_through_the_loss():
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first  # memorises a fixed batch
+
+
+# ------------------------------------------------------------------------------------------------- export
+
+MODERN = dict(position='rope', norm='rmsnorm', ffn='swiglu', bias=False, embedding_scale=1.0)
+
+
+@pytest.mark.parametrize('variant', [dict(registers=2), dict(kv_share=2), dict(layer_windows=[3, None]),
+                                     dict(attention='linear'), dict(rope_scaling='yarn', rope_scale=2.0)], ids=str)
+def test_memory_variants_export_to_the_xlab_class_not_a_stock_one(tmp_path, variant):
+    transformers = pytest.importorskip('transformers')
+    from interop_support import make_checkpoint, train_tokenizer
+
+    from xlabml.interop.hf import export_hf
+    tokenizer = train_tokenizer(tmp_path)
+    path, model = make_checkpoint(tmp_path / 'model.ckpt', tokenizer.path, **MODERN, **variant)
+    outdir, cls, reasons = export_hf(path, tmp_path / 'hf')
+    name = next(iter(variant)) if 'attention' not in variant else 'linear attention'
+    assert cls == 'XLabForCausalLM' and any(name in why for why in reasons.values())
+    hf = transformers.AutoModelForCausalLM.from_pretrained(outdir, trust_remote_code=True).eval()
+    x = torch.randint(0, 700, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=x).logits, model(x), atol=1e-5, rtol=0)

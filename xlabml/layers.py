@@ -97,24 +97,62 @@ class LearnedPosition(Position):
         return self.embedding(positions)  # b t c
 
 
+def rope_frequencies(rotated: int, base: float, scaling: str | None = None, scale: float = 1.0,
+                     original_len: float = 0.0, device=None):
+    """Rotary angular frequencies ``base ** (-2i / rotated)`` (float32, r/2), stretched for a context ``scale``
+    times the ``original_len`` a model was trained at, and the factor its cos/sin are multiplied by:
+
+    - ``'linear'``: position interpolation (Chen et al. 2023): every frequency divided by ``scale``, so positions
+      up to ``scale * original_len`` turn by the angles the model knows.
+    - ``'ntk'``: NTK-aware scaling: the base multiplied by ``scale ** (r / (r - 2))``: the highest frequency stays,
+      the lowest is divided by ``scale``, those between by less.
+    - ``'yarn'`` (Peng et al. 2023): frequencies whose wavelength fits into ``original_len`` more than 32 times
+      stay, those fitting less than once are interpolated, a linear ramp between; cos/sin times
+      ``0.1 ln(scale) + 1`` (the attention logits sharpened for the longer context).
+    """
+    if scaling == 'ntk' and scale != 1.0 and rotated > 2:
+        base = base * scale ** (rotated / (rotated - 2))
+    inv_freq = base ** (-torch.arange(0, rotated, 2, dtype=torch.float32, device=device) / rotated)  # r/2
+    if scaling is None or scale == 1.0 or scaling == 'ntk':
+        return inv_freq, 1.0
+    if scaling == 'linear':
+        return inv_freq / scale, 1.0
+    fits = original_len * inv_freq / (2 * math.pi)  # wavelengths in the trained length
+    keep = ((fits - 1.0) / (32.0 - 1.0)).clamp(0.0, 1.0)  # 0: interpolate, 1: keep
+    return inv_freq / scale * (1 - keep) + inv_freq * keep, 0.1 * math.log(scale) + 1.0
+
+
+ROPE_SCALINGS = ('linear', 'ntk', 'yarn')
+
+
 class RotaryPosition(Position):
     """RoPE (Su et al.), rotate-half layout, on the first ``rope_fraction`` of each head's dimensions
-    (partial rotary as in GPT-NeoX); ``rope_base`` sets the wavelengths."""
+    (partial rotary as in GPT-NeoX); ``rope_base`` sets the wavelengths. ``rope_scaling`` (``'linear'``, ``'ntk'``,
+    ``'yarn'``) with ``rope_scale`` s stretches them for a context s times the one trained at (``max_len / s``):
+    see ``rope_frequencies``."""
 
-    def __init__(self, head_dim: int, rope_base: float = 10000.0, rope_fraction: float = 1.0, **_):
+    def __init__(self, head_dim: int, rope_base: float = 10000.0, rope_fraction: float = 1.0,
+                 rope_scaling: str | None = None, rope_scale: float = 1.0, max_len: int = 0, **_):
         super().__init__()
         if not 0.0 < rope_fraction <= 1.0:
             raise ValueError(f"rope_fraction must be in (0, 1], got {rope_fraction}")
         if rope_base <= 1.0:
             raise ValueError(f"rope_base must be > 1, got {rope_base}")
+        if rope_scaling is not None and rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(f"unknown rope_scaling {rope_scaling!r}; expected one of: {', '.join(ROPE_SCALINGS)}")
+        if not (isinstance(rope_scale, (int, float)) and rope_scale >= 1.0):
+            raise ValueError(f"rope_scale must be a number >= 1 (the context's growth), got {rope_scale!r}")
         rotated = int(head_dim * rope_fraction) // 2 * 2
         if rotated == 0:
             raise ValueError(f"rope_fraction={rope_fraction} rotates no dimension of heads of size {head_dim}")
-        inv_freq = rope_base ** (-torch.arange(0, rotated, 2, dtype=torch.float32) / rotated)
+        inv_freq, self.mscale = rope_frequencies(rotated, rope_base, rope_scaling, float(rope_scale),
+                                                 max_len / rope_scale)
         self.register_buffer('inv_freq', inv_freq, persistent=False)  # r/2
 
     def rotary(self, positions):
         angles = positions[:, None, :, None].float() * self.inv_freq  # b 1 t r/2
+        if self.mscale != 1.0:
+            return angles.cos() * self.mscale, angles.sin() * self.mscale
         return angles.cos(), angles.sin()
 
 
@@ -311,6 +349,13 @@ class Decoder(nn.Module):
     Vaswani et al.), which puts them on the scale of the unit-amplitude sinusoidal encoding. With a tied head and
     no added position vectors (RoPE, ALiBi, none), 1.0 trains better: on Tiny Shakespeare the factor cost the
     tied model about 0.1 bit/char (``conf/extra/modern.yaml`` sets 1.0).
+
+    Memory and long context: ``registers`` learned key/value slots in every layer that every query may attend to
+    (LSWT); ``kv_share`` consecutive layers attending to the keys and values of the first of them;
+    ``layer_windows`` a sliding window per layer (``resolve_layer_windows``); ``memory_len`` keys and values of
+    the previous tokens of each row kept across segments (Transformer-XL, ``xlabml.memory``; ``memory_grad``:
+    ``'none'`` or ``'recompute'``); ``attention='linear'`` (``xlabml.linear_attention``); ``rope_scaling`` and
+    ``rope_scale`` to stretch RoPE over a longer context (``rope_frequencies``).
     """
 
     def __init__(self, n_vocab: int, max_len: int, d_model: int = 512, n_layers: int = 6, n_heads: int = 8,
@@ -322,7 +367,8 @@ class Decoder(nn.Module):
                  dropout_embedding: bool = False, tie_embeddings: bool = False, parallel_residual: bool = False,
                  bias: bool = True, activation_checkpointing: bool = False, embedding_scale: float | None = None,
                  registers: int = 0, kv_share: int = 1, layer_windows: list[str | int | None] | None = None,
-                 memory_len: int = 0, memory_grad: str = 'none'):
+                 memory_len: int = 0, memory_grad: str = 'none', rope_scaling: str | None = None,
+                 rope_scale: float = 1.0):
         super().__init__()
         for name, value in (('n_vocab', n_vocab), ('max_len', max_len), ('d_model', d_model),
                             ('n_layers', n_layers), ('n_heads', n_heads), ('d_ff', d_ff)):
@@ -345,6 +391,8 @@ class Decoder(nn.Module):
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if isinstance(kv_share, bool) or not isinstance(kv_share, int) or kv_share < 1:
             raise ValueError(f"kv_share must be an integer >= 1 (layers per shared key/value), got {kv_share!r}")
+        if rope_scaling is not None and position != 'rope':
+            raise ValueError(f"rope_scaling={rope_scaling!r} stretches rotary positions; position is {position!r}")
         if memory_grad not in MEMORY_GRADS:
             raise ValueError(f"memory_grad={memory_grad!r}; expected one of: {', '.join(MEMORY_GRADS)}")
         self.n_vocab, self.max_len, self.d_model, self.n_layers = n_vocab, max_len, d_model, n_layers
@@ -364,7 +412,7 @@ class Decoder(nn.Module):
         self.embedding = nn.Embedding(n_vocab, d_model)
         self.position = pick(POSITIONS, 'position', position)(
             d_model=d_model, max_len=max_len, n_heads=n_heads, head_dim=self.head_dim,
-            rope_base=rope_base, rope_fraction=rope_fraction)
+            rope_base=rope_base, rope_fraction=rope_fraction, rope_scaling=rope_scaling, rope_scale=rope_scale)
         self.uses_bias = isinstance(self.position, ALiBiPosition)
         if memory_len and not self.relative_positions:
             raise ValueError(f"memory_len={memory_len} needs relative positions (rope, alibi or none): with "

@@ -17,6 +17,8 @@ Shapes: ``b`` batch, ``g`` key/value heads, ``r`` query heads per key/value head
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -138,6 +140,7 @@ class LinearStateCache(nn.Module):
     rolling = unbounded = True
     static = False
     reach = None
+    max_len = math.inf  # any number of tokens
 
     def __init__(self, n_layers, batch_size, n_kv_heads, head_dim, device=None, dtype=None):
         super().__init__()

@@ -299,8 +299,9 @@ class XLabModel(XLabModule):
         activation_checkpointing: recompute each block's activations in backward (less memory).
         weight_decay_embeddings: also decay embedding tables (default: only non-embedding matrices decay).
         debug: log gradient norms, warn on a non-finite loss.
-        registers, kv_share, layer_windows, memory_len, memory_grad: memory variants of the architecture (see
-            ``Decoder``); ``memory_len`` needs ``data.segments: true`` (``xlabml.memory``).
+        registers, kv_share, layer_windows, memory_len, memory_grad, rope_scaling, rope_scale: memory and
+            long-context variants of the architecture (see ``Decoder``); ``memory_len`` needs
+            ``data.segments: true`` (``xlabml.memory``).
     Optimizer and scheduler are not saved in the hyperparameters (they are configuration of the run, and
     may not pickle); ``load_from_checkpoint`` gets the defaults unless given.
     """
@@ -317,7 +318,7 @@ class XLabModel(XLabModule):
                  activation_checkpointing: bool = False, weight_decay_embeddings: bool = False,
                  embedding_scale: float | None = None, debug: bool = False, registers: int = 0, kv_share: int = 1,
                  layer_windows: list[str | int | None] | None = None, memory_len: int = 0,
-                 memory_grad: str = 'none'):
+                 memory_grad: str = 'none', rope_scaling: str | None = None, rope_scale: float = 1.0):
         super().__init__(pad_index=pad_index, optimizer=optimizer, scheduler=scheduler, compile=compile,
                          weight_decay_embeddings=weight_decay_embeddings, debug=debug)
         self.save_hyperparameters(ignore=['optimizer', 'scheduler'])
@@ -329,7 +330,7 @@ class XLabModel(XLabModule):
             dropout_embedding=dropout_embedding, tie_embeddings=tie_embeddings,
             parallel_residual=parallel_residual, bias=bias, activation_checkpointing=activation_checkpointing,
             embedding_scale=embedding_scale, registers=registers, kv_share=kv_share, layer_windows=layer_windows,
-            memory_len=memory_len, memory_grad=memory_grad)
+            memory_len=memory_len, memory_grad=memory_grad, rope_scaling=rope_scaling, rope_scale=rope_scale)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
