@@ -235,3 +235,20 @@ def test_cli_flags_equal_the_library(checkpoint, capsys, flags, options):
     with pytest.raises(SystemExit) as exit:
         infer_cli.main([str(path), 'to be', '--sink-tokens', '2'])
     assert exit.value.code == 1 and 'needs window' in capsys.readouterr().err
+
+
+def test_score_is_generation_fed_the_text():
+    model = make().double()
+    x = tokens(2, 3 * BLOCK)
+    nll = inference.score(model, x, BLOCK)
+    assert nll.shape == (2, 3 * BLOCK - 1)
+    with torch.no_grad():
+        for i in (1, BLOCK, 2 * BLOCK + 5):  # the window slides exactly: the last BLOCK tokens, at 0, 1, ...
+            logits = model(x[:, max(0, i - BLOCK):i])[:, -1]
+            expected = -torch.log_softmax(logits, -1).gather(1, x[:, i:i + 1])[:, 0]
+            torch.testing.assert_close(nll[:, i - 1], expected.float(), atol=1e-5, rtol=0)
+    sinks = inference.score(model, x, BLOCK, sink_tokens=2, window=6)
+    logits, _ = decode(model, x[:, :-1], 1, sink_tokens=2, window=6)
+    expected = -torch.log_softmax(logits, -1).gather(2, x[:, 1:, None])[..., 0]
+    torch.testing.assert_close(sinks, expected.float(), atol=1e-5, rtol=0)
+    assert (sinks - nll).abs().max() > 1e-3

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from xlabml.packed import prepacked
 
-__all__ = ["sample", "greedy_search", "beam_search", "generate_stream", "release_caches", "cache_options"]
+__all__ = ["sample", "greedy_search", "beam_search", "generate_stream", "release_caches", "cache_options", "score"]
 
 Prompts = Tensor | Sequence[Tensor] | Sequence[Sequence[int]]
 
@@ -643,6 +643,36 @@ def generate_stream(model: nn.Module, x: Tensor, output_length: int, block_size:
                 yield token
     finally:
         model.train(training)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scoring a text as generation sees it
+
+
+def score(model: nn.Module, x: Tensor, block_size: int, *, context_keep: int | None = None, rolling: bool = False,
+          kv_dtype: str | None = None, sink_tokens: int = 0, window: int | None = None,
+          kv_budget: int | None = None) -> Tensor:
+    """Negative log-likelihood (nats, float32) of every token of each row of `x` (b, t) after its first: each from
+    the logits generation would choose it from (the same window rule, the same KV cache, compression included),
+    then fed as the next token (teacher forcing). What a cache option costs in quality reads off a held-out text.
+
+    Returns: (b, t - 1)."""
+    if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] < 2:
+        raise ValueError("score takes a (b, t) tensor of token ids with t >= 2")
+    keep = _window(block_size, context_keep, rolling)
+    options = cache_options(kv_dtype, sink_tokens, window, kv_budget)
+    with _eval_mode(model):
+        x = x.to(device=_model_device(model), dtype=torch.long)
+        b, t = x.shape
+        with _borrowed_cache(model, b, block_size, x.device, _static(False, x.device), options) as cache:
+            rows = _Rows(model, list(x[:, :1].unbind(0)), block_size, keep, t - 1, cache, rolling=rolling)
+            logits = rows.prefill()
+            nll = []
+            for i in range(1, t):
+                nll.append(-torch.log_softmax(logits.float(), -1).gather(1, x[:, i:i + 1])[:, 0])
+                if i + 1 < t:
+                    logits = rows.step(x[:, i])
+        return torch.stack(nll, dim=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
