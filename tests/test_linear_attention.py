@@ -145,3 +145,16 @@ def test_linear_attention_refuses_what_it_cannot_do():
             make(**kwargs)
     with pytest.raises(ValueError, match='fixed-size state'):
         make().init_cache(1, kv_dtype='int8')
+
+
+def test_a_linear_checkpoint_is_never_run_as_softmax_attention(tmp_path):
+    from xlabml.checkpoints import load_checkpoint
+    from xlabml.models import XLabModel
+    model = XLabModel(V, BLOCK, d_model=32, n_layers=1, n_heads=4, d_ff=64, attention='linear', position='rope')
+    path = tmp_path / 'linear.ckpt'
+    torch.save({'state_dict': model.state_dict(), 'hyper_parameters': dict(model.hparams)}, path)
+    loaded = load_checkpoint(path, tokenizer=False).model
+    x = tokens(2, 9)
+    torch.testing.assert_close(loaded.eval()(x), model.eval()(x))
+    with pytest.raises(ValueError, match="attention='sdpa' is another layer"):
+        load_checkpoint(path, overrides={'attention': 'sdpa'}, tokenizer=False)

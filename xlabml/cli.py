@@ -339,7 +339,8 @@ class XLabCLI(LightningCLI):
         self.checkpoint_tokenizer = tokenizer_state(checkpoint)
         # Linked values are checked by the link functions; how to run (not what to run) stays as configured.
         for key in (*RUNTIME_HPARAMS, *(t.split(".", 1)[1] for _, t in LINKS)):
-            hparams.pop(key, None)
+            if not (key == "attention" and hparams.get(key) == "linear"):  # linear attention is a layer, not a kernel
+                hparams.pop(key, None)
         self._warn_replaced(subcommand, ckpt_path, hparams)
         if hparams:
             self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
