@@ -87,6 +87,9 @@ ARCHS = {
 }
 # Variants that are the lab's configuration overlays, applied after the run's config (`-c FILE`).
 ARCH_FILES = {"preset-modern": "conf/extra/modern.yaml"}
+# Variants whose run configuration differs beyond the model's keywords (e.g. the data's segments): arch -> a
+# function editing the config dict `run_config` made, given the run's settings (bench/memory_variants.py).
+ARCH_CONFIG: dict = {}
 
 # Ablation rows: (label, preset overrides); each row changes one thing against the classic seed model,
 # except the modern preset and the shipped configuration.
@@ -246,6 +249,8 @@ def run_config(s: dict, split: dict, run_dir: Path, tok_path: Path, train_args: 
                           "init_args": {"warmup_steps": s["warmup"], "total_steps": steps,
                                         "min_lr_ratio": s["min_lr"] / s["lr"]}},
         }
+    if s["arch"] in ARCH_CONFIG:
+        ARCH_CONFIG[s["arch"]](config, s)
     return config
 
 
