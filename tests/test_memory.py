@@ -221,3 +221,18 @@ def test_validation_runs_with_memory(tmp_path, corpus):
     with pytest.raises(ValueError, match='data.segments: true'):
         trainer.validate(model, datamodule=datamodule(corpus, tmp_path).__class__(
             **{**datamodule(corpus, tmp_path).hparams, 'segments': False}), verbose=False)
+
+
+def test_memory_overlay_parses(capsys):
+    import os
+
+    import yaml
+
+    from xlabml.cli import XLabCLI
+    overlay = os.path.join(os.path.dirname(__file__), '..', 'conf', 'extra', 'memory.yaml')
+    with pytest.raises(SystemExit) as exit:
+        XLabCLI(args=['fit', '-c', overlay, '--print_config'])
+    assert exit.value.code == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config['model']['memory_len'] == 128 and config['model']['position'] == 'rope'
+    assert config['data']['segments'] is True
