@@ -217,6 +217,10 @@ def test_validation_runs_with_memory(tmp_path, corpus):
             total += F.cross_entropy(logits[valid], batch['y'][valid], reduction='sum').item()
             count += int(valid.sum())
     assert val_loss == pytest.approx(total / count, rel=1e-5)
+    # each process has its own rows already: Lightning keeps a DistributedSampler instead of sharding the batches
+    from torch.utils.data import DistributedSampler
+    assert isinstance(dm.val_dataloader().sampler, DistributedSampler)
+    assert list(dm.val_dataloader().sampler) == list(range(len(dm.datasets['val'])))
     # windows without a memory give another loss; a memory model refuses them
     with pytest.raises(ValueError, match='data.segments: true'):
         trainer.validate(model, datamodule=datamodule(corpus, tmp_path).__class__(

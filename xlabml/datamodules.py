@@ -398,8 +398,9 @@ class XLabDataModule(L.LightningDataModule):
                 rank_zero_warn(f"the {name} split is streamed: every {name} run reads all of it; set "
                                f"trainer.limit_{name}_batches to a number of batches per process to bound it")
             return DataLoader(dataset, **self._loader_args())
-        if isinstance(dataset, SegmentDataset):
-            return DataLoader(dataset, shuffle=False, **{**self._loader_args(), "batch_size": None})
+        if isinstance(dataset, SegmentDataset):  # in order; a DistributedSampler, so Lightning does not shard it
+            sampler = ResumableSampler(dataset, num_replicas=1, rank=0, shuffle=False)
+            return DataLoader(dataset, sampler=sampler, **{**self._loader_args(), "batch_size": None})
         return DataLoader(dataset, shuffle=False, **self._loader_args())
 
     def val_dataloader(self):
