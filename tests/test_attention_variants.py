@@ -196,6 +196,44 @@ def test_registers_and_windows_train_through_the_loss():
     assert loss.item() < 0.5 * first  # memorises a fixed batch
 
 
+# ------------------------------------------------------------------------------- generation, every variant
+
+# this branch's architecture variants (a memory model generates with its training context, memory + segment)
+GENERATION_VARIANTS = {
+    'registers': dict(position='rope', registers=2),
+    'kv-share': dict(position='alibi', kv_share=2, n_kv_heads=2),
+    'layer-windows': dict(position='rope', layer_windows=['local', 'global'], sliding_window=5),
+    'rope-linear-scaling': dict(position='rope', rope_scaling='linear', rope_scale=4.0),
+    'rope-ntk': dict(position='rope', rope_scaling='ntk', rope_scale=2.0),
+    'rope-yarn': dict(position='rope', rope_scaling='yarn', rope_scale=4.0),
+    'memory': dict(position='rope', memory_len=6),
+}
+
+
+@pytest.mark.parametrize('variant', GENERATION_VARIANTS)
+def test_cached_generation_equals_recompute_for_every_variant(variant):
+    from test_inference import cached_logits, make_model, prompt, reference_greedy, reference_logits
+
+    from xlabml import inference
+    model = make_model(**GENERATION_VARIANTS[variant])
+    block = model.context_len  # what infer.py passes: max_len (+ memory_len)
+    x = prompt(5)
+    assert inference.greedy_search(model, x, 3 * block, block).tolist() == reference_greedy(model, x, 3 * block,
+                                                                                              block)
+    expected = reference_greedy(model, x, 3 * block, block, generator=torch.Generator().manual_seed(0))
+    got = inference.sample(model, x, 3 * block, block, generator=torch.Generator().manual_seed(0))
+    assert got.tolist() == expected
+    prompts = [prompt(3, seed=3), prompt(block + 4, seed=4), prompt(1, seed=6)]
+    continuations = torch.randint(0, model.head.out_features, (3, 2 * block),
+                                  generator=torch.Generator().manual_seed(7))
+    for static in (False, True):
+        got = cached_logits(model, prompts, continuations, block, static=static)
+        for row, p in enumerate(prompts):
+            seq = torch.cat([p, continuations[row]])
+            torch.testing.assert_close(got[row].double(), reference_logits(model, seq, len(p), block), atol=1e-6,
+                                       rtol=0)
+
+
 # ------------------------------------------------------------------------------------------------- export
 
 MODERN = dict(position='rope', norm='rmsnorm', ffn='swiglu', bias=False, embedding_scale=1.0)

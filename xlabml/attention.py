@@ -366,7 +366,11 @@ class WindowLayerKVCache(nn.Module):
         docs = ctx.q_docs if ctx.q_docs is not None else torch.zeros(b, t, dtype=torch.long, device=k.device)
         keys = torch.cat((self.k, k.to(self.k.dtype)), dim=2)  # b g w+t d
         values = torch.cat((self.v, v.to(self.v.dtype)), dim=2)
-        kctx = AttentionContext(kind='explicit', q_slots=new, k_slots=torch.cat((self.index, new)),
+        # a ring slot holding an index at or past the first new one is from an earlier pass (generation's new
+        # prefill of a cropped window restarts at index 0): it holds nothing of this one
+        held = torch.where(self.index < new[0], self.index, -1)  # w
+        self.index.copy_(held)
+        kctx = AttentionContext(kind='explicit', q_slots=new, k_slots=torch.cat((held, new)),
                                 q_docs=docs, k_docs=torch.cat((self.docs, docs), dim=1), window=self.window,
                                 position=ctx.position, input_pos=ctx.input_pos)
         n = min(t, self.window)  # the newest n new tokens stay
