@@ -10,8 +10,8 @@ change each against the RoPE model, several seeds. Held-out = the last 10% of th
   except the memory rows (consecutive 64-token segments of 12 rows, each with the memory of its row's previous 64
   tokens: `data.segments`) and the context-extended row (256-token windows, its new length).
 - bits/char (cache rows): the RoPE row's model scored token by token over the whole held-out split exactly as
-  generation sees it (`xlabml.inference.score`: 12 rows of ~9,200 tokens, each token from the cache after its
-  predecessors): the exact sliding window of 64 tokens (the uncompressed reference), int8 KV, sinks + window,
+  generation sees it (`xlabml.inference.score`: 96 rows of ~1,160 tokens, each token from the cache after its
+  predecessors in its row): the exact sliding window of 64 tokens (the uncompressed reference), int8 KV, sinks + window,
   a window alone, H2O.
 - step time vs classic: one training step (forward, backward, AdamW) of each trained row's model on a 12 x 64
   batch, all rows interleaved in one process, each row's fastest of several rounds (the least disturbed).
@@ -54,7 +54,7 @@ OUT = REPO / "bench" / "out" / "memory_variants"
 EXTEND_LEN, EXTEND_STEPS, EXTEND_SCALE = 256, 200, 4.0
 MEMORY = 64
 CONTEXTS = [256, 512, 1024, 2048, 4096]
-STREAM_ROWS = 12
+STREAM_ROWS = 96  # rows scored at once: more rows, fewer sequential decode steps
 
 ROPE = {"position": "rope"}
 # trained rows: (label, arch, model keywords, settings overrides); the arch names are bench/shakespeare.py variants
@@ -69,7 +69,7 @@ TRAINED = [
     ("RoPE + KV shared by layer pairs", "kv-share", {**ROPE, "kv_share": 2}, {}),
     ("RoPE + local(16)/global layers", "layer-windows",
      {**ROPE, "layer_windows": ["local", "global"], "sliding_window": 16}, {}),
-    (f"RoPE, context extended: +{EXTEND_STEPS} steps at {EXTEND_LEN} (PI x{EXTEND_SCALE:g})", "rope-extended",
+    (f"RoPE, context extended to {EXTEND_LEN} (PI x{EXTEND_SCALE:g})", "rope-extended",
      {**ROPE, "rope_scaling": "linear", "rope_scale": EXTEND_SCALE},
      {"seq_len": EXTEND_LEN, "steps": EXTEND_STEPS, "lr": 3e-4, "min_lr": 3e-5, "warmup": 20}),
 ]
@@ -111,9 +111,11 @@ def _rope_run_dir(args, s: dict, split: dict, extra: list[str]) -> Path:
 
 def _register(args, split: dict, extra: list[str]) -> None:
     """Adds this benchmark's variants to bench/shakespeare.py's (architectures, and config edits)."""
-    for _, arch, model, _ in TRAINED:
+    for _, arch, model, overrides in TRAINED:
         if arch not in ("classic", "rope"):
             sk.ARCHS[arch] = model
+        if arch == "rope-extended":
+            overrides["steps"] = args.extend_steps
 
     def segments(config, s):
         config["data"]["segments"] = True
@@ -151,9 +153,14 @@ def run_dir(args, seed, arch, overrides, split, extra) -> Path:
 
 # ------------------------------------------------------------------------------------------------------ train
 
+# the rows the context curves need first: a run cut short still has them
+TRAIN_ORDER = ["classic", "rope", "rope-extended", "xl", "linear", "registers", "kv-share", "layer-windows",
+               "xl-recompute"]
+
+
 def train(args, split, extra, seeds) -> None:
     for seed in seeds:
-        for label, arch, _, overrides in TRAINED:
+        for label, arch, _, overrides in sorted(TRAINED, key=lambda row: TRAIN_ORDER.index(row[1])):
             s = _settings(args, seed, arch, overrides)
             started = time.perf_counter()
             try:
@@ -388,22 +395,28 @@ def report(args, split, extra, seeds) -> dict:
                 points[length] = (statistics.mean(values), (max(values) - min(values)) / 2)
         curves[label] = points
     loads = [r["load_avg"] for rs in trained.values() for r in rs] or [0.0]
-    note = (f"\nMedian of the seeds (± half the range). Budget as in ablation.md: 2,000 steps of 12 x 64 characters, "
+    steps = args.steps or sk.PRESETS["nanogpt-cpu"]["steps"]
+    budget = "as in ablation.md: " if steps == sk.PRESETS["nanogpt-cpu"]["steps"] else "cut from ablation.md's 2,000: "
+    command = f"bench/memory_variants.py --threads {args.threads or 1} --seeds {len(seeds)}"
+    command += (f" --steps {args.steps}" if args.steps else "") + (
+        f" --extend-steps {args.extend_steps}" if args.extend_steps != EXTEND_STEPS else "")
+    note = (f"\nMedian of the seeds (± half the range). Budget {budget}{steps:,} steps of 12 x 64 characters, "
             f"4 layers, d_model 128, 4 heads, d_ff 512, AdamW (beta2 0.99, wd 0.1), warmup 100 + cosine 1e-3 -> 1e-4, "
             f"no dropout; every row but the classic one uses RoPE. The context-extended row continues each seed's RoPE "
-            f"checkpoint for {EXTEND_STEPS} steps of 12 x {EXTEND_LEN} (position interpolation x{EXTEND_SCALE:g}, "
+            f"checkpoint for {args.extend_steps} steps of 12 x {EXTEND_LEN} (position interpolation x{EXTEND_SCALE:g}, "
             f"lr 3e-4 -> 3e-5). Held-out: the last 10% of {Path(split['corpus']).name} (sha256 {split['digest']}, "
             f"{split['heldout_chars']:,} characters), all of it for every row. 'scored as': 64-token windows = "
             f"`xlab.py validate`, non-overlapping windows from fresh context; segments + memory = consecutive "
             f"64-token segments of 12 rows, each with the memory of its row's previous {MEMORY} tokens; streamed = "
-            f"every token from generation's cache after all its predecessors (`xlabml.inference.score`, 12 rows). "
+            f"every token from generation's cache after all its predecessors (`xlabml.inference.score`, "
+            f"{STREAM_ROWS} rows). "
             f"Step time: one training step on 12 x 64, all trained rows interleaved in one process, fastest of 6 "
             f"rounds; the memory rows include their memory, the recompute row its second forward. KV bytes: the "
             f"cache generation keeps for a 2,048-token context (2,048 slots; bounded caches, the memory model's "
             f"rolling window of {MEMORY} + 64 and linear attention's state whatever the context) / 2,048, fp32, "
             f"batch 1. Machine: {platform.node()}, {os.cpu_count()} cores shared with other jobs (load average "
             f"{min(loads):.1f}-{max(loads):.1f}), torch threads per run: {args.threads or 'default'}. Command: "
-            f"`bench/memory_variants.py --threads {args.threads or 1} --seeds {len(seeds)}`.\n")
+            f"`{command}`.\n")
     table = "\n".join(lines) + "\n" + note
     context_lines = ["| context (tokens) | " + " | ".join(str(c) for c in CONTEXTS) + " |",
                      "| --- | " + " | ".join("---:" for _ in CONTEXTS) + " |"]
@@ -462,6 +475,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stage", choices=["train", "eval", "report", "all"], default="all")
     p.add_argument("--speed", action="store_true", help="measure step times again (else reuse the last)")
     p.add_argument("--steps", type=int, help="training steps of every row (default: the budget's; for a smoke test)")
+    p.add_argument("--extend-steps", type=int, default=EXTEND_STEPS,
+                   help=f"steps of the context-extended row at {EXTEND_LEN} tokens (default {EXTEND_STEPS})")
     args = p.parse_args(argv)
     split = sk.split_corpus(args.corpus.expanduser().resolve(), sk.WORK)
     extra: list[str] = []
