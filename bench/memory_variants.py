@@ -10,8 +10,8 @@ change each against the RoPE model, several seeds. Held-out = the last 10% of th
   except the memory rows (consecutive 64-token segments of 12 rows, each with the memory of its row's previous 64
   tokens: `data.segments`) and the context-extended row (256-token windows, its new length).
 - bits/char (cache rows): the RoPE row's model scored token by token over the whole held-out split exactly as
-  generation sees it (`xlabml.inference.score`: 96 rows of ~1,160 tokens, each token from the cache after its
-  predecessors in its row): the exact sliding window of 64 tokens (the uncompressed reference), int8 KV, sinks + window,
+  generation sees it (`xlabml.inference.score`: rows of 1,024 tokens scored at once, each token from the cache
+  after its predecessors in its row; `--eval-tokens N` scores only the split's first N tokens): the exact sliding window of 64 tokens (the uncompressed reference), int8 KV, sinks + window,
   a window alone, H2O.
 - step time vs classic: one training step (forward, backward, AdamW) of each trained row's model on a 12 x 64
   batch, all rows interleaved in one process, each row's fastest of several rounds (the least disturbed).
@@ -54,7 +54,7 @@ OUT = REPO / "bench" / "out" / "memory_variants"
 EXTEND_LEN, EXTEND_STEPS, EXTEND_SCALE = 256, 200, 4.0
 MEMORY = 64
 CONTEXTS = [256, 512, 1024, 2048, 4096]
-STREAM_ROWS = 96  # rows scored at once: more rows, fewer sequential decode steps
+STREAM_ROW_LEN = 1024  # tokens per streamed row: rows are scored at once, so more rows, fewer sequential steps
 
 ROPE = {"position": "rope"}
 # trained rows: (label, arch, model keywords, settings overrides); the arch names are bench/shakespeare.py variants
@@ -187,16 +187,17 @@ def heldout_ids(split: dict) -> list[int]:
 
 
 def streamed_nll(model, ids, block_size: int, **options) -> tuple[float, int]:
-    """Summed NLL and count of every target of `ids` scored as generation sees it, in STREAM_ROWS rows."""
+    """Summed NLL and count of every target of `ids` scored as generation sees it, in rows of STREAM_ROW_LEN."""
     import torch
 
     from xlabml import inference
     ids = torch.tensor(ids)
     n = len(ids) - 1
-    length = n // STREAM_ROWS
-    rows = torch.stack([ids[r * length:(r + 1) * length + 1] for r in range(STREAM_ROWS)])
+    n_rows = max(1, n // STREAM_ROW_LEN)
+    length = n // n_rows
+    rows = torch.stack([ids[r * length:(r + 1) * length + 1] for r in range(n_rows)])
     total = float(inference.score(model, rows, block_size, **options).double().sum())
-    count = STREAM_ROWS * length
+    count = n_rows * length
     if n > count:  # the tail, from its own start
         total += float(inference.score(model, ids[None, count:], block_size, **options).double().sum())
         count = n
@@ -243,11 +244,15 @@ def evaluate(args, split, extra, seeds) -> None:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     ids = heldout_ids(split)
     chars_per_target = split["heldout_chars"] / (len(ids) - 1)
+    ids = ids[:args.eval_tokens + 1] if args.eval_tokens else ids
     to_bpc = lambda total, count: total / count / chars_per_target / math.log(2)  # noqa: E731
     for seed in seeds:
         dirs = {arch: run_dir(args, seed, arch, overrides, split, extra) for _, arch, _, overrides in TRAINED}
-        path = OUT / f"eval-s{seed}-{split['digest']}.json"
+        path = eval_path(args, seed, split, extra)
         out = json.loads(path.read_text()) if path.is_file() else {"caches": {}, "curves": {}}
+        if not (dirs["rope"] / "checkpoints" / "final.ckpt").is_file():
+            print(f"[eval] seed {seed}: the RoPE row is not trained yet", flush=True)
+            continue
         rope = _load(dirs["rope"] / "checkpoints" / "final.ckpt")
         for label, options in CACHES:
             if label not in out["caches"]:
@@ -257,6 +262,9 @@ def evaluate(args, split, extra, seeds) -> None:
                       f"({time.perf_counter() - started:.0f} s)", flush=True)
                 _write(path, out)
         for label, arch, how in CURVES:
+            if not (dirs[arch] / "result.json").is_file():  # trained and scored: its checkpoint is final
+                print(f"[eval] seed {seed} {label}: not trained yet (run --stage eval again later)", flush=True)
+                continue
             model = rope if arch == "rope" else _load(dirs[arch] / "checkpoints" / "final.ckpt")
             curve = out["curves"].setdefault(label, {})
             for length in CONTEXTS:
@@ -267,6 +275,12 @@ def evaluate(args, split, extra, seeds) -> None:
                 print(f"[eval] seed {seed} {label} at {length}: {curve[str(length)]:.4f} bits/char "
                       f"({time.perf_counter() - started:.0f} s)", flush=True)
                 _write(path, out)
+
+
+def eval_path(args, seed: int, split: dict, extra: list[str]) -> Path:
+    """Where one seed's scores are kept: named by its RoPE run (settings, seed, corpus) and the tokens scored."""
+    rope = run_dir(args, seed, "rope", {}, split, extra).name
+    return OUT / f"eval-{rope}-{args.eval_tokens or 'all'}.json"
 
 
 def _write(path: Path, data) -> None:
@@ -355,7 +369,7 @@ def report(args, split, extra, seeds) -> dict:
             if path.is_file():
                 trained[label].append(json.loads(path.read_text()))
     evals = [json.loads(p.read_text()) for seed in seeds
-             if (p := OUT / f"eval-s{seed}-{split['digest']}.json").is_file()]
+             if (p := eval_path(args, seed, split, extra)).is_file()]
     speed_path = results / "memory_variants_speed.json"
     if args.speed or not speed_path.is_file():
         speed_path.write_text(json.dumps(measure_speed(args, vocab), indent=1))
@@ -398,6 +412,8 @@ def report(args, split, extra, seeds) -> dict:
     steps = args.steps or sk.PRESETS["nanogpt-cpu"]["steps"]
     budget = "as in ablation.md: " if steps == sk.PRESETS["nanogpt-cpu"]["steps"] else "cut from ablation.md's 2,000: "
     command = f"bench/memory_variants.py --threads {args.threads or 1} --seeds {len(seeds)}"
+    scored = f"its first {args.eval_tokens:,} tokens" if args.eval_tokens else "all of it"
+    command += (f" --eval-tokens {args.eval_tokens}" if args.eval_tokens else "")
     command += (f" --steps {args.steps}" if args.steps else "") + (
         f" --extend-steps {args.extend_steps}" if args.extend_steps != EXTEND_STEPS else "")
     note = (f"\nMedian of the seeds (± half the range). Budget {budget}{steps:,} steps of 12 x 64 characters, "
@@ -405,11 +421,12 @@ def report(args, split, extra, seeds) -> dict:
             f"no dropout; every row but the classic one uses RoPE. The context-extended row continues each seed's RoPE "
             f"checkpoint for {args.extend_steps} steps of 12 x {EXTEND_LEN} (position interpolation x{EXTEND_SCALE:g}, "
             f"lr 3e-4 -> 3e-5). Held-out: the last 10% of {Path(split['corpus']).name} (sha256 {split['digest']}, "
-            f"{split['heldout_chars']:,} characters), all of it for every row. 'scored as': 64-token windows = "
+            f"{split['heldout_chars']:,} characters): all of it for the trained rows; {scored} for the cache rows "
+            f"and the context curves. 'scored as': 64-token windows = "
             f"`xlab.py validate`, non-overlapping windows from fresh context; segments + memory = consecutive "
             f"64-token segments of 12 rows, each with the memory of its row's previous {MEMORY} tokens; streamed = "
             f"every token from generation's cache after all its predecessors (`xlabml.inference.score`, "
-            f"{STREAM_ROWS} rows). "
+            f"rows of {STREAM_ROW_LEN:,} tokens). "
             f"Step time: one training step on 12 x 64, all trained rows interleaved in one process, fastest of 6 "
             f"rounds; the memory rows include their memory, the recompute row its second forward. KV bytes: the "
             f"cache generation keeps for a 2,048-token context (2,048 slots; bounded caches, the memory model's "
@@ -475,6 +492,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stage", choices=["train", "eval", "report", "all"], default="all")
     p.add_argument("--speed", action="store_true", help="measure step times again (else reuse the last)")
     p.add_argument("--steps", type=int, help="training steps of every row (default: the budget's; for a smoke test)")
+    p.add_argument("--eval-tokens", type=int, help="score only the first N held-out tokens (default: all of them)")
     p.add_argument("--extend-steps", type=int, default=EXTEND_STEPS,
                    help=f"steps of the context-extended row at {EXTEND_LEN} tokens (default {EXTEND_STEPS})")
     args = p.parse_args(argv)
