@@ -10,17 +10,17 @@ change each against the RoPE model, several seeds. Held-out = the last 10% of th
   except the memory rows (consecutive 64-token segments of 12 rows, each with the memory of its row's previous 64
   tokens: `data.segments`) and the context-extended row (256-token windows, its new length).
 - bits/char (cache rows): the RoPE row's model scored token by token over the whole held-out split exactly as
-  generation sees it (`xlabml.inference.score`: rows of 1,024 tokens scored at once, each token from the cache
+  generation sees it (`xlabml.inference.score`: rows of 512 tokens scored at once, each token from the cache
   after its predecessors in its row; `--eval-tokens N` scores only the split's first N tokens): the exact sliding window of 64 tokens (the uncompressed reference), int8 KV, sinks + window,
   a window alone, H2O.
 - step time vs classic: one training step (forward, backward, AdamW) of each trained row's model on a 12 x 64
   batch, all rows interleaved in one process, each row's fastest of several rounds (the least disturbed).
 - KV bytes per token: the cache generation keeps for a 2,048-token context (a 2,048-slot cache; what a bounded
   cache, a memory's rolling window or a linear state keeps, whatever the context), over 2,048, batch 1, fp32.
-- perplexity against context length (plot): the held-out split cut into chunks of L = 256 ... 4,096 tokens, each
-  scored from its own start: bits/char over all of a chunk's tokens, for RoPE with its whole context (trained on
-  64), RoPE with sinks + window, Transformer-XL (its segments with memory), linear attention and the
-  context-extended model.
+- perplexity against context length (plot): the held-out split cut into chunks of 4,096 tokens, each scored from
+  its own start in one pass; the value at L = 256 ... 4,096 is the bits/char over the first L tokens of every
+  chunk. For RoPE with its whole context (trained on 64), RoPE with sinks + window, Transformer-XL (its segments
+  with memory), linear attention and the context-extended model.
 
 Stages (each resumable; runs and evaluations are cached under bench/out/): `--stage train` (the fits), `eval`
 (scores per seed), `report` (speed, bytes, table, plot, JSON line); `all` does the three. Two processes may split
@@ -54,7 +54,7 @@ OUT = REPO / "bench" / "out" / "memory_variants"
 EXTEND_LEN, EXTEND_STEPS, EXTEND_SCALE = 256, 200, 4.0
 MEMORY = 64
 CONTEXTS = [256, 512, 1024, 2048, 4096]
-STREAM_ROW_LEN = 1024  # tokens per streamed row: rows are scored at once, so more rows, fewer sequential steps
+STREAM_ROW_LEN = 512  # tokens per streamed row: rows are scored at once, so more rows, fewer sequential steps
 
 ROPE = {"position": "rope"}
 # trained rows: (label, arch, model keywords, settings overrides); the arch names are bench/shakespeare.py variants
@@ -211,32 +211,30 @@ def chunks(ids, length: int):
     return torch.stack([ids[c * length:(c + 1) * length + 1] for c in range(count)])  # c L+1
 
 
-def chunk_nll(model, rows, how: str) -> tuple[float, int]:
-    """Summed NLL and count over every target of every chunk (c, L+1), each chunk from its own start."""
+def chunk_nll(model, rows, how: str):
+    """NLL (c, L) of every target of every chunk (c, L+1), each chunk scored from its own start: the mean over a
+    chunk's first l targets is its loss at context length l (causal: a token never sees what follows)."""
     import torch
     import torch.nn.functional as F
 
     from xlabml import inference
     from xlabml.memory import SegmentMemory
-    total = 0.0
     with torch.inference_mode():
-        if how == "full":
-            for row in rows:  # one at a time: a 4,096-token forward is big enough
-                logits = model(row[None, :-1])
-                total += float(F.cross_entropy(logits[0].float(), row[1:], reduction="sum"))
-        elif how == "sinks":
-            total = float(inference.score(model, rows, model.max_len, sink_tokens=4, window=60).double().sum())
-        elif how == "memory":
-            memory = SegmentMemory()
+        if how == "full":  # one row at a time: a 4,096-token forward is big enough
+            return torch.cat([F.cross_entropy(model(row[None, :-1])[0].float(), row[1:], reduction="none")[None]
+                              for row in rows])
+        if how == "sinks":
+            return inference.score(model, rows, model.max_len, sink_tokens=4, window=60)
+        if how == "memory":
+            memory, out = SegmentMemory(), []
             length = rows.shape[1] - 1
             for start in range(0, length, model.max_len):
                 x = rows[:, start:min(start + model.max_len, length)]
                 y = rows[:, start + 1:start + 1 + x.shape[1]]
                 logits = model(x, memory=memory.segment(torch.full((len(rows),), start == 0)))
-                total += float(F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum"))
-        else:
-            raise ValueError(how)
-    return total, rows.numel() - rows.shape[0]
+                out.append(F.cross_entropy(logits.transpose(1, 2).float(), y, reduction="none"))  # c l
+            return torch.cat(out, dim=1)
+    raise ValueError(how)
 
 
 def evaluate(args, split, extra, seeds) -> None:
@@ -267,14 +265,16 @@ def evaluate(args, split, extra, seeds) -> None:
                 continue
             model = rope if arch == "rope" else _load(dirs[arch] / "checkpoints" / "final.ckpt")
             curve = out["curves"].setdefault(label, {})
+            if all(str(length) in curve for length in CONTEXTS):
+                continue
+            started = time.perf_counter()
+            nll = chunk_nll(model, chunks(ids, CONTEXTS[-1]), how).double()  # c L
             for length in CONTEXTS:
-                if str(length) in curve:
-                    continue
-                started = time.perf_counter()
-                curve[str(length)] = to_bpc(*chunk_nll(model, chunks(ids, length), how))
-                print(f"[eval] seed {seed} {label} at {length}: {curve[str(length)]:.4f} bits/char "
-                      f"({time.perf_counter() - started:.0f} s)", flush=True)
-                _write(path, out)
+                curve[str(length)] = to_bpc(float(nll[:, :length].sum()), nll[:, :length].numel())
+            print(f"[eval] seed {seed} {label}: " + ", ".join(f"{length} {curve[str(length)]:.4f}"
+                                                              for length in CONTEXTS)
+                  + f" bits/char ({time.perf_counter() - started:.0f} s)", flush=True)
+            _write(path, out)
 
 
 def eval_path(args, seed: int, split: dict, extra: list[str]) -> Path:
@@ -440,7 +440,7 @@ def report(args, split, extra, seeds) -> dict:
     for label, points in curves.items():
         context_lines.append(f"| {label} | " + " | ".join(
             f"{points[c][0]:.3f}" if c in points else "-" for c in CONTEXTS) + " |")
-    table += "\nBits/char against context length (mean of the seeds; each chunk scored from its own start):\n\n"
+    table += "\nBits/char against context length (mean of the seeds; the first L tokens of each 4,096-token held-out chunk, scored from the chunk's start):\n\n"
     table += "\n".join(context_lines) + "\n"
     (results / "memory_variants.md").write_text(table)
     figures = {"bpc": summary, "speed_vs_classic": {k: v / base for k, v in speed.items()} if base else {},
@@ -470,8 +470,8 @@ def plot(curves: dict, path: Path, reference: float | None) -> None:
                    label=f"RoPE, exact sliding window of 64 (streamed) {reference:.3f}")
     ax.set_xscale("log", base=2)
     ax.set_xticks(CONTEXTS, [str(c) for c in CONTEXTS])
-    ax.set_xlabel("context: tokens per held-out chunk, each scored from the chunk's start")
-    ax.set_ylabel("held-out bits/char over the chunk")
+    ax.set_xlabel("context L: the first L tokens of each 4,096-token held-out chunk, scored from its start")
+    ax.set_ylabel("held-out bits/char over the first L tokens")
     ax.set_ylim(top=min(ax.get_ylim()[1], 6.0))
     ax.set_title("Tiny Shakespeare, nanoGPT CPU budget (trained on 64 tokens): bits/char vs context")
     ax.grid(alpha=0.3)
