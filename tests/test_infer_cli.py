@@ -82,6 +82,31 @@ def test_greedy_and_beam_equal_the_library(files, capsys):
     assert out == expected_text(files, "the quick", inference.beam_search, 3, 12, length_penalty=0.5) + "\n"
 
 
+def test_window_options_equal_the_library(files, capsys, monkeypatch):
+    """--context-keep and --rolling reach every strategy, which then gives the library's text."""
+    cases = []
+    for flag, kwargs in ((("--context-keep", 8), {"context_keep": 8}), (("--rolling",), {"rolling": True})):
+        cases.append(((*flag, "-g", "-l", 40, "--no-stream"),
+                      expected_text(files, "the quick", inference.greedy_search, 40, **kwargs)))
+        cases.append(((*flag, "-l", 40, "-s", 3, "--stream"),
+                      expected_text(files, "the quick", inference.sample, 40,
+                                    generator=torch.Generator().manual_seed(3), **kwargs)))
+        cases.append(((*flag, "-b", "-w", 2, "-l", 30),
+                      expected_text(files, "the quick", inference.beam_search, 2, 30, **kwargs)))
+    seen = []
+    for name in ("sample", "beam_search", "generate_stream"):
+        def spy(*args, _original=getattr(inference, name), **kwargs):
+            seen.append((kwargs.get("context_keep"), kwargs.get("rolling")))
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(inference, name, spy)
+    for argv, expected in cases:
+        code, out, err = infer(capsys, files["ckpt"], "the quick", *argv)
+        assert (code, err, out) == (0, "", expected + "\n")
+    assert seen == [(8, False)] * 3 + [(None, True)] * 3
+    code, _, err = infer(capsys, files["ckpt"], "the quick", "--rolling", "--context-keep", 4)
+    assert code == 2 and "not allowed with argument" in err and len(err.strip().splitlines()) == 1
+
+
 def test_seeded_sampling_reproducible_streamed_or_not(files, capsys):
     args = (files["ckpt"], "a lazy", "-s", 7, "-l", 30, "-T", 0.9, "-k", 50, "-p", 0.95, "--min-p", 0.01,
             "--repetition-penalty", 1.1)

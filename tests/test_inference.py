@@ -458,9 +458,7 @@ def test_interleaved_streams_do_not_share_a_cache():
     assert got1 == reference_greedy(model, x1, 30, BLOCK) and got2 == reference_greedy(model, x2, 30, BLOCK)
 
 
-@pytest.mark.parametrize("position", ["rope", "alibi", "learned", "none", pytest.param(
-    "sinusoidal", marks=pytest.mark.xfail(reason="sinusoidal frequencies are not yet computed in float32 at use: "
-                                          "the bfloat16 model adds a float32 encoding", strict=False))])
+@pytest.mark.parametrize("position", ["rope", "alibi", "learned", "none", "sinusoidal"])
 def test_bfloat16_model_logits_follow_float32_and_stay_float32(position, monkeypatch):
     from xlabml import packed
     monkeypatch.setattr(packed, "MIN_PACKED_NUMEL", 0)  # the test model's matrices are small: pack them anyway

@@ -1,3 +1,5 @@
+import contextlib
+import copy
 import math
 
 import pytest
@@ -319,3 +321,50 @@ def test_dropout_placement_defaults():
     x = tokens(2, 8)
     assert torch.equal(model.eval()(x), model(x))  # eval is deterministic
     assert math.isclose(model.embedding_scale, math.sqrt(32))
+
+
+def cast_like(kind, model):
+    """(model, context) computing as Lightning's or FSDP's ``kind`` of bf16 would: ``.to(bf16)``; ``bf16-true``
+    (module cast, bf16 default dtype during forward); ``bf16-mixed`` (fp32 weights under autocast); FSDP's
+    bf16 buffer casting (``buffer.data = buffer.to(bf16)``, which ignores ``_apply`` overrides)."""
+    from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision
+    model = copy.deepcopy(model)
+    if kind == 'to-bf16':
+        return model.to(torch.bfloat16), contextlib.nullcontext()
+    if kind == 'bf16-true':
+        plugin = HalfPrecision('bf16-true')
+        return plugin.convert_module(model), plugin.forward_context()
+    if kind == 'bf16-mixed':
+        return model, MixedPrecision('bf16-mixed', 'cpu').forward_context()
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            buffer.data = buffer.data.to(torch.bfloat16)
+    return model, contextlib.nullcontext()
+
+
+@pytest.mark.parametrize('kind', ['to-bf16', 'bf16-true', 'bf16-mixed', 'fsdp-bf16-buffers'])
+@pytest.mark.parametrize('position', POSITION_TYPES)
+def test_positions_do_not_depend_on_the_module_dtype(position, kind):
+    torch.manual_seed(0)
+    # 12 heads: ALiBi slopes that are not powers of two (those of 4 or 8 heads are exact in bf16)
+    model = Decoder(V, 512, d_model=48, n_layers=1, n_heads=12, d_ff=64, dropout=0.0, position=position).eval()
+    cast, context = cast_like(kind, model)
+    p = torch.arange(512)[None]  # up to 511, where a bf16 inv_freq moved sinusoidal values by up to 0.7
+    x = tokens(1, 512)
+    with torch.no_grad(), context:
+        pos = [cast.position.embed(p), cast.position.rotary(p), cast.position.bias(p[0], p[0])]
+        logits = cast(x)
+    with torch.no_grad():
+        reference = [model.position.embed(p), model.position.rotary(p), model.position.bias(p[0], p[0])]
+        full = model(x)
+    for ours, theirs in zip(pos, reference):
+        if position == 'learned' and ours is not None and kind in ('to-bf16', 'bf16-true'):
+            theirs = theirs.to(torch.bfloat16)  # a learned table is a parameter: cast with the module
+        assert (ours is None) == (theirs is None)
+        if ours is None:
+            continue
+        for u, v in zip(*((ours, theirs) if isinstance(ours, tuple) else ((ours,), (theirs,)))):
+            assert u.dtype == v.dtype and torch.equal(u, v)  # angles, embeddings, biases bit for bit
+    assert logits.dtype == (torch.float32 if kind == 'fsdp-bf16-buffers' else torch.bfloat16)
+    assert torch.isfinite(logits).all()
+    assert ((logits.float() - full).norm() / full.norm()).item() < 0.02  # bf16 rounding, nothing more

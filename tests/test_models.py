@@ -1,3 +1,4 @@
+import copy
 import math
 from functools import partial
 
@@ -5,9 +6,13 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
+from xlabml.losses import linear_cross_entropy
 from xlabml.models import XLabModel, default_optimizer
+from xlabml.roles import parameter_roles, unwrapped_name
 from xlabml.schedules import WarmupCosine
 
 PAD = 3
@@ -216,3 +221,241 @@ def test_compile_option_keeps_checkpoint_names():
     model.configure_model()  # Lightning calls this before fitting; compilation itself happens on first call
     assert model.model._compiled_call_impl is not None
     assert set(model.state_dict()) == names and not any('_orig_mod' in n for n in names)
+
+
+# ------------------------------------------------------------------------------- roles and parameter groups
+
+ROLE_VARIANTS = {
+    'default': dict(), 'learned': dict(position='learned'),
+    'modern': dict(position='rope', norm='rmsnorm', ffn='swiglu', n_kv_heads=2, tie_embeddings=True, bias=False,
+                   qk_norm=True),
+    'postnorm-parallel': dict(prenorm=False, parallel_residual=True, final_norm=False),
+}
+
+
+@pytest.mark.parametrize('variant', ROLE_VARIANTS)
+def test_parameter_roles_by_module(variant):
+    model = tiny(**ROLE_VARIANTS[variant])
+    roles = parameter_roles(model.model)
+    assert list(roles) == [n for n, _ in model.model.named_parameters()]  # every parameter, a tied one once
+    assert 'other' not in roles.values()
+    for name, role in roles.items():
+        leaf = name.rsplit('.', 2)
+        expected = ('bias' if leaf[-1] == 'bias' else
+                    'embedding' if name == 'embedding.weight' else
+                    'position' if name.startswith('position.') else
+                    'head' if name == 'head.weight' else
+                    'matrix' if leaf[-2] in ('qkv', 'proj', 'fc') else
+                    'norm')
+        assert role == expected, name
+    assert ('head.weight' in roles) == (not ROLE_VARIANTS[variant].get('tie_embeddings', False))
+
+
+def test_parameter_roles_see_through_wrappers():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    from xlabml.layers import Block
+    model = tiny(position='learned', tie_embeddings=True)
+    plain = parameter_roles(model.model)
+    wrapped = copy.deepcopy(model)
+    apply_activation_checkpointing(wrapped.model, check_fn=lambda m: isinstance(m, Block))
+    names = [n for n, _ in wrapped.model.named_parameters()]
+    assert any('_checkpoint_wrapped_module' in n for n in names)
+    assert parameter_roles(wrapped.model) == plain
+    assert parameter_roles(torch.compile(model.model)) == plain  # '_orig_mod.' names
+    assert unwrapped_name('model.blocks.0._fsdp_wrapped_module._checkpoint_wrapped_module.attn.qkv.weight') == \
+        'model.blocks.0.attn.qkv.weight'
+
+
+def test_weight_decay_groups_do_not_depend_on_parameter_shapes():
+    # FSDP hands configure_optimizers 1-D shards of every parameter: the groups must be the same
+    model = tiny(position='learned')
+    names = {id(p): n for n, p in model.model.named_parameters()}
+    before = [[names[id(p)] for p in g['params']] for g in model.parameter_groups()]
+    for p in model.parameters():
+        p.data = p.data.flatten()
+    after = [[names[id(p)] for p in g['params']] for g in model.parameter_groups()]
+    assert after == before
+    assert len(before[0]) == 2 * 4 + 1  # four matrices per block and the head
+
+
+# ------------------------------------------------------------------------------------------ chunked loss
+
+def plain_reference(hidden, weight, bias, targets, ignore=-100):
+    logits = F.linear(hidden, weight, bias)
+    valid = targets != ignore
+    nll = F.cross_entropy(logits.float(), targets, ignore_index=ignore, reduction='sum')
+    return nll, valid.sum(), ((logits.argmax(-1) == targets) & valid).sum()
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 70), chunk=st.integers(1, 80), vocab=st.integers(2, 40), with_bias=st.booleans(),
+       ignored=st.floats(0.0, 1.0), seed=st.integers(0, 2 ** 16))
+def test_linear_cross_entropy_equals_the_plain_loss(rows, chunk, vocab, with_bias, ignored, seed):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(vocab, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(vocab, generator=g, dtype=torch.float64, requires_grad=True) if with_bias else None
+    targets = torch.randint(0, vocab, (rows,), generator=g)
+    targets[torch.rand(rows, generator=g) < ignored] = -100
+    inputs = [t for t in (hidden, weight, bias) if t is not None]
+    nll, n, correct = linear_cross_entropy(hidden, weight, bias, targets, chunk_size=chunk)
+    ref_nll, ref_n, ref_correct = plain_reference(hidden, weight, bias, targets)
+    assert n == ref_n and correct == ref_correct
+    torch.testing.assert_close(nll.double(), ref_nll.double(), rtol=1e-6, atol=1e-6)  # float32 sums
+    grads = torch.autograd.grad(3.0 * nll, inputs)
+    ref_grads = torch.autograd.grad(3.0 * ref_nll, inputs)
+    for ours, theirs in zip(grads, ref_grads):
+        assert ours.dtype == theirs.dtype
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)  # both round the logits to float32
+
+
+def test_linear_cross_entropy_under_autocast_is_as_close_as_the_plain_loss():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(300, 32, generator=g, requires_grad=True)
+    weight = (0.2 * torch.randn(500, 32, generator=g)).requires_grad_()
+    bias = (0.1 * torch.randn(500, generator=g)).requires_grad_()
+    targets = torch.randint(0, 500, (300,), generator=g)
+    exact = plain_reference(hidden.double(), weight.double(), bias.double(), targets)[0]
+    exact_grads = torch.autograd.grad(exact, (hidden, weight, bias))
+    results = {}
+    for name, fn in (('plain', plain_reference), ('chunked', partial(linear_cross_entropy, chunk_size=64))):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            nll, _, correct = fn(hidden, weight, bias, targets)
+        grads = torch.autograd.grad(nll, (hidden, weight, bias))
+        results[name] = nll, correct, grads
+    assert results['chunked'][1] == results['plain'][1]  # argmax of the same bf16 logits
+    for name, (nll, _, grads) in results.items():
+        assert grads[0].dtype == grads[1].dtype == torch.float32
+        assert abs(nll.item() - exact.item()) / exact.item() < 2e-3  # bf16 logits
+        for ours, truth in zip(grads, exact_grads):
+            assert ((ours - truth).norm() / truth.norm()).item() < 1e-2, name
+
+
+@pytest.mark.parametrize('variant', [dict(), dict(tie_embeddings=True, bias=False), dict(tie_embeddings=True)],
+                         ids=['bias', 'tied', 'tied-bias'])
+def test_chunked_training_step_equals_the_plain_one(variant):
+    batch = next(iter(char_batches(batch_size=3)))
+    batch['y'][1, 20:] = PAD
+    losses, grads = {}, {}
+    for chunk in (None, 7):  # 7 rows: chunks straddle the rows of the batch
+        model = tiny(loss_chunk_size=chunk, **variant)
+        loss, n, correct = model.batch_loss(batch)
+        loss.backward()
+        losses[chunk] = loss.item(), int(n), int(correct)
+        grads[chunk] = {name: p.grad for name, p in model.named_parameters()}
+    assert losses[7][1:] == losses[None][1:] == (losses[None][1], losses[None][2])
+    assert losses[7][0] == pytest.approx(losses[None][0], rel=1e-6)
+    assert grads[7].keys() == grads[None].keys()
+    for name in grads[None]:
+        torch.testing.assert_close(grads[7][name], grads[None][name], rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_loss_keeps_no_batch_sized_logits_for_backward():
+    n_vocab, rows = 128, 4 * 32
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    for chunk in (None, 16, 'default'):
+        model = tiny() if chunk == 'default' else tiny(loss_chunk_size=chunk)
+        batch = next(iter(char_batches(batch_size=4)))
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model._step(batch, 'train')  # the training step's loss, as Lightning calls it
+        loss.backward()
+        largest = max(saved)
+        if chunk is None:
+            assert largest >= rows * n_vocab  # the plain loss keeps its log-softmax for backward
+        else:
+            assert largest < rows * n_vocab  # nothing of the size of the batch's logits (d_ff 64 < n_vocab)
+
+
+def test_loss_chunk_size_is_validated_and_backward_runs_once():
+    with pytest.raises(ValueError, match='loss_chunk_size'):
+        tiny(loss_chunk_size=0)
+    with pytest.raises(ValueError, match='chunk_size'):
+        linear_cross_entropy(torch.zeros(2, 4), torch.zeros(3, 4), None, torch.zeros(2, dtype=torch.long),
+                             chunk_size=0)
+    hidden = torch.randn(5, 4, requires_grad=True)
+    nll, _, _ = linear_cross_entropy(hidden, torch.randn(3, 4), None, torch.tensor([0, 1, 2, 0, 1]), chunk_size=2)
+    nll.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match='once'):  # its gradients were scaled in place
+        nll.backward()
+
+
+# ----------------------------------------------------------------------------------- schedule on resume
+
+class LRLog(L.Callback):
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]['lr'])
+
+
+def test_resume_with_more_steps_stretches_the_whole_run_schedule(tmp_path):
+    import warnings
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    schedule = partial(WarmupCosine, warmup_steps=2, total_steps=None, min_lr_ratio=0.1)
+    batches = char_batches(batch_size=2)  # 5 batches an epoch
+    make = lambda: tiny(optimizer=partial(torch.optim.AdamW, lr=1e-2), scheduler=schedule)
+    expected = [1e-2 * WarmupCosine(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), 2, 12,
+                                    0.1).factor(s) for s in range(12)]
+    straight = LRLog()
+    every_3 = ModelCheckpoint(dirpath=tmp_path / 'straight', every_n_train_steps=3, save_top_k=-1,
+                              filename='{step}')
+    trainer(tmp_path, max_steps=12, limit_val_batches=0, callbacks=[straight, every_3],
+            enable_checkpointing=True).fit(make(), batches)
+    assert straight.lrs == pytest.approx(expected)
+
+    six = LRLog()
+    fit = trainer(tmp_path, max_steps=6, limit_val_batches=0, callbacks=[six])
+    fit.fit(make(), batches)
+    fit.save_checkpoint(tmp_path / 'six.ckpt')
+    assert six.lrs[-1] < six.lrs[2]  # a 6-step cosine: decaying
+    resumed = LRLog()
+    with pytest.warns(UserWarning, match='schedule over 6 steps; it now follows this run.s 12 steps'):
+        fit = trainer(tmp_path, max_steps=12, limit_val_batches=0, callbacks=[resumed])
+        fit.fit(make(), batches, ckpt_path=tmp_path / 'six.ckpt')
+    assert fit.lr_scheduler_configs[0].scheduler.total_steps == 12
+    assert resumed.lrs == pytest.approx(expected[6:])  # not the 6-step run's floor of 1e-3
+
+    # the same horizon: the rates continue exactly, without a warning
+    again = LRLog()
+    with warnings.catch_warnings():
+        warnings.filterwarnings('error', message='WarmupCosine')
+        trainer(tmp_path, max_steps=12, limit_val_batches=0, callbacks=[again]).fit(
+            make(), batches, ckpt_path=tmp_path / 'straight' / 'step=3.ckpt')
+    assert again.lrs == straight.lrs[3:]
+
+
+def test_validation_logs_bits_per_byte_of_the_decoded_targets(tmp_path):
+    """val_bpb = summed NLL / ln 2 / bytes, where the bytes are those of the validation documents' text: every
+    target is scored once (windows of stride seq_len), and <eos> decodes to nothing."""
+    from xlabml.datamodules import XLabDataModule
+    from xlabml.tokenizer import TokenizerTrainer
+    words = "the quick brown fox jumps over a lazy dog while python code runs in loops é ü".split()
+    docs = [" ".join(words[(i * 7 + j) % len(words)] for j in range(3 + (i * 5) % 30)) for i in range(60)]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(docs) + "\n")
+    tok = tmp_path / "tok.model"
+    TokenizerTrainer().train(docs, 300, tok)
+    dm = XLabDataModule(locations=str(corpus), splits={"train": 0.8, "val": 0.2}, num_tokens=300,
+                        tokenizer_path=str(tok), seq_len=16, batch_size=4, cache_dir=str(tmp_path / "cache"))
+    dm.prepare_data()
+    dm.setup("validate")
+    model = tiny(n_vocab=300, max_len=16).eval()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for batch in dm.val_dataloader():
+            keep = batch['y'] != PAD
+            nll += F.cross_entropy(model(batch['x'])[keep], batch['y'][keep], reduction='sum').item()
+            count += int(keep.sum())
+    n_bytes = sum(len(text.encode("utf-8")) for text in dm.texts()["val"]["text"])
+    metrics = trainer(tmp_path).validate(model, datamodule=dm, verbose=False)[0]
+    assert metrics['val_loss'] == pytest.approx(nll / count, rel=1e-5)
+    assert metrics['val_bpb'] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-5)
+    # the byte count is not the token count: a bits-per-token figure would differ
+    assert abs(metrics['val_bpb'] - metrics['val_bpt']) > 0.1

@@ -170,7 +170,7 @@ class FlashKernel:
         if ctx.cached or not ctx.plain or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
             return self.fallback(q, k, v, ctx, dropout_p)
         window = (ctx.window - 1, 0) if ctx.window is not None else (-1, -1)
-        slopes = getattr(ctx.position, 'slopes', None)
+        slopes = ctx.position.slopes(q.device) if hasattr(ctx.position, 'slopes') else None  # ALiBi, float32
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # b t h d
         b, t, h, d = q.shape
         if ctx.doc_ids is None:

@@ -7,10 +7,14 @@ Every entry point (``xlab --ckpt_path``, ``xlab-infer``, ``xlab-manage``, ``XLab
 - Three formats: a Lightning training checkpoint (``.ckpt``), an export of it (``.ckpt`` with ``xlab_export``),
   and a safetensors export (``NAME.safetensors`` beside ``NAME.json``, which holds everything but the weights).
   A missing, corrupt or foreign file gives one clear error naming it.
-- Runtime settings (``RUNTIME_HPARAMS``: attention backend, compile, activation checkpointing, debug) say how
-  to run, not what the weights mean: they can be overridden at load time. A checkpoint trained with
-  ``attention='flash'`` loads where the flash_attn package is missing, with SDPA (the same function) and a
+- Runtime settings (``RUNTIME_HPARAMS``: attention backend, compile, activation checkpointing, debug, the loss's
+  chunk size) say how to run, not what the weights mean: they can be overridden at load time. A checkpoint
+  trained with ``attention='flash'`` loads where the flash_attn package is missing, with SDPA (the same function) and a
   one-line warning.
+- LoRA adapters (``xlabml.lora``): a LoRA run's checkpoints hold only the adapters, plus the path and weights hash
+  of the base model they adapt (``LORA_KEY``); the loader rebuilds the base from that path, checks its hash (one
+  line names the path and both hashes when they differ) and adds the adapters. ``merge_lora_checkpoint`` writes
+  the merged model as a plain export.
 - Tokenizer identity: every checkpoint records the content hash of the tokenizer it was trained with (training
   checkpoints through ``XLabDataModule.state_dict``, exports by copying it); wherever a checkpoint meets a
   tokenizer the hash must match (``check_tokenizer``), or one line names both files and both hashes.
@@ -38,7 +42,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from xlabml.atomic import atomic_path, write_atomic
 
 # Model arguments that say how to run, not what the weights mean: overridable when a checkpoint is loaded.
-RUNTIME_HPARAMS = ("attention", "compile", "activation_checkpointing", "debug")
+RUNTIME_HPARAMS = ("attention", "compile", "activation_checkpointing", "debug", "loss_chunk_size")
 # Keys LightningCLI adds to saved hyperparameters; they are not constructor arguments.
 _CLI_KEYS = ("_instantiator", "_class_path")
 DATA_STATE_KEY = "XLabDataModule"  # where Lightning stores XLabDataModule.state_dict() in a checkpoint
@@ -55,7 +59,13 @@ EXPORT_KEYS = (
     "datamodule_hparams_name",
     "datamodule_hyper_parameters",
     DATA_STATE_KEY,
+    "lora_base",
+    "lora_merged",
 )
+# A LoRA run's checkpoint: {"path": the base model's checkpoint or directory, "hash": xlabml.lora.weights_hash of its
+# decoder weights as stored there (xlabml.init_from.read_source)}; its state_dict holds the adapters only. A merged export records where it came from under MERGED_KEY.
+LORA_KEY = "lora_base"
+MERGED_KEY = "lora_merged"
 
 
 class CheckpointWarning(UserWarning):
@@ -251,6 +261,8 @@ class LoadedCheckpoint:
         global_step, epoch: training progress when it was saved (None if not recorded).
         metrics: monitored metrics when it was saved, e.g. ``{"val_loss": 2.31}`` (may be empty).
         lightning_version: the Lightning version that wrote the training checkpoint.
+        lora_base: for a checkpoint of LoRA adapters, ``{"path", "hash"}`` of the base model they were added to
+            (the path it was found at); None otherwise.
     """
 
     model: Any
@@ -265,6 +277,7 @@ class LoadedCheckpoint:
     epoch: Optional[int] = None
     metrics: dict[str, float] = field(default_factory=dict)
     lightning_version: Optional[str] = None
+    lora_base: Optional[dict[str, str]] = None
 
 
 def load_checkpoint(
@@ -275,6 +288,8 @@ def load_checkpoint(
     tokenizer: Any = None,
     strict: bool = True,
     model_class: Optional[type] = None,
+    base: Optional[str | os.PathLike] = None,
+    merge_lora: bool = False,
 ) -> LoadedCheckpoint:
     """Load a training checkpoint or an export: the one loader behind every entry point.
 
@@ -290,11 +305,16 @@ def load_checkpoint(
             recorded content hash and the model's vocabulary size.
         strict: the weights must match the model's parameters exactly.
         model_class: the class to build (default ``xlabml.models.XLabModel``).
+        base: for a checkpoint of LoRA adapters, where its base model is now (default: the recorded path, or a
+            file of that name beside the checkpoint); its weights must still have the recorded hash.
+        merge_lora: fold LoRA adapters into the weights (``xlabml.lora.merge_lora``): a plain model, faster to run;
+            ``hparams['lora']`` becomes None. No effect on a checkpoint without adapters.
     Returns: a ``LoadedCheckpoint``.
     Raises:
-        FileNotFoundError: no such checkpoint, or the tokenizer it names is missing.
-        ValueError: not a loadable XLab checkpoint, unknown overrides, weights that do not fit, or the wrong
-            tokenizer (``TokenizerMismatchError``); each one line naming the file.
+        FileNotFoundError: no such checkpoint, the tokenizer it names is missing, or the base of its adapters.
+        ValueError: not a loadable XLab checkpoint, unknown overrides, weights that do not fit, the wrong
+            tokenizer (``TokenizerMismatchError``), or a LoRA base whose weights changed; each one line naming
+            the file.
     """
     from xlabml.models import XLabModel
 
@@ -320,17 +340,81 @@ def load_checkpoint(
                              f"model's vocabulary has {hparams['n_vocab']}: it is not the model's tokenizer")
         tokenizer_path = loaded_tokenizer.path
     model = model_class(**hparams)
+    state_dict, lora_base = checkpoint["state_dict"], checkpoint.get(LORA_KEY)
+    if lora_base:
+        state_dict, lora_base = lora_state_dict(model, checkpoint, path, base)
     try:
-        model.load_state_dict(checkpoint["state_dict"], strict=strict)
+        model.load_state_dict(state_dict, strict=strict)
     except RuntimeError as error:
         raise ValueError(f"{path}: the weights do not fit the model its hyperparameters describe "
                          f"({_clip(str(error))})") from None
+    if hasattr(model, "init_from_done"):
+        model.init_from_done = True  # its weights are the checkpoint's: a warm start must not replace them
+    if merge_lora:
+        from xlabml.lora import merge_lora as merge
+
+        merge(model)
+        if "lora" in model.hparams:
+            model.hparams["lora"] = None
     model = model.to(_target_device(map_location, saved_on[0] if saved_on else "cpu"))
     return LoadedCheckpoint(
         model=model, path=path, format=_format(path, checkpoint), hparams=dict(model.hparams),
         data_hparams=data, tokenizer_path=tokenizer_path, tokenizer_hash=recorded.get("tokenizer_hash"),
         tokenizer=loaded_tokenizer, global_step=checkpoint.get("global_step"), epoch=checkpoint.get("epoch"),
-        metrics=checkpoint_metrics(checkpoint), lightning_version=checkpoint.get("pytorch-lightning_version"))
+        metrics=checkpoint_metrics(checkpoint), lightning_version=checkpoint.get("pytorch-lightning_version"),
+        lora_base=lora_base)
+
+
+def lora_state_dict(model, checkpoint: dict[str, Any], path: Any = "the checkpoint",
+                    base: Optional[str | os.PathLike] = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """The full state dict of a LoRA checkpoint for `model` (an ``XLabModel`` built from its hyperparameters, with
+    its adapters): the base weights, read from the recorded base into `model` and checked against the recorded
+    hash, plus the checkpoint's adapters. Returns it with ``{"path", "hash"}`` of the base as found.
+
+    Raises:
+        FileNotFoundError: the base is neither at `base`, nor at its recorded path, nor beside the checkpoint.
+        ValueError: the base's weights hash differs from the recorded one, or does not fit the model; the model
+            has no adapters. One line naming the base and, for a hash, both hashes.
+    """
+    from xlabml.init_from import copy_weights, read_source
+    from xlabml.lora import adapter_keys, weights_hash
+
+    reference = checkpoint[LORA_KEY]
+    if not adapter_keys(model):
+        raise ValueError(f"{path} holds LoRA adapters but its hyperparameters describe a model without them "
+                         "(model.lora is not set)")
+    recorded, expected = reference.get("path"), reference.get("hash")
+    base_path = _find_base(recorded, path, base)
+    try:
+        source = read_source(base_path)
+        copy_weights(model, source)
+    except ValueError as error:
+        raise ValueError(f"{path}: its LoRA base {base_path} does not fit the adapters' model ({error})") from None
+    actual = weights_hash(source.weights)  # as stored: the same whatever dtype the model has been cast to
+    if actual != expected:
+        raise ValueError(f"{path}: LoRA base {base_path} has weights hash {actual}, but the adapters were trained on "
+                         f"weights with hash {expected}: not the same base model (changed, or another file)")
+    adapters = set(adapter_keys(model))
+    state = {k: v for k, v in model.state_dict().items() if k not in adapters}
+    state.update(checkpoint["state_dict"])
+    return state, {"path": str(base_path), "hash": expected}
+
+
+def _find_base(recorded: Optional[str], checkpoint: Any, base: Optional[str | os.PathLike]) -> str:
+    """Where a LoRA checkpoint's base is: `base` if given, else the recorded path, else its name beside the
+    checkpoint (the two moved together)."""
+    if base is not None:
+        if not Path(base).exists():
+            raise FileNotFoundError(f"LoRA base {base} not found")
+        return os.fspath(base)
+    if recorded and Path(recorded).exists():
+        return recorded
+    beside = Path(checkpoint).parent / Path(recorded).name if _is_local(checkpoint) and recorded else None
+    if beside is not None and beside.exists() and beside.resolve() != Path(checkpoint).resolve():  # not itself
+        return str(beside)
+    raise FileNotFoundError(f"{checkpoint} holds LoRA adapters whose base {recorded} is not found (nor beside it): "
+                            "the adapters need the base weights they were trained on (merge-lora --base PATH names "
+                            "its new place)")
 
 
 def load_datamodule(path: str | os.PathLike, datamodule_class: Optional[type] = None, **overrides: Any):
@@ -517,6 +601,50 @@ def export_checkpoint(
         if ext not in existing:
             write_atomic(targets[ext], data)
     return targets[main_ext], True
+
+
+def merge_lora_checkpoint(ckpt_path: str | os.PathLike, out: str | os.PathLike,
+                          base: Optional[str | os.PathLike] = None) -> Path:
+    """Write the model of a LoRA checkpoint with its adapters merged into the base weights, as a plain export.
+
+    Args:
+        ckpt_path: a checkpoint (or export) of a LoRA run.
+        out: the file to write: ``NAME.ckpt``, or ``NAME.safetensors`` (with ``NAME.json`` beside it). Written
+            atomically; never overwritten.
+        base: where the base model is now, if it moved (see ``load_checkpoint``).
+    Returns: ``out``. The export loads like any other (``load_checkpoint``, ``infer.py``, ``--model.init_from``),
+    without the base file; it records the adapters' checkpoint and base under ``MERGED_KEY``.
+    Raises:
+        FileExistsError: `out` (or its JSON) exists. ValueError: an unknown suffix, a checkpoint without adapters,
+        or a base that is missing or changed (see ``lora_state_dict``).
+    """
+    out = Path(out)
+    format = out.suffix.lstrip(".")
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"merge-lora output {out}: expected a .ckpt or .safetensors file name")
+    for target in (out, out.with_suffix(".json")) if format == "safetensors" else (out,):
+        if target.exists():
+            raise FileExistsError(f"{target} already exists; refusing to overwrite it")
+    checkpoint = read_checkpoint(ckpt_path)
+    if not checkpoint.get(LORA_KEY):
+        raise ValueError(f"{ckpt_path} holds no LoRA adapters (its run had no model.lora): nothing to merge; "
+                         "export-checkpoint writes its weights")
+    recorded = tokenizer_state(checkpoint)
+    tokenizer_path = resolve_tokenizer_path(data_hparams(checkpoint), ckpt_path)
+    if tokenizer_path and Path(tokenizer_path).is_file():
+        check_tokenizer(_load_tokenizer(tokenizer_path), recorded.get("tokenizer_hash"),
+                        recorded.get("tokenizer_path"), ckpt_path)
+    loaded = load_checkpoint(ckpt_path, "cpu", overrides={"compile": False}, tokenizer=False, base=base,
+                             merge_lora=True)
+    merged = {key: value for key, value in checkpoint.items() if key not in ("state_dict", LORA_KEY)}
+    merged["state_dict"] = loaded.model.state_dict()
+    merged["hyper_parameters"] = {**dict(checkpoint["hyper_parameters"]), "lora": None}
+    merged[MERGED_KEY] = {"adapters": str(ckpt_path), "base": loaded.lora_base["path"],
+                          "base_hash": loaded.lora_base["hash"]}
+    files = EXPORT_FORMATS[format](slim_checkpoint(merged))
+    for ext, data in files.items():  # the sidecar first: a main file implies a complete export
+        write_atomic(out.with_suffix(ext), data)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -38,6 +38,9 @@ DESCRIPTION = (
     "then --flags. Add --debug to see tracebacks instead of one-line errors."
 )
 LINKS = (("data.num_tokens", "model.n_vocab"), ("data.seq_len", "model.max_len"), ("data.pad_index", "model.pad_index"))
+# Model arguments a run starting from another model's weights (model.init_from) sets for itself: how it trains, not
+# what the weights are. The rest of the architecture comes from those weights.
+RUN_HPARAMS = ("dropout", "weight_decay_embeddings", "init_from", "lora")
 
 
 def config_dir() -> Path:
@@ -248,13 +251,21 @@ class XLabCLI(LightningCLI):
     With ``--ckpt_path`` the model's architecture comes from the checkpoint (a value the configuration sets
     otherwise is replaced, with a one-line warning), its runtime settings (``RUNTIME_HPARAMS``) from the
     configuration, and the data's tokenizer must be the checkpoint's: checked right after the data module is
-    built (a tokenizer still to be trained or downloaded: before it encodes anything), on every rank.
+    built (a tokenizer still to be trained or downloaded: before it encodes anything), on every rank. ``fit
+    --ckpt_path`` resumes, so the checkpoint must hold a run's state (not an export's weights only).
+
+    With ``model.init_from`` (and no ``--ckpt_path``) a new run starts from another model's weights: the
+    architecture comes from them (a conflicting value set in a -c file or a flag is an error; ``RUN_HPARAMS``
+    stay as configured), and the data's tokenizer must be theirs, checked as for ``--ckpt_path``. With
+    ``init_from.only`` (some weights only) the architecture is the configured one, and the tokenizer is checked
+    only when the embedding or the head is copied.
     Every trainer saves checkpoints atomically (``XLabCheckpointIO``) unless the configuration names another
     CheckpointIO.
     """
 
-    checkpoint_hparams: dict[str, Any] = {}  # the model hyperparameters of --ckpt_path, when given
+    checkpoint_hparams: dict[str, Any] = {}  # the model hyperparameters of --ckpt_path (or init_from), when given
     checkpoint_tokenizer: Optional[dict[str, Any]] = None  # its tokenizer identity ({} if it records none)
+    checkpoint_label = "the checkpoint's model"  # how the link checks name the model of checkpoint_hparams
 
     def __init__(
         self,
@@ -303,7 +314,7 @@ class XLabCLI(LightningCLI):
     def _link_n_vocab(self, num_tokens: int) -> int:
         n_vocab = self.checkpoint_hparams.get("n_vocab")
         if n_vocab is not None and n_vocab != num_tokens:
-            raise ValueError(f"the data's tokenizer has {num_tokens} tokens but the checkpoint's model has "
+            raise ValueError(f"the data's tokenizer has {num_tokens} tokens but {self.checkpoint_label} has "
                              f"n_vocab={n_vocab}")
         return num_tokens
 
@@ -312,7 +323,7 @@ class XLabCLI(LightningCLI):
         if max_len is None:
             return seq_len
         if seq_len > max_len:
-            raise ValueError(f"data.seq_len={seq_len} exceeds the checkpoint's model max_len={max_len}")
+            raise ValueError(f"data.seq_len={seq_len} exceeds {self.checkpoint_label} max_len={max_len}")
         return max_len  # shorter windows are fine; the model keeps the length it was trained with
 
     # -- checkpoint path: "last" and missing files ----------------------------------------------------------------
@@ -323,6 +334,7 @@ class XLabCLI(LightningCLI):
             return
         ckpt_path = self.config[subcommand].get("ckpt_path")
         if not ckpt_path:
+            self._parse_init_from(subcommand)
             return
         if ckpt_path == "last":
             ckpt_path = resolve_last_checkpoint(self._logs_dir(self.config[subcommand]))
@@ -334,6 +346,10 @@ class XLabCLI(LightningCLI):
         # The model's hyperparameters come from the checkpoint (its architecture must match the weights); values
         # linked from the data module are checked against the data after instantiation instead.
         checkpoint = read_checkpoint(ckpt_path)
+        if subcommand == "fit" and "optimizer_states" not in checkpoint:
+            raise ValueError(f"--ckpt_path {ckpt_path} holds weights only (an export or an import: no optimizer "
+                             f"state nor progress), so fit cannot resume it; to start a new run from its weights "
+                             f"use --model.init_from {ckpt_path}")
         hparams = model_hparams(checkpoint, ckpt_path)
         self.checkpoint_hparams = dict(hparams)
         self.checkpoint_tokenizer = tokenizer_state(checkpoint)
@@ -342,6 +358,36 @@ class XLabCLI(LightningCLI):
             if not (key == "attention" and hparams.get(key) == "linear"):  # linear attention is a layer, not a kernel
                 hparams.pop(key, None)
         self._warn_replaced(subcommand, ckpt_path, hparams)
+        if hparams:
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+
+    def _parse_init_from(self, subcommand: str) -> None:
+        """The architecture and tokenizer identity of ``model.init_from`` (see the class docstring)."""
+        from xlabml.init_from import parse_init_from, read_source, token_indexed
+
+        parsed = parse_init_from((self.config[subcommand].get("model") or {}).get("init_from"))
+        if parsed is None:
+            return
+        path, only = parsed
+        source = read_source(path, weights=False)
+        if source.notes:
+            warn(f"model.init_from {path}: XLab computes this model approximately: {'; '.join(source.notes)}")
+        if token_indexed(only):  # no hash: the model warns when it copies the weights
+            self.checkpoint_tokenizer = source.tokenizer or None
+        if only is not None:
+            return  # the configured architecture; the selected weights' shapes are checked when they are copied
+        self.checkpoint_hparams = dict(source.hparams)
+        self.checkpoint_label = f"the model of model.init_from {path}"
+        linked = tuple(t.split(".", 1)[1] for _, t in LINKS)
+        hparams = {k: v for k, v in source.hparams.items() if k not in (*RUNTIME_HPARAMS, *linked, *RUN_HPARAMS)}
+        configured = self.config[subcommand].get("model") or {}
+        defaults = self._parser(subcommand).get_defaults().get("model") or {}
+        for key, value in hparams.items():
+            mine = configured.get(key, value)
+            if mine != value and mine != defaults.get(key, value):
+                raise ValueError(f"model.init_from {path} has {key}={value!r} but model.{key}={mine!r} is set: a "
+                                 "run starting from its weights keeps their architecture (drop the setting, or "
+                                 "copy some weights only with init_from.only)")
         if hparams:
             self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
@@ -380,6 +426,9 @@ class XLabCLI(LightningCLI):
             return
         super().instantiate_classes()
         self.datamodule.prepare_data_per_node = self._get(self.config, "prepare_data_per_node")
+        section = self.config[self.subcommand] if self.subcommand else self.config
+        if section.get("ckpt_path") and hasattr(self.model, "init_from_done"):
+            self.model.init_from_done = True  # the checkpoint's weights, restored after setup, are the run's
         if self.checkpoint_tokenizer:
             # Lightning restores this state too, but only after preparing (encoding) all the data
             self.datamodule.load_state_dict(self.checkpoint_tokenizer)

@@ -3,9 +3,10 @@
 Loads a training checkpoint or an export (``.ckpt``, or ``.safetensors`` with its ``.json``) and the tokenizer
 named by the checkpoint's data settings (or ``-t``) with ``xlabml.checkpoints.load_checkpoint``, which checks
 that the tokenizer is the one the model was trained with, and samples, greedy-searches or beam-searches a
-continuation of the prompt with ``xlabml.inference``. The prompt is a string, ``FILE:path`` for a file's text, or ``-`` for
-standard input. Output is the prompt followed by the continuation, with control characters other than tab and
-newline escaped; it streams token by token when writing to a terminal (``--stream``/``--no-stream``).
+continuation of the prompt with ``xlabml.inference``. A LoRA run's checkpoint (adapters only) loads with the base
+model it records, the adapters merged into its weights. The prompt is a string, ``FILE:path`` for a file's text,
+or ``-`` for standard input. Output is the prompt followed by the continuation, with control characters other
+than tab and newline escaped; it streams token by token when writing to a terminal (``--stream``/``--no-stream``).
 """
 from __future__ import annotations
 
@@ -76,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="beam score = log-prob / length**z: > 0 favours longer outputs (default 0)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print tokens as they are generated (default: when stdout is a terminal)")
+    window = p.add_mutually_exclusive_group()
+    window.add_argument("--context-keep", type=_positive_int, metavar="K",
+                        help="past the model's context, restart the window at its last K tokens (faster, inexact); "
+                        "default: the exact window of the last max_len tokens at every step")
+    window.add_argument("--rolling", action="store_true",
+                        help="past the model's context, roll the KV cache: every layer attends to the last max_len "
+                        "tokens at one token's cost (RoPE, ALiBi or no positions; inexact for several layers)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="auto",
                    help="weights, activations and KV cache in this precision (logits are sampled in float32); "
                    "auto = bf16 on a GPU, fp32 on a CPU (default: auto)")
@@ -185,7 +193,9 @@ def run(args: argparse.Namespace, out=None) -> None:
     device = _device(args.device)
     started = time.perf_counter()
     # compiling the whole model is for training; inference compiles its decode step (--compile)
-    loaded = load_checkpoint(args.checkpoint, device, overrides={"compile": False}, tokenizer=args.tokenizer)
+    # a LoRA run's adapters are folded into the base they record: the same outputs, without the adapters' matmuls
+    loaded = load_checkpoint(args.checkpoint, device, overrides={"compile": False}, tokenizer=args.tokenizer,
+                             merge_lora=True)
     model, tokenizer = loaded.model.eval().requires_grad_(False), loaded.tokenizer
     model = model.to(_dtype(args.dtype, device))
     if tokenizer is None:
@@ -209,6 +219,7 @@ def run(args: argparse.Namespace, out=None) -> None:
                     repetition_penalty=args.repetition_penalty, generator=generator)
     if args.greedy_search:
         sampling = dict(temperature=0.0, repetition_penalty=args.repetition_penalty)
+    sliding = dict(context_keep=args.context_keep, rolling=args.rolling)
     stream = out.isatty() if args.stream is None else args.stream
     loaded = time.perf_counter()
     generated = 0
@@ -218,13 +229,13 @@ def run(args: argparse.Namespace, out=None) -> None:
         if args.beam_search:
             new = inference.beam_search(model, x, args.beam_width, args.limit, block_size, eos_class=eos,
                                         exclude_classes=excluded, length_penalty=args.length_penalty,
-                                        **compression).tolist()
+                                        **sliding, **compression).tolist()
         elif stream:
             printer = _StreamPrinter(tokenizer, ids, out)
             new = []
             for token in inference.generate_stream(model, x, args.limit, block_size, eos_class=eos,
-                                                   exclude_classes=excluded, compile=args.compile, **sampling,
-                                                   **compression):
+                                                   exclude_classes=excluded, compile=args.compile, **sliding,
+                                                   **sampling, **compression):
                 new.append(token)
                 printer.add(token)
             printer.add(None, final=True)
@@ -233,7 +244,7 @@ def run(args: argparse.Namespace, out=None) -> None:
             continue
         else:
             new = inference.sample(model, x, args.limit, block_size, eos_class=eos, exclude_classes=excluded,
-                                   compile=args.compile, **sampling, **compression).tolist()
+                                   compile=args.compile, **sliding, **sampling, **compression).tolist()
         generated += len(new)
         out.write(escape_control(tokenizer.decode(ids + new)) + "\n")
         out.flush()

@@ -52,7 +52,8 @@ from torch import Tensor, nn
 
 from xlabml.packed import prepacked
 
-__all__ = ["sample", "greedy_search", "beam_search", "generate_stream", "release_caches", "cache_options", "score"]
+__all__ = ["sample", "greedy_search", "beam_search", "generate_stream", "release_caches", "cache_options", "score",
+           "GenerationBatch"]
 
 Prompts = Tensor | Sequence[Tensor] | Sequence[Sequence[int]]
 
@@ -356,10 +357,13 @@ class _Rows:
     def batch_size(self) -> int:
         return self.tokens.shape[0]
 
-    def prefill(self) -> Tensor:
-        """Runs every row's window through the model from an empty cache; returns the last logits (b, v)."""
-        n = int(self.context.max())
-        x = self.tokens[:, self.end - n:self.end]  # b t
+    def prefill(self, width: int | None = None) -> Tensor:
+        """Runs every row's window through the model from an empty cache, left-padded to `width` cache indices
+        (default: the longest window's); returns the last logits (b, v)."""
+        n = int(self.context.max()) if width is None else width
+        x = self.tokens[:, max(0, self.end - n):self.end]  # b t
+        if x.shape[1] < n:  # wider than every history: more pads
+            x = torch.cat([x.new_zeros(x.shape[0], n - x.shape[1]), x], dim=1)
         index = torch.arange(n, device=x.device)
         positions = index - (n - self.context)[:, None]  # b t, negative on pad slots
         # doc ids only where rows are padded: without them the model's decode steps need no mask
@@ -780,3 +784,212 @@ def _beams(rows, logits, n, W, output_length, eos_class, exclude_classes, lp):
             rows.reorder(order)
         logits = rows.step(token.view(-1))
     return [best_tokens[i, :n_i] for i, n_i in enumerate(best_len.tolist())]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# step-level generation: rows that join and leave between steps (continuous batching, e.g. a server)
+
+
+class _BatchRow:
+    def __init__(self, ids: list[int], max_new: int, eos_class: int | None, chooser: _Chooser):
+        self.ids, self.max_new, self.eos_class, self.chooser = ids, max_new, eos_class, chooser
+        self.generated, self.done = 0, False
+
+
+class GenerationBatch:
+    """Sampling one token per step for a set of rows that may change between steps: continuous batching.
+
+        with inference.GenerationBatch(model, block_size) as batch:   # in the thread that will step it
+            row = batch.add(prompt, 64, eos_class=eos, temperature=0.8, generator=generator)
+            while batch:
+                for row, token, finished in batch.step():  # every row's next token, in one forward
+                    ...                                    # batch.remove(row) ends a row early (a stop string)
+
+    Each row keeps its own window (the module doc's rule), its own `_Chooser` and generator, so its tokens are
+    the ones `sample` gives for its prompt and arguments alone, whatever else is in the batch and whenever it
+    joined. Rows added join together at the next `step`: their windows are prefilled on their own and their
+    cache rows copied in beside the live rows' (see `_join`; where that cannot be done, every row's window is
+    prefilled anew: `merges` and `rebuilds` count the two). A finished or removed row leaves by a reorder of
+    the KV cache. Tokens stay on the model's device; `step` reads the chosen ones to the host once.
+
+    Entering the batch (a context manager) puts the model in eval mode with packed CPU weights until exit, and
+    holds a KV cache of the current row count (borrowed as `sample` borrows its caches, and released on exit).
+    Enter and step it in one thread: the model must not be used elsewhere meanwhile.
+
+    Args:
+        model: as for `sample`.
+        block_size: the longest context the model sees (normally the model's `max_len`).
+        n_vocab: the model's output classes; default: read from one forward of one token on entry.
+    """
+
+    def __init__(self, model: nn.Module, block_size: int, *, n_vocab: int | None = None):
+        _check_positive("block_size", block_size)
+        self.model, self.block_size, self.n_vocab = model, block_size, n_vocab
+        self.device = _model_device(model)
+        self._rows: dict[int, _BatchRow] = {}  # row id -> row, live or joining
+        self._order: list[int] = []  # ids of the rows of `_batch`, in its row order
+        self._joining: list[int] = []
+        self._batch: _Rows | None = None
+        self._pending: Tensor | None = None  # the last tokens chosen for `_order`'s rows, fed at the next step
+        self._next_id = 0
+        self.merges = self.rebuilds = 0  # joins done by copying cache rows, and by prefilling every window
+        self._stack: ExitStack | None = None
+        self._cache_stack = ExitStack()
+
+    def __enter__(self) -> GenerationBatch:
+        self._stack = ExitStack()
+        self._stack.enter_context(_eval_mode(self.model))
+        self._stack.callback(lambda: self._cache_stack.close())  # the stack of the cache held at exit
+        if self.n_vocab is None:
+            self.n_vocab = self.model(torch.zeros(1, 1, dtype=torch.long, device=self.device)).shape[-1]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._rows.clear()
+        self._order, self._joining, self._batch, self._pending = [], [], None, None
+        self._stack.close()
+        self._stack = None
+
+    def __len__(self) -> int:
+        """The rows still generating (joining or live, not finished nor removed)."""
+        return sum(not row.done for row in self._rows.values())
+
+    def add(self, prompt: Tensor | Sequence[int], max_new_tokens: int, eos_class: int | None = None,
+            exclude_classes: Sequence[int] | None = None, temperature: float = 1.0, top_k: int | None = None,
+            top_p: float | None = None, generator: torch.Generator | None = None, *, min_p: float | None = None,
+            repetition_penalty: float = 1.0) -> int:
+        """Adds a row that joins at the next `step` and finishes after `max_new_tokens` tokens or at its
+        `eos_class` (which is returned, as its last token). Sampling arguments as for `sample` (temperature 0 is
+        greedy). Returns the row's id. Raises ValueError for a bad argument, before anything changes."""
+        if self._stack is None:
+            raise RuntimeError("GenerationBatch.add outside its `with` block; enter the batch first")
+        _check_positive("max_new_tokens", max_new_tokens)
+        with torch.inference_mode():
+            prompts, _ = _prompts(torch.as_tensor(prompt), self.device)
+            chooser = _Chooser(prompts, self.n_vocab, exclude_classes=exclude_classes, temperature=temperature,
+                               top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                               generator=generator)
+        row = self._next_id
+        self._next_id += 1
+        self._rows[row] = _BatchRow(prompts[0].tolist(), max_new_tokens, eos_class, chooser)
+        self._joining.append(row)
+        return row
+
+    def remove(self, row: int) -> None:
+        """Ends a row now: it gets no more tokens (a finished or already removed row: nothing to do)."""
+        if row in self._rows:
+            self._rows[row].done = True
+
+    def step(self) -> list[tuple[int, int, bool]]:
+        """Chooses every unfinished row's next token: returns `(row id, token, finished)` per row, finished when
+        the token is the row's `eos_class` or its last one. An empty list when no row is left."""
+        with torch.inference_mode():
+            self._drop_done()
+            if self._joining:
+                logits = self._join()
+            elif self._order:
+                logits = self._batch.step(self._pending)
+            else:
+                return []
+            rows = [self._rows[i] for i in self._order]
+            self._pending = torch.cat([row.chooser(logits[i:i + 1]) for i, row in enumerate(rows)])  # b
+            tokens = self._pending.tolist()
+        for row, token in zip(rows, tokens):
+            row.ids.append(token)
+            row.generated += 1
+            row.done = token == row.eos_class or row.generated == row.max_new
+        return [(i, token, row.done) for i, row, token in zip(self._order, rows, tokens)]
+
+    def _drop_done(self) -> None:
+        self._joining = [i for i in self._joining if not self._rows[i].done]
+        keep = [k for k, i in enumerate(self._order) if not self._rows[i].done]
+        if len(keep) < len(self._order):
+            self._order = [self._order[k] for k in keep]
+            if keep:
+                index = torch.tensor(keep, device=self.device)
+                self._batch.reorder(index)
+                self._pending = self._pending[index]
+            else:
+                self._batch, self._pending = None, None
+                self._cache_stack.close()
+        for i in [i for i, row in self._rows.items() if row.done]:
+            del self._rows[i]
+
+    def _join(self) -> Tensor:
+        """The joining rows' windows prefilled into the batch; returns every row's next logits (b, v).
+
+        The live rows step as usual (their pending tokens at cache index `fill`); the joining rows' windows are
+        prefilled in a cache of their own, left-padded to the same `fill + 1` indices, and the two caches' rows
+        are copied into one: a join costs its own rows' prefill. Where that cannot be done (no live rows, a
+        window longer than the live rows' span, a batch about to re-prefill or roll, a cache of another type)
+        the batch is rebuilt instead: every window prefilled anew."""
+        live, joining = self._batch, [self._rows[i] for i in self._joining]
+        width = None if live is None else live.fill + 1  # the cache indices the live rows span after this step
+        if (live is None or width > self.block_size or max(len(row.ids) for row in joining) > width
+                or not _plain_cache(live.cache)):
+            return self._rebuild()
+        logits = live.step(self._pending)
+        with ExitStack() as scratch:
+            cache = scratch.enter_context(_borrowed_cache(
+                self.model, len(joining), self.block_size, self.device, _static(False, self.device)))
+            new = _Rows(self.model, [torch.tensor(row.ids, device=self.device) for row in joining], self.block_size,
+                        None, 1, cache)
+            logits = torch.cat([logits, new.prefill(width)])
+            self._order += self._joining
+            self._joining = []
+            merged = self._borrow(len(self._order))
+            _copy_rows(merged, [live.cache, cache], width)
+        # no window has slid (the live rows span fewer than block_size indices): each is its row's whole history,
+        # as _Rows takes it
+        self._batch = self._rows_for(merged)
+        self._batch.fill = width
+        self.merges += 1
+        return logits
+
+    def _rebuild(self) -> Tensor:
+        """Every row's window (its prompt and tokens so far, joining rows too) prefilled into a new batch."""
+        self._order += self._joining
+        self._joining = []
+        self._batch = self._rows_for(self._borrow(len(self._order)))
+        self.rebuilds += 1
+        return self._batch.prefill()
+
+    def _borrow(self, batch_size: int):
+        """A cache for `batch_size` rows, in place of the batch's current one (held until the next)."""
+        stack = ExitStack()
+        cache = stack.enter_context(_borrowed_cache(self.model, batch_size, self.block_size, self.device,
+                                                    _static(False, self.device)))
+        self._batch, self._pending = None, None
+        self._cache_stack.close()
+        self._cache_stack = stack
+        return cache
+
+    def _rows_for(self, cache) -> _Rows:
+        """`_Rows` of the batch's rows (each with its last `block_size` tokens so far) over `cache`."""
+        rows = [self._rows[i] for i in self._order]
+        prompts = [torch.tensor(row.ids[-self.block_size:], device=self.device) for row in rows]
+        max_new = max(row.max_new - row.generated for row in rows)
+        return _Rows(self.model, prompts, self.block_size, None, max_new, cache)
+
+
+def _plain_cache(cache) -> bool:
+    """Whether `cache` is a plain `KVCache`, whose rows `_copy_rows` can copy (another type is rebuilt)."""
+    from xlabml.attention import KVCache, LayerKVCache
+
+    return type(cache) is KVCache and all(type(layer) is LayerKVCache for layer in cache.layers)
+
+
+def _copy_rows(target, sources: list, n: int) -> None:
+    """Fills `target`'s rows with the rows of `sources` in order: their first `n` cache indices, keys, values
+    and doc ids (a source that never had pads holds no doc ids: its tokens are all real, doc id 0)."""
+    start = 0
+    for source in sources:
+        rows = slice(start, start + source.batch_size)
+        for layer, other in zip(target.layers, source.layers):
+            layer.k[rows, :, :n] = other.k[:, :, :n]
+            layer.v[rows, :, :n] = other.v[:, :, :n]
+        target.doc_ids[rows, :n] = source.doc_ids[:, :n] if source.has_docs else 0
+        start += source.batch_size
+    target.has_docs = True
+    if not target.static:
+        target.filled = n

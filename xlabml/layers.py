@@ -70,19 +70,29 @@ class NoPosition(Position):
         super().__init__()
 
 
+def inverse_frequencies(dim: int, base: float, device=None) -> torch.Tensor:
+    """``base ** (-2i / dim)`` for ``i < dim / 2``: the angular frequencies of sinusoidal and rotary encodings,
+    always float32. Computed at each use rather than kept in a buffer: ``.to(bf16)``, ``bf16-true`` and FSDP's
+    buffer casting would round a buffer to bf16, which moves the angles at position 511 by up to 0.2 rad (RoPE,
+    heads of 64) and 0.7 rad (sinusoidal, d_model 512): a model would train on other positions than it infers
+    with."""
+    return base ** (-torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)  # dim/2
+
+
 class SinusoidalPosition(Position):
     """Fixed sin/cos encoding (Vaswani et al.), computed from ``positions`` on the fly, so any position
-    (packed restarts, cache slots past ``max_len``) works and there is no table to keep in sync."""
+    (packed restarts, cache slots past ``max_len``) works and there is no table to keep in sync. The result is
+    float32 whatever the module's dtype (the Decoder casts it to the activations' dtype)."""
 
     def __init__(self, d_model: int, **_):
         super().__init__()
         if d_model % 2:
             raise ValueError(f"position='sinusoidal' needs an even d_model, got {d_model}")
-        inv_freq = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float32) / d_model)
-        self.register_buffer('inv_freq', inv_freq, persistent=False)  # c/2
+        self.d_model = d_model
 
     def embed(self, positions):
-        angles = positions[..., None].float() * self.inv_freq  # b t c/2
+        inv_freq = inverse_frequencies(self.d_model, 10000.0, positions.device)  # c/2
+        angles = positions[..., None].float() * inv_freq  # b t c/2
         return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # b t c (sin, cos interleaved)
 
 
@@ -112,7 +122,7 @@ def rope_frequencies(rotated: int, base: float, scaling: str | None = None, scal
     """
     if scaling == 'ntk' and scale != 1.0 and rotated > 2:
         base = base * scale ** (rotated / (rotated - 2))
-    inv_freq = base ** (-torch.arange(0, rotated, 2, dtype=torch.float32, device=device) / rotated)  # r/2
+    inv_freq = inverse_frequencies(rotated, base, device)  # r/2
     if scaling is None or scale == 1.0 or scaling == 'ntk':
         return inv_freq, 1.0
     if scaling == 'linear':
@@ -145,37 +155,43 @@ class RotaryPosition(Position):
         rotated = int(head_dim * rope_fraction) // 2 * 2
         if rotated == 0:
             raise ValueError(f"rope_fraction={rope_fraction} rotates no dimension of heads of size {head_dim}")
-        inv_freq, self.mscale = rope_frequencies(rotated, rope_base, rope_scaling, float(rope_scale),
-                                                 max_len / rope_scale)
-        self.register_buffer('inv_freq', inv_freq, persistent=False)  # r/2
+        self.rotated, self.rope_base = rotated, rope_base
+        self.rope_scaling, self.rope_scale, self.original_len = rope_scaling, float(rope_scale), max_len / rope_scale
+        _, self.mscale = rope_frequencies(rotated, rope_base, rope_scaling, self.rope_scale, self.original_len)
 
-    def rotary(self, positions):
-        angles = positions[:, None, :, None].float() * self.inv_freq  # b 1 t r/2
+    def rotary(self, positions):  # float32 (cos, sin): apply_rotary rotates in float32, casts back to q/k's dtype
+        inv_freq, _ = rope_frequencies(self.rotated, self.rope_base, self.rope_scaling, self.rope_scale,
+                                       self.original_len, positions.device)  # r/2
+        angles = positions[:, None, :, None].float() * inv_freq  # b 1 t r/2
         if self.mscale != 1.0:
             return angles.cos() * self.mscale, angles.sin() * self.mscale
         return angles.cos(), angles.sin()
 
 
 class ALiBiPosition(Position):
-    """ALiBi (Press et al.): a per-head linear penalty ``-slope * (i - j)`` on the slot distance."""
+    """ALiBi (Press et al.): a per-head linear penalty ``-slope * (i - j)`` on the slot distance. The slopes
+    are computed in float32 at use (``slopes(device)``), never stored where a cast could round them."""
 
     def __init__(self, n_heads: int, **_):
         super().__init__()
-        self.register_buffer('slopes', self.make_slopes(n_heads), persistent=False)  # h
+        self.n_heads = n_heads
 
     @staticmethod
-    def make_slopes(n_heads):
-        # geometric slopes 2^(-8/n), 2^(-16/n), ...; a non-power-of-two count interleaves those of the
-        # next power of two, as in the paper's reference
-        def power_of_two(n):
-            return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+    def make_slopes(n_heads, device=None):
+        """The ``n_heads`` slopes (float32): geometric 2^(-8/n), 2^(-16/n), ...; a non-power-of-two count
+        interleaves those of the next power of two, as in the paper's reference."""
         closest = 2 ** math.floor(math.log2(n_heads))
-        slopes = power_of_two(closest) + power_of_two(2 * closest)[0::2][:n_heads - closest]
-        return torch.tensor(slopes, dtype=torch.float32)
+        main = torch.arange(1, closest + 1, dtype=torch.float32, device=device) * (-8.0 / closest)
+        odd = 2 * torch.arange(n_heads - closest, dtype=torch.float32, device=device) + 1  # 1, 3, 5, ...
+        extra = odd * (-4.0 / closest)  # every other slope of 2 * closest heads
+        return torch.cat((main, extra)).exp2()  # h
+
+    def slopes(self, device=None):  # h, float32
+        return self.make_slopes(self.n_heads, device)
 
     def bias(self, q_slots, k_slots):
         distance = (q_slots[:, None] - k_slots[None, :]).float()  # t s
-        return -self.slopes[:, None, None] * distance  # h t s
+        return -self.slopes(distance.device)[:, None, None] * distance  # h t s
 
 
 POSITIONS = {
@@ -524,8 +540,8 @@ class Decoder(nn.Module):
                        kv_dtype=kv_dtype, windows=[self.layer_windows[i] for i in stores])
 
     def forward(self, x, positions=None, doc_ids=None, cache: KVCache | None = None, input_pos=None, *,
-                last_only: bool = False, memory=None):
-        """Next-token logits.
+                last_only: bool = False, memory=None, return_hidden: bool = False):
+        """Next-token logits (or, with ``return_hidden``, the final hidden states the head would read).
 
         Args:
             x: token ids, LongTensor (b, t).
@@ -538,6 +554,8 @@ class Decoder(nn.Module):
             memory: a ``xlabml.memory.SegmentMemory`` (training and evaluation on consecutive segments, the
                 model's ``memory_len``): the keys and values of the row's previous tokens, updated in place;
                 ``positions`` are then ignored (the memory's and the segment's tokens are numbered in order).
+            return_hidden: return the final (normed) hidden states (b, t, c) instead of logits, for a loss that
+                applies the head itself, a chunk of rows at a time (``xlabml.losses.linear_cross_entropy``).
         Returns:
             logits (b, t, v), or (b, 1, v) with ``last_only``; float of the model's dtype.
         """
@@ -553,15 +571,16 @@ class Decoder(nn.Module):
             h = self.hidden(x, positions, ctx, cache.layers)
         if last_only:
             h = h[:, -1:]  # b 1 c
-        return self.head(self.norm(h))  # b t v
+        h = self.norm(h)
+        return h if return_hidden else self.head(h)  # b t c | b t v
 
     def hidden(self, x, positions, ctx, stores=None):
         """The blocks' output (b, t, c) for tokens ``x`` at ``positions`` (b, t) in attention context ``ctx``;
         ``stores``: each layer's key/value store (a cache's or the memory's layers, see ``kv_stores``)."""
         h = self.embedding(x) * self.embedding_scale  # b t c
-        pos = self.position.embed(positions)
+        pos = self.position.embed(positions)  # float32 whatever the model's dtype
         if pos is not None:
-            h = h + pos
+            h = h + pos.to(h.dtype)
         h = self.embedding_dropout(h)
         ctx.rope = self.position.rotary(positions)
         recompute = self.activation_checkpointing and self.training

@@ -6,6 +6,10 @@ callbacks (about a third of a training checkpoint), under a name carrying a shor
 (``xlabml.checkpoints.export_checkpoint``). Files are written atomically and never overwritten: exporting the
 same weights twice finds the file already there.
 
+``merge-lora CKPT OUT [--base PATH]`` folds the adapters of a LoRA run's checkpoint into its base model's weights
+and writes a plain checkpoint (``.ckpt`` or ``.safetensors``) that loads without the base
+(``xlabml.checkpoints.merge_lora_checkpoint``); never overwrites.
+
 Each subcommand is a ``COMMANDS`` entry (a ``Command``); the work itself is done by library functions.
 """
 from __future__ import annotations
@@ -60,6 +64,25 @@ def _export(args: argparse.Namespace) -> None:
         print(f"{path} already exists with this content; nothing written")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# merge-lora
+
+
+def _merge_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a checkpoint (or export) of a LoRA run (model.lora)")
+    parser.add_argument("out", help="the merged checkpoint to write: NAME.ckpt, or NAME.safetensors (+ NAME.json)")
+    parser.add_argument("--base", help="the base model, if it is no longer where the checkpoint records it (its "
+                        "weights must be the same: checked by hash)")
+
+
+def _merge_lora(args: argparse.Namespace) -> None:
+    from xlabml.checkpoints import merge_lora_checkpoint
+
+    path = merge_lora_checkpoint(args.checkpoint, args.out, base=args.base)
+    files = [path] + ([path.with_suffix(".json")] if path.suffix == ".safetensors" else [])
+    print(f"merged {args.checkpoint} into {path} ({_human(sum(p.stat().st_size for p in files))})")
+
+
 COMMANDS: dict[str, Command] = {
     "export-checkpoint": Command(
         "write a slim checkpoint (weights + hyperparameters) named by its content hash",
@@ -67,6 +90,14 @@ COMMANDS: dict[str, Command] = {
         "content hash (no optimizer state) to DIR/<name>-<hash>.<format>, atomically; never overwrites.",
         _export_arguments,
         _export,
+    ),
+    "merge-lora": Command(
+        "write a LoRA run's model with its adapters merged into the base, as a plain checkpoint",
+        "Load the adapters of CHECKPOINT and the base model they record (path, checked by weights hash), fold the "
+        "adapters into the weights and write the result to OUT (.ckpt or .safetensors) atomically; never "
+        "overwrites. The result loads like any export, without the base.",
+        _merge_lora_arguments,
+        _merge_lora,
     ),
 }
 # export-hf, import-hf, export-gguf, evaluate: moving models to and from other tools (xlabml.interop.cli)

@@ -18,6 +18,7 @@ Optimizer and schedule from YAML (under ``model:``; stepped every optimizer step
 import math
 import time
 import warnings
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -27,8 +28,17 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import grad_norm
 
+from .init_from import InitFrom, parse_init_from
 from .layers import Decoder
+from .lora import LoRAConfig, LoRASettings, apply_lora
+from .losses import linear_cross_entropy
+from .metrics import target_bytes, token_bytes
+from .roles import parameter_roles, unwrapped_name
 from .schedules import WarmupCosine  # noqa: F401  (re-exported: xlabml.models.WarmupCosine)
+
+# roles (xlabml.roles) whose parameters decay; embedding and position tables too with weight_decay_embeddings
+DECAY_ROLES = frozenset({'matrix', 'head'})
+EMBEDDING_ROLES = frozenset({'embedding', 'position'})
 
 
 def default_optimizer(params, fused: bool | None = None) -> torch.optim.Optimizer:
@@ -52,8 +62,13 @@ class XLabModule(L.LightningModule):
     Batches are dicts of LongTensors (b, t): ``x``, ``y`` (``pad_index`` where the target is ignored), and for
     packed data ``positions`` and ``doc_ids``.
 
+    The loss applies the head itself, ``loss_chunk_size`` rows at a time (``xlabml.losses``), when that is set
+    and the wrapped model's ``head`` is a linear layer: the logits of the whole batch never exist at once.
+
     Logged: ``{train,val,test}_loss`` and ``_acc`` (token-weighted: batch_size = number of non-pad targets),
     ``val_ppl``/``val_bpt`` and ``test_ppl``/``test_bpt`` (exp and log2 of the epoch's token-mean loss),
+    ``val_bpb``/``test_bpb`` (bits per byte of the text the targets decode to: tokenizer-independent, so models
+    with different tokenizers compare; logged when the trainer's data module has a ``tokenizer``),
     ``lr``, ``tokens/s`` (input tokens per second of training-step wall time, forward to optimizer step, over
     the steps since the last log); training metrics are logged every ``log_every_n_steps`` steps (when the
     logger writes) and at the first step. With ``debug``: the 2-norm of every gradient before each
@@ -63,16 +78,21 @@ class XLabModule(L.LightningModule):
 
     def __init__(self, *, pad_index: int | None, optimizer: OptimizerCallable | None,
                  scheduler: LRSchedulerCallable | None, compile: bool, weight_decay_embeddings: bool,
-                 debug: bool):
+                 debug: bool, loss_chunk_size: int | None = None):
         super().__init__()
+        if loss_chunk_size is not None and (not isinstance(loss_chunk_size, int) or loss_chunk_size < 1):
+            raise ValueError(f"loss_chunk_size must be None (plain loss) or a positive number of rows, "
+                             f"got {loss_chunk_size!r}")
         self.pad_index = pad_index
+        self.loss_chunk_size = loss_chunk_size
         self.optimizer = optimizer or default_optimizer
         self.scheduler = scheduler
         self.compile_model = compile
         self.weight_decay_embeddings = weight_decay_embeddings
         self.debug = debug
         self._throughput = [0, 0.0, 0.0]  # tokens, seconds, start of the current step
-        self._totals = {}  # stage -> [summed loss, target count] for perplexity
+        self._totals = {}  # stage -> [summed loss, target count, target bytes] for perplexity and bits per byte
+        self._byte_sizes = None  # UTF-8 bytes of each token id (xlabml.metrics.token_bytes), when known
 
     def configure_model(self):
         if self.compile_model and not getattr(self, '_compiled', False):
@@ -80,9 +100,12 @@ class XLabModule(L.LightningModule):
             self._compiled = True
 
     def forward(self, x, positions=None, doc_ids=None, cache=None, input_pos=None, *, last_only: bool = False,
-                memory=None):
-        """Logits (b, t, n_vocab) of the wrapped model; see ``xlabml.layers.Decoder.forward``."""
-        extra = {'memory': memory} if memory is not None else {}  # a wrapped model need not know the keyword
+                memory=None, return_hidden: bool = False):
+        """Logits (b, t, n_vocab) of the wrapped model, or with ``return_hidden`` its final hidden states
+        (b, t, c); see ``xlabml.layers.Decoder.forward``."""
+        extra = {'return_hidden': True} if return_hidden else {}  # a wrapped model need not know the keywords
+        if memory is not None:
+            extra['memory'] = memory
         return self.model(x, positions=positions, doc_ids=doc_ids, cache=cache, input_pos=input_pos,
                           last_only=last_only, **extra)
 
@@ -109,6 +132,24 @@ class XLabModule(L.LightningModule):
         if accuracy:
             with torch.no_grad():
                 correct = ((logits.argmax(dim=-1) == targets) & valid).sum()
+        return nll / n.clamp(min=1), n, correct
+
+    def _chunked_head(self):
+        """The head the chunked loss applies, or None for the plain loss (no ``loss_chunk_size``, or a head
+        that a transformation replaced by something other than a linear layer)."""
+        head = getattr(self.model, 'head', None)
+        return head if self.loss_chunk_size and isinstance(head, nn.Linear) else None
+
+    def batch_loss(self, batch, accuracy: bool = True):
+        """``loss(logits, batch['y'], accuracy)`` for the batch's logits, computed with the chunked loss when
+        ``loss_chunk_size`` is set (equal up to float rounding, without materialising the logits)."""
+        head = self._chunked_head()
+        if head is None:
+            return self.loss(self(batch['x'], **self._model_inputs(batch)), batch['y'], accuracy=accuracy)
+        hidden = self(batch['x'], **self._model_inputs(batch), return_hidden=True)  # b t c
+        nll, n, correct = linear_cross_entropy(hidden, head.weight, head.bias, batch['y'],
+                                               ignore_index=self._ignore_index(), chunk_size=self.loss_chunk_size,
+                                               accuracy=accuracy)
         return nll / n.clamp(min=1), n, correct
 
     def _model_inputs(self, batch):
@@ -161,9 +202,8 @@ class XLabModule(L.LightningModule):
         return self.global_step == 0 or (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0
 
     def _step(self, batch, stage):
-        logits = self(batch['x'], **self._model_inputs(batch))
         log_now = stage != 'train' or self._logging_step()
-        loss, n, correct = self.loss(logits, batch['y'], accuracy=log_now)
+        loss, n, correct = self.batch_loss(batch, accuracy=log_now)
         if not log_now:
             return loss
         n_targets = int(n)
@@ -173,9 +213,11 @@ class XLabModule(L.LightningModule):
         self.log(f'{stage}_acc', correct / max(n_targets, 1), batch_size=n_targets, on_step=on_step,
                  on_epoch=not on_step, sync_dist=not on_step)
         if stage != 'train':
-            totals = self._totals.setdefault(stage, [0.0, 0])
+            totals = self._totals.setdefault(stage, [0.0, 0, 0])
             totals[0] += loss.detach() * n_targets
             totals[1] += n_targets
+            if self._byte_sizes is not None:
+                totals[2] += target_bytes(batch['y'], self._byte_sizes, self._ignore_index())
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -206,10 +248,20 @@ class XLabModule(L.LightningModule):
     def on_validation_epoch_start(self):
         self._totals.pop('val', None)
         self._forget_memory('validate')
+        self._find_byte_sizes()
 
     def on_test_epoch_start(self):
         self._totals.pop('test', None)
         self._forget_memory('test')
+        self._find_byte_sizes()
+
+    def _find_byte_sizes(self):
+        """The bytes each token id decodes to, from the data module's tokenizer (once; None without one)."""
+        if self._byte_sizes is not None or self._trainer is None:
+            return
+        tokenizer = getattr(self.trainer.datamodule, 'tokenizer', None)
+        if tokenizer is not None:
+            self._byte_sizes = token_bytes(tokenizer, getattr(self.model, 'n_vocab', None)).to(self.device)
 
     def on_validation_epoch_end(self):
         self._log_perplexity('val')
@@ -220,16 +272,20 @@ class XLabModule(L.LightningModule):
     def _log_perplexity(self, stage):
         if stage not in self._totals:
             return
-        summed, count = self._totals.pop(stage)
+        summed, count, n_bytes = self._totals.pop(stage)
         summed = torch.as_tensor(summed, dtype=torch.float64, device=self.device)
         count = torch.as_tensor(count, dtype=torch.float64, device=self.device)
+        n_bytes = torch.as_tensor(n_bytes, dtype=torch.float64, device=self.device)
         summed = self.trainer.strategy.reduce(summed, reduce_op='sum')
         count = self.trainer.strategy.reduce(count, reduce_op='sum')
+        n_bytes = self.trainer.strategy.reduce(n_bytes, reduce_op='sum')
         mean = (summed / count.clamp(min=1)).float()
         # already reduced over the ranks, so equal on all of them: sync_dist averages equal values (a no-op on
         # one process) and spares Lightning's per-epoch "use sync_dist=True" warning under DDP
         self.log(f'{stage}_ppl', mean.exp(), sync_dist=True)
         self.log(f'{stage}_bpt', mean / math.log(2), sync_dist=True)
+        if self._byte_sizes is not None and float(n_bytes) > 0:
+            self.log(f'{stage}_bpb', (summed / math.log(2) / n_bytes).float(), sync_dist=True)
 
     def predict_step(self, batch, batch_idx):
         """With targets: ``{'loss': (b,) mean NLL per sequence over its non-pad targets, 'tokens': (b,) their
@@ -250,20 +306,36 @@ class XLabModule(L.LightningModule):
             self.log_dict(grad_norm(self.model, norm_type=2))
 
     def parameter_groups(self):
-        """``[decay, no_decay]`` parameter groups: matrices (dim >= 2) decay; biases, norm weights and (unless
-        ``weight_decay_embeddings``) embedding tables, including a head tied to the embedding, do not. The
-        decay group takes the optimizer's weight_decay, the other 0."""
-        embeddings = {id(m.weight) for m in self.model.modules() if isinstance(m, nn.Embedding)}
-        decay, no_decay, seen = [], [], set()
-        for p in self.model.parameters():
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            if p.dim() >= 2 and (self.weight_decay_embeddings or id(p) not in embeddings):
-                decay.append(p)
-            else:
-                no_decay.append(p)
+        """``[decay, no_decay]`` parameter groups, chosen by role (``xlabml.roles.parameter_roles``), so they are
+        the same when FSDP has flattened every parameter into a 1-D shard: hidden matrices and an untied head
+        decay; biases, norm gains and (unless ``weight_decay_embeddings``) the embedding and learned position
+        tables, a head tied to the embedding included, do not; nor does a parameter of a module type XLab does
+        not know (role ``other``). The decay group takes the optimizer's weight_decay, the other 0."""
+        decaying = DECAY_ROLES | (EMBEDDING_ROLES if self.weight_decay_embeddings else frozenset())
+        roles = parameter_roles(self.model)
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():  # a tied weight once
+            if p.requires_grad:
+                (decay if roles[unwrapped_name(name)] in decaying else no_decay).append(p)
         return [{'params': decay}, {'params': no_decay, 'weight_decay': 0.0}]
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Lightning's clipping, except clipping by norm under FSDP: the norm must be taken over every shard,
+        which only the root FSDP module can do (``clip_grad_norm_``); Lightning's FSDP precision plugin refuses
+        it instead."""
+        root = self._fsdp_root()
+        if root is not None and gradient_clip_val and (gradient_clip_algorithm or 'norm') == 'norm':
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def _fsdp_root(self):
+        """The root ``FullyShardedDataParallel`` module that Lightning wrapped this module in, if any."""
+        if self._trainer is None or not torch.distributed.is_available():
+            return None
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        model = self.trainer.strategy.model
+        return model if isinstance(model, FullyShardedDataParallel) else None
 
     def _clips_mixed(self):
         if self._trainer is None:
@@ -298,10 +370,19 @@ class XLabModel(XLabModule):
         compile: ``torch.compile`` the decoder (in place; checkpoints unchanged).
         activation_checkpointing: recompute each block's activations in backward (less memory).
         weight_decay_embeddings: also decay embedding tables (default: only non-embedding matrices decay).
+        loss_chunk_size: compute the head and the loss this many rows (tokens) at a time, with the gradients of
+            each chunk made at once (``xlabml.losses.linear_cross_entropy``): the batch's logits are never all in
+            memory. None: the plain loss over the full logits.
         debug: log gradient norms, warn on a non-finite loss.
         registers, kv_share, layer_windows, memory_len, memory_grad, rope_scaling, rope_scale: memory and
             long-context variants of the architecture (see ``Decoder``); ``memory_len`` needs
             ``data.segments: true`` (``xlabml.memory``).
+        init_from: start from another model's weights (``xlabml.init_from``): a checkpoint or export path, a
+            Hugging Face directory, or ``{path: ..., only: [embedding, ...]}`` for some weights only. Copied in
+            ``setup`` at the start of a run, never over weights a checkpoint restored.
+        lora: ``{rank, alpha, dropout, targets}`` (``xlabml.lora.LoRAConfig``): wrap the targeted linear layers in
+            low-rank adapters and freeze the rest; needs ``init_from`` (the whole base). Checkpoints then hold
+            the adapters and the base's path and weights hash only.
     Optimizer and scheduler are not saved in the hyperparameters (they are configuration of the run, and
     may not pickle); ``load_from_checkpoint`` gets the defaults unless given.
     """
@@ -316,11 +397,13 @@ class XLabModel(XLabModule):
                  bias: bool = True, pad_index: int | None = 3, optimizer: OptimizerCallable = default_optimizer,
                  scheduler: LRSchedulerCallable | None = None, compile: bool = False,
                  activation_checkpointing: bool = False, weight_decay_embeddings: bool = False,
-                 embedding_scale: float | None = None, debug: bool = False, registers: int = 0, kv_share: int = 1,
-                 layer_windows: list[str | int | None] | None = None, memory_len: int = 0,
-                 memory_grad: str = 'none', rope_scaling: str | None = None, rope_scale: float = 1.0):
+                 embedding_scale: float | None = None, debug: bool = False, loss_chunk_size: int | None = 8192,
+                 registers: int = 0, kv_share: int = 1, layer_windows: list[str | int | None] | None = None,
+                 memory_len: int = 0, memory_grad: str = 'none', rope_scaling: str | None = None,
+                 rope_scale: float = 1.0, init_from: str | InitFrom | None = None, lora: LoRASettings | None = None):
         super().__init__(pad_index=pad_index, optimizer=optimizer, scheduler=scheduler, compile=compile,
-                         weight_decay_embeddings=weight_decay_embeddings, debug=debug)
+                         weight_decay_embeddings=weight_decay_embeddings, debug=debug,
+                         loss_chunk_size=loss_chunk_size)
         self.save_hyperparameters(ignore=['optimizer', 'scheduler'])
         self.model = Decoder(
             n_vocab, max_len, d_model, n_layers, n_heads, d_ff, dropout, n_kv_heads=n_kv_heads,
@@ -331,6 +414,77 @@ class XLabModel(XLabModule):
             parallel_residual=parallel_residual, bias=bias, activation_checkpointing=activation_checkpointing,
             embedding_scale=embedding_scale, registers=registers, kv_share=kv_share, layer_windows=layer_windows,
             memory_len=memory_len, memory_grad=memory_grad, rope_scaling=rope_scaling, rope_scale=rope_scale)
+        self.init_from = parse_init_from(init_from)  # (path, only) or None
+        self.lora_config = None if lora is None else LoRAConfig.from_settings(lora)
+        self.lora_base = None  # {'path', 'hash'} of the base weights under the adapters, once they are loaded
+        # True once the weights are set: by init_from, or by a checkpoint (load_checkpoint; xlab with --ckpt_path)
+        self.init_from_done = False
+        if self.lora_config is not None:
+            if self.init_from is None:
+                raise ValueError("model.lora needs model.init_from: the base model whose weights the adapters adapt")
+            if self.init_from[1] is not None:
+                raise ValueError(f"model.lora needs the whole base model, but model.init_from.only="
+                                 f"{self.init_from[1]} leaves the other weights random")
+            self.hparams['lora'] = self.lora_config.settings()  # every setting recorded, defaults included
+            apply_lora(self.model, **self.lora_config.settings())
+
+    # ---------------------------------------------------------------------------- warm start, adapters
+
+    def setup(self, stage):
+        # Lightning restores a ckpt_path only after setup, so a resumed run must say so beforehand: xlab and
+        # load_checkpoint set init_from_done. (trainer.fit(model, ckpt_path=...) on a model fresh from its
+        # constructor reads init_from too, then the checkpoint's weights replace those.)
+        if self.init_from is not None and not self.init_from_done:
+            self.apply_init_from()
+
+    def apply_init_from(self):
+        """Copy the ``init_from`` weights into the model (``xlabml.init_from.copy_weights``), after checking the
+        trainer's data module's tokenizer against the one they were trained with (when the embedding or the head
+        is copied); for a LoRA model, record the base's path and weights hash. Called by ``setup`` at the start of
+        a run without ``ckpt_path``."""
+        from .checkpoints import check_tokenizer, warn
+        from .init_from import copy_weights, read_source, token_indexed
+        from .lora import weights_hash
+
+        path, only = self.init_from
+        source = read_source(path)
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        tokenizer = getattr(datamodule, 'tokenizer', None)
+        recorded, indexed = source.tokenizer, token_indexed(only)  # indexed: rows are the source tokenizer's ids
+        if indexed and recorded.get('tokenizer_hash') and tokenizer is not None:
+            check_tokenizer(tokenizer, recorded['tokenizer_hash'], recorded.get('tokenizer_path'), path)
+        elif indexed and not recorded.get('tokenizer_hash'):
+            what = f"that the data's tokenizer {tokenizer.path}" if tokenizer is not None else "the tokenizer"
+            warn(f"model.init_from {path} records no tokenizer hash (a Hugging Face model, or weights imported "
+                 f"without an XLab tokenizer): cannot check {what} is the one its weights were trained with")
+        copy_weights(self, source, only)
+        if self.lora_config is not None:
+            # the identity of the weights as the file stores them, whatever dtype a run casts the model to
+            self.lora_base = {'path': str(Path(path).resolve()), 'hash': weights_hash(source.weights)}
+        self.init_from_done = True
+
+    def on_save_checkpoint(self, checkpoint):
+        """A LoRA run's checkpoint keeps the adapters only, and the base's path and weights hash."""
+        if self.lora_config is None:
+            return
+        from .checkpoints import LORA_KEY
+        from .lora import adapter_keys
+
+        if self.lora_base is None:
+            raise ValueError("a LoRA model's checkpoint refers to its base weights, but none were loaded: start "
+                             "the run with model.init_from (or from a LoRA checkpoint with ckpt_path)")
+        keys = set(adapter_keys(self))
+        checkpoint['state_dict'] = {k: v for k, v in checkpoint['state_dict'].items() if k in keys}
+        checkpoint[LORA_KEY] = dict(self.lora_base)
+
+    def on_load_checkpoint(self, checkpoint):
+        """A LoRA checkpoint (adapters only): the base weights come from its recorded base, checked by hash."""
+        from .checkpoints import LORA_KEY, lora_state_dict
+
+        if checkpoint.get(LORA_KEY):
+            path = self.trainer.ckpt_path if self._trainer is not None else 'the checkpoint'
+            checkpoint['state_dict'], self.lora_base = lora_state_dict(self, checkpoint, path)
+        self.init_from_done = True
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,

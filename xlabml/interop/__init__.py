@@ -26,10 +26,11 @@ from pathlib import Path
 def load_model(checkpoint: str | os.PathLike, device: str = "cpu", tokenizer: str | os.PathLike | None = None):
     """A checkpoint (training checkpoint or export) and its tokenizer through ``xlabml.checkpoints.load_checkpoint``
     (which checks that the tokenizer is the one the model was trained with): a ``LoadedCheckpoint`` whose model is
-    in eval mode without gradients and whose ``tokenizer`` is set; one clear error when there is none."""
+    in eval mode without gradients and whose ``tokenizer`` is set; one clear error when there is none. LoRA
+    adapters are merged into the weights: other tools get a plain model."""
     from xlabml.checkpoints import load_checkpoint
 
-    loaded = load_checkpoint(checkpoint, device, overrides={"compile": False}, tokenizer=tokenizer)
+    loaded = load_checkpoint(checkpoint, device, overrides={"compile": False}, tokenizer=tokenizer, merge_lora=True)
     if loaded.tokenizer is None:
         raise ValueError(f"checkpoint {checkpoint} names no tokenizer; give one with -t/--tokenizer")
     loaded.model.eval().requires_grad_(False)
