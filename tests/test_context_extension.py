@@ -105,3 +105,50 @@ def test_continued_training_at_a_longer_max_len_uses_the_longer_context(tmp_path
     assert all(torch.equal(a, b) for a, b in zip(long.model.parameters(), short.model.parameters()))
     train(long.model.train(), 36, 250, seed=1)
     assert long_loss(long.model.eval()) < 0.3 * before
+
+
+@pytest.mark.slow
+def test_init_from_continues_a_rope_checkpoint_at_a_longer_length(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from xlabml.checkpoints import read_checkpoint
+    from xlabml.cli import main
+    from xlabml.datamodules import XLabDataModule
+
+    monkeypatch.chdir(tmp_path)
+    data = {"locations": {"builtin": "python-topics"}, "num_tokens": 512, "seq_len": 16, "batch_size": 4,
+            "num_proc": 1, "tokenizer_path": str(tmp_path / "tokenizer.model"), "cache_dir": str(tmp_path / "cache")}
+    XLabDataModule(**data).prepare_data()
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "trainer": {"max_steps": 2, "limit_val_batches": 1, "num_sanity_val_steps": 0, "enable_progress_bar": False,
+                    "enable_model_summary": False},
+        "data": data,
+        "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64}}))
+
+    def fit(*args):
+        try:
+            main(["fit", "-c", str(config), *args])
+        except SystemExit as exit:
+            return exit.code
+        return 0
+
+    frozen = ["--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.0"]  # the weights stay put
+    assert fit("--model.position", "rope") == 0
+    base = tmp_path / "logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert fit("--model.init_from", str(base), "--data.seq_len", "64", "--model.rope_scaling", "linear",
+               "--model.rope_scale", "4", *frozen) == 0
+    longer = read_checkpoint(tmp_path / "logs" / "version_1" / "checkpoints" / "last.ckpt")
+    hparams = longer["hyper_parameters"]
+    assert (hparams["max_len"], hparams["position"], hparams["rope_scaling"], hparams["rope_scale"]) == (
+        64, "rope", "linear", 4.0)
+    start = read_checkpoint(base)["state_dict"]
+    assert all(torch.equal(start[k], v) for k, v in longer["state_dict"].items())  # it started from the base
+    # learned positions have no row for the new positions: one clear error, no run
+    capsys.readouterr()
+    assert fit("--model.position", "learned") == 0
+    learned = tmp_path / "logs" / "version_2" / "checkpoints" / "last.ckpt"
+    assert fit("--model.init_from", str(learned), "--data.seq_len", "64") == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"xlab: error: data.seq_len=64 exceeds the model of model.init_from {learned} max_len=16")
+    assert not (tmp_path / "logs" / "version_3").exists()
