@@ -449,12 +449,12 @@ def report(args, split, extra, seeds) -> dict:
                "corpus": split["digest"], "seeds": len(seeds)}
     (results / "memory_variants.json").write_text(json.dumps(figures, indent=1))
     reference = next((e["caches"][CACHES[0][0]] for e in evals if CACHES[0][0] in e["caches"]), None)
-    plot(curves, results / "memory_context.png", reference)
+    plot(curves, results / "memory_context.png", reference, steps)
     print(table)
     return figures
 
 
-def plot(curves: dict, path: Path, reference: float | None) -> None:
+def plot(curves: dict, path: Path, reference: float | None, steps: int) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -473,7 +473,7 @@ def plot(curves: dict, path: Path, reference: float | None) -> None:
     ax.set_xlabel("context L: the first L tokens of each 4,096-token held-out chunk, scored from its start")
     ax.set_ylabel("held-out bits/char over the first L tokens")
     ax.set_ylim(top=min(ax.get_ylim()[1], 6.0))
-    ax.set_title("Tiny Shakespeare, nanoGPT CPU budget (trained on 64 tokens): bits/char vs context")
+    ax.set_title(f"Tiny Shakespeare, nanoGPT's CPU model, {steps:,} steps on 64 tokens: bits/char vs context")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
