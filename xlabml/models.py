@@ -465,6 +465,7 @@ class XLabModel(XLabModule):
 
     def on_save_checkpoint(self, checkpoint):
         """A LoRA run's checkpoint keeps the adapters only, and the base's path and weights hash."""
+        super().on_save_checkpoint(checkpoint)  # the segment memory, if any
         if self.lora_config is None:
             return
         from .checkpoints import LORA_KEY
@@ -481,6 +482,7 @@ class XLabModel(XLabModule):
         """A LoRA checkpoint (adapters only): the base weights come from its recorded base, checked by hash."""
         from .checkpoints import LORA_KEY, lora_state_dict
 
+        super().on_load_checkpoint(checkpoint)  # the segment memory, if any
         if checkpoint.get(LORA_KEY):
             path = self.trainer.ckpt_path if self._trainer is not None else 'the checkpoint'
             checkpoint['state_dict'], self.lora_base = lora_state_dict(self, checkpoint, path)
