@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
-"""What half precision costs a trained model: held-out bits per character in float32, bfloat16 and float16.
+"""What half precision and quantization cost a trained model: held-out bits per character in float32, bfloat16,
+float16, and with int8 and int4 weights.
 
 Trains a character-level model briefly on a text corpus (default: Tiny Shakespeare, first 90% of its characters;
 nanoGPT's CPU configuration: 4 layers, d_model 128, 4 heads, FFN 512, context 64, batch 12), then scores the
-held-out 10% with the same weights cast to each dtype, the way ``xlabml.inference`` runs them (CPU linear layers
-on packed weights, ``xlabml.packed``; logits cast to float32 before the softmax):
+held-out 10% with the same weights cast to each dtype, and quantized (``xlabml.quantize``: int8 per output
+channel; int4 in groups of 128 where the kernel takes the matrix, else int8), the way ``xlabml.inference`` runs
+them (CPU linear layers on packed weights, ``xlabml.packed``, or on the int8/int4 kernels; logits cast to float32
+before the softmax):
 
     bpc = (loss summed over every held-out target character) / (held-out target characters) / ln 2
 
 over non-overlapping windows of the model's context, each starting fresh (its first character is context only).
-The difference to float32 is the quality cost of the dtype; the target is <= 0.005 bits/char for bfloat16.
+The difference to float32 is the quality cost; the targets are <= 0.005 bits/char for bfloat16 and <= 0.02 for
+int8.
 
     python bench/quality.py [--corpus PATH] [--steps 1000] [--position sinusoidal] [--threads 2]
 
@@ -33,12 +37,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from xlabml import packed  # noqa: E402
 from xlabml.layers import Decoder  # noqa: E402
+from xlabml.quantize import quantize  # noqa: E402
 
 # the corpus sits in the workspace's shared folder, beside the checkout or beside its worktree folder
 CORPORA = [REPO.parent / "shared" / "data" / "tinyshakespeare.txt",
            REPO.parent.parent / "shared" / "data" / "tinyshakespeare.txt"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TARGET_BF16 = 0.005  # bits/char
+TARGET_INT8 = 0.02
+QUANTIZED = {"int8": {"scheme": "int8"}, "int4": {"scheme": "int4", "group_size": 128}}  # of the float32 model
 
 
 def load_corpus(path: Path | None) -> str:
@@ -127,14 +134,21 @@ def main() -> None:
     bpc = {}
     for name, dtype in DTYPES.items():
         bpc[name] = round(bits_per_char(copy.deepcopy(model).to(dtype), heldout, length), 5)
+    for name, spec in QUANTIZED.items():
+        bpc[name] = round(bits_per_char(quantize(copy.deepcopy(model), **spec), heldout, length), 5)
     print(f"\n{'dtype':<8}{'bits/char':>11}{'vs fp32':>10}")
     for name, value in bpc.items():
         print(f"{name:<8}{value:>11.4f}{value - bpc['fp32']:>+10.4f}")
     cost = round(bpc["bf16"] - bpc["fp32"], 5)
     met = "met" if abs(cost) <= TARGET_BF16 else "NOT met"
     print(f"bf16 costs {cost:+.4f} bits/char (target <= {TARGET_BF16}): {met}")
+    int8 = round(bpc["int8"] - bpc["fp32"], 5)
+    print(f"int8 costs {int8:+.4f} bits/char (target <= {TARGET_INT8}): "
+          f"{'met' if int8 <= TARGET_INT8 else 'NOT met'}")
     print(json.dumps({"bpc": bpc, "bf16_minus_fp32": cost, "fp16_minus_fp32": round(bpc["fp16"] - bpc["fp32"], 5),
-                      "target_bf16": TARGET_BF16, "steps": args.steps, "position": args.position,
+                      "int8_minus_fp32": int8, "int4_minus_fp32": round(bpc["int4"] - bpc["fp32"], 5),
+                      "target_bf16": TARGET_BF16, "target_int8": TARGET_INT8, "steps": args.steps,
+                      "position": args.position,
                       "train_s": round(train_s, 1), "load_average": round(os.getloadavg()[0], 1),
                       "wall_s": round(time.perf_counter() - started, 1)}))
 

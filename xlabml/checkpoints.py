@@ -59,9 +59,11 @@ EXPORT_KEYS = (
     "datamodule_hparams_name",
     "datamodule_hyper_parameters",
     DATA_STATE_KEY,
+    "quantization",
     "lora_base",
     "lora_merged",
 )
+QUANTIZATION_KEY = "quantization"  # an export of quantized weights: the scheme, which load_checkpoint applies
 # A LoRA run's checkpoint: {"path": the base model's checkpoint or directory, "hash": xlabml.lora.weights_hash of its
 # decoder weights as stored there (xlabml.init_from.read_source)}; its state_dict holds the adapters only. A merged export records where it came from under MERGED_KEY.
 LORA_KEY = "lora_base"
@@ -261,6 +263,8 @@ class LoadedCheckpoint:
         global_step, epoch: training progress when it was saved (None if not recorded).
         metrics: monitored metrics when it was saved, e.g. ``{"val_loss": 2.31}`` (may be empty).
         lightning_version: the Lightning version that wrote the training checkpoint.
+        quantization: the weight quantization the checkpoint stores (``{"scheme": "int8"}``, see
+            ``xlabml.quantize``), applied to the model; None for float weights.
         lora_base: for a checkpoint of LoRA adapters, ``{"path", "hash"}`` of the base model they were added to
             (the path it was found at); None otherwise.
     """
@@ -277,6 +281,7 @@ class LoadedCheckpoint:
     epoch: Optional[int] = None
     metrics: dict[str, float] = field(default_factory=dict)
     lightning_version: Optional[str] = None
+    quantization: Optional[dict[str, Any]] = None
     lora_base: Optional[dict[str, str]] = None
 
 
@@ -341,8 +346,12 @@ def load_checkpoint(
         tokenizer_path = loaded_tokenizer.path
     model = model_class(**hparams)
     state_dict, lora_base = checkpoint["state_dict"], checkpoint.get(LORA_KEY)
+    if lora_base and checkpoint.get(QUANTIZATION_KEY):
+        raise ValueError(f"{path} records both LoRA adapters and quantized weights; only a merged or plain model "
+                         "is stored quantized")
     if lora_base:
         state_dict, lora_base = lora_state_dict(model, checkpoint, path, base)
+    quantization = _quantize(model, checkpoint.get(QUANTIZATION_KEY), path)
     try:
         model.load_state_dict(state_dict, strict=strict)
     except RuntimeError as error:
@@ -362,7 +371,20 @@ def load_checkpoint(
         data_hparams=data, tokenizer_path=tokenizer_path, tokenizer_hash=recorded.get("tokenizer_hash"),
         tokenizer=loaded_tokenizer, global_step=checkpoint.get("global_step"), epoch=checkpoint.get("epoch"),
         metrics=checkpoint_metrics(checkpoint), lightning_version=checkpoint.get("pytorch-lightning_version"),
-        lora_base=lora_base)
+        lora_base=lora_base, quantization=quantization)
+
+
+def _quantize(model, spec: Any, path) -> Optional[dict[str, Any]]:
+    """Quantizes a freshly built model as an export of quantized weights records (its values are loaded next)."""
+    if spec is None:
+        return None
+    from xlabml.quantize import quantize
+
+    try:
+        quantize(model, **spec)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path} records a quantization this xlabml cannot apply ({spec!r}: {error})") from None
+    return dict(spec)
 
 
 def lora_state_dict(model, checkpoint: dict[str, Any], path: Any = "the checkpoint",
@@ -565,18 +587,23 @@ EXPORT_FORMATS = {"ckpt": _serialize_ckpt, "safetensors": _serialize_safetensors
 
 
 def export_checkpoint(
-    ckpt_path: str | os.PathLike, output_dir: str | os.PathLike = "exports", format: str = "ckpt"
+    ckpt_path: str | os.PathLike, output_dir: str | os.PathLike = "exports", format: str = "ckpt",
+    quantize: Optional[str] = None, group_size: Optional[int] = None,
 ) -> tuple[Path, bool]:
     """Export a training checkpoint; returns (path of the main file, whether it was written now).
 
-    The name is ``<checkpoint stem>-<first 8 hex digits of the main file's sha256>.<ext>``; if that file already
-    exists it holds the same content and nothing is written. Each file is written atomically and never
-    overwrites. The recorded tokenizer hash is kept; the tokenizer the checkpoint names, where it exists, must
-    match it.
+    The name is ``<checkpoint stem>-<first 8 hex digits of the main file's sha256>.<ext>`` (with ``-<scheme>``
+    before the digits when quantized); if that file already exists it holds the same content and nothing is
+    written. Each file is written atomically and never overwrites. The recorded tokenizer hash is kept; the
+    tokenizer the checkpoint names, where it exists, must match it. With `quantize` (``'int8'`` or ``'int4'``,
+    `group_size` for int4; see ``xlabml.quantize``) the export stores the quantized weights and their scales and
+    records the scheme, so that ``load_checkpoint`` rebuilds the quantized model.
     """
     if format not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {format!r}; expected one of {sorted(EXPORT_FORMATS)}")
     checkpoint = read_checkpoint(ckpt_path)
+    if quantize is not None:
+        checkpoint = _quantized(checkpoint, ckpt_path, quantize, group_size)
     model_hparams(checkpoint, ckpt_path)  # an export must be loadable
     recorded = tokenizer_state(checkpoint)
     tokenizer_path = resolve_tokenizer_path(data_hparams(checkpoint), ckpt_path)
@@ -589,7 +616,8 @@ def export_checkpoint(
     files = EXPORT_FORMATS[format](slim_checkpoint(checkpoint))
     main_ext = "." + format
     digest = hashlib.sha256(files[main_ext]).hexdigest()[:EXPORT_HASH_CHARS]
-    stem = f"{Path(ckpt_path).stem}-{digest}"
+    scheme = f"-{quantize}" if quantize is not None else ""
+    stem = f"{Path(ckpt_path).stem}{scheme}-{digest}"
     targets = {ext: Path(output_dir) / f"{stem}{ext}" for ext in files}
     existing = [ext for ext, target in targets.items() if target.exists()]
     for ext in existing:
@@ -601,6 +629,22 @@ def export_checkpoint(
         if ext not in existing:
             write_atomic(targets[ext], data)
     return targets[main_ext], True
+
+
+def _quantized(checkpoint: dict[str, Any], path, scheme: str, group_size: Optional[int]) -> dict[str, Any]:
+    """The checkpoint with its model's weights quantized (``xlabml.quantize``) and the scheme recorded."""
+    if checkpoint.get(QUANTIZATION_KEY):
+        raise ValueError(f"{path} holds weights quantized already ({checkpoint[QUANTIZATION_KEY]}); export its "
+                         "float checkpoint instead")
+    if checkpoint.get(LORA_KEY):
+        raise ValueError(f"{path} holds LoRA adapters; merge them first (./manage.py merge-lora), then export the "
+                         "merged model quantized")
+    from xlabml.quantize import quantize
+
+    spec = {"scheme": scheme, **({"group_size": group_size} if group_size is not None else {})}
+    model = load_checkpoint(path, "cpu", overrides={"compile": False}, tokenizer=False).model
+    quantize(model, **spec)  # an unknown scheme or group size: its own one-line error
+    return {**checkpoint, "state_dict": model.state_dict(), QUANTIZATION_KEY: spec}
 
 
 def merge_lora_checkpoint(ckpt_path: str | os.PathLike, out: str | os.PathLike,

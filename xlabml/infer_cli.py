@@ -87,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=tuple(DTYPES), default="auto",
                    help="weights, activations and KV cache in this precision (logits are sampled in float32); "
                    "auto = bf16 on a GPU, fp32 on a CPU (default: auto)")
+    p.add_argument("--quantize", choices=("int8", "int4"),
+                   help="quantize the weights after loading (xlabml.quantize): int8 per output channel, int4 in groups "
+                   "of 128; an export written with export-checkpoint --quantize loads quantized without it")
+    p.add_argument("--draft", metavar="CHECKPOINT",
+                   help="speculative decoding (xlabml.speculative): a smaller model trained with the same tokenizer "
+                   "proposes tokens that the model checks several at a time; the same output distribution (greedy: "
+                   "the same text), faster when the draft often agrees")
+    p.add_argument("--draft-tokens", type=_positive_int, default=4, metavar="K",
+                   help="tokens the draft proposes per round (default 4)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step once (pays off on a GPU; on a CPU only for long runs: "
                    "it takes tens of seconds)")
@@ -152,6 +161,36 @@ def _device(name: str) -> str:
     return name
 
 
+def _load_draft(path: str, device: str, tokenizer, checkpoint: str):
+    """The draft model of --draft (which must have been trained with the target's tokenizer) and the quantization
+    its checkpoint stores."""
+    from .checkpoints import load_checkpoint, warn
+
+    loaded = load_checkpoint(path, device, overrides={"compile": False}, tokenizer=False)
+    if loaded.tokenizer_hash is None:
+        warn(f"draft {path} records no tokenizer hash (written by an older xlabml): cannot check that it shares "
+             f"the tokenizer of {checkpoint}")
+    elif loaded.tokenizer_hash != tokenizer.content_hash:
+        raise ValueError(f"draft {path} was trained with another tokenizer (content hash {loaded.tokenizer_hash}) "
+                         f"than {checkpoint} (tokenizer {tokenizer.path}, content hash {tokenizer.content_hash}); "
+                         "a draft must share the model's tokenizer")
+    return loaded.model.eval().requires_grad_(False), loaded.quantization
+
+
+def _apply_quantize(model, scheme, stored, checkpoint) -> None:
+    """Quantizes the model as --quantize asks, unless its checkpoint stores it quantized that way already."""
+    if scheme is None:
+        return
+    if stored is not None:
+        if stored.get("scheme") != scheme:
+            raise ValueError(f"checkpoint {checkpoint} holds {stored.get('scheme')} weights; --quantize {scheme} "
+                             "needs its float checkpoint")
+        return
+    from .quantize import quantize
+
+    quantize(model, scheme)
+
+
 class _StreamPrinter:
     """Prints a growing id sequence's text: only what is settled (no trailing half character)."""
 
@@ -176,6 +215,10 @@ def run(args: argparse.Namespace, out=None) -> None:
     out = out or sys.stdout
     if args.greedy_search and args.beam_search:
         raise ValueError("-g/--greedy-search and -b/--beam-search exclude each other; choose one")
+    if args.draft is not None and args.beam_search:
+        raise ValueError("--draft works with sampling and greedy search, not beam search")
+    if args.draft is not None and not Path(args.draft).is_file():
+        raise FileNotFoundError(f"draft checkpoint {args.draft} not found")
     if args.checkpoint == "last" and not Path("last").exists():
         from .cli import find_last_checkpoint
 
@@ -185,7 +228,7 @@ def run(args: argparse.Namespace, out=None) -> None:
     prompt = read_prompt(args.prompt)
     import torch
 
-    from . import inference
+    from . import inference, speculative
     from .checkpoints import load_checkpoint
     from .cli import one_line_warnings
 
@@ -198,11 +241,17 @@ def run(args: argparse.Namespace, out=None) -> None:
                              merge_lora=True)
     model, tokenizer = loaded.model.eval().requires_grad_(False), loaded.tokenizer
     model = model.to(_dtype(args.dtype, device))
+    _apply_quantize(model, args.quantize, loaded.quantization, args.checkpoint)
     if tokenizer is None:
         raise ValueError(f"checkpoint {args.checkpoint} names no tokenizer; give one with -t/--tokenizer")
     # a segment memory's tokens are context too: generation keeps them in the KV cache
     n_vocab, block_size = model.hparams["n_vocab"], model.hparams["max_len"] + model.hparams.get("memory_len", 0)
     compression = inference.cache_options(args.kv_dtype, args.sink_tokens or 0, args.window, args.kv_budget)
+    draft = None
+    if args.draft is not None:
+        draft, stored = _load_draft(args.draft, device, tokenizer, args.checkpoint)
+        draft = draft.to(_dtype(args.dtype, device))
+        _apply_quantize(draft, args.quantize, stored, args.draft)
     if len(tokenizer) <= 4:
         raise ValueError(f"tokenizer {tokenizer.path} has an empty vocabulary (only the 4 special tokens)")
     ids = ([] if args.continued else [tokenizer[tokenizer.sos_token]]) + tokenizer.encode(prompt)
@@ -221,6 +270,11 @@ def run(args: argparse.Namespace, out=None) -> None:
         sampling = dict(temperature=0.0, repetition_penalty=args.repetition_penalty)
     sliding = dict(context_keep=args.context_keep, rolling=args.rolling)
     stream = out.isatty() if args.stream is None else args.stream
+    stats = speculative.SpeculativeStats()
+    speculating = {}
+    if draft is not None:
+        speculating = dict(draft_tokens=args.draft_tokens, draft_block_size=min(block_size, draft.hparams["max_len"]),
+                           stats=stats, compile=args.compile)  # compiles the draft's one-token step
     loaded = time.perf_counter()
     generated = 0
     for run_index in range(args.runs):
@@ -233,15 +287,25 @@ def run(args: argparse.Namespace, out=None) -> None:
         elif stream:
             printer = _StreamPrinter(tokenizer, ids, out)
             new = []
-            for token in inference.generate_stream(model, x, args.limit, block_size, eos_class=eos,
+            if draft is not None:
+                tokens = speculative.speculative_stream(model, draft, x, args.limit, block_size, eos_class=eos,
+                                                        exclude_classes=excluded, **speculating, **sliding,
+                                                        **sampling)
+            else:
+                tokens = inference.generate_stream(model, x, args.limit, block_size, eos_class=eos,
                                                    exclude_classes=excluded, compile=args.compile, **sliding,
-                                                   **sampling, **compression):
+                                                   **sampling, **compression)
+            for token in tokens:
                 new.append(token)
                 printer.add(token)
             printer.add(None, final=True)
             out.write("\n")
             generated += len(new)
             continue
+        elif draft is not None:
+            new = speculative.speculative_sample(model, draft, x, args.limit, block_size, eos_class=eos,
+                                                 exclude_classes=excluded, **speculating, **sliding,
+                                                 **sampling).tolist()
         else:
             new = inference.sample(model, x, args.limit, block_size, eos_class=eos, exclude_classes=excluded,
                                    compile=args.compile, **sliding, **sampling, **compression).tolist()
@@ -252,6 +316,9 @@ def run(args: argparse.Namespace, out=None) -> None:
         seconds = time.perf_counter() - loaded
         print(f"{PROG}: loaded in {loaded - started:.2f} s; {generated} tokens in {seconds:.2f} s "
               f"({generated / max(seconds, 1e-9):.1f} tokens/s) on {device}", file=sys.stderr)
+        if draft is not None:
+            print(f"{PROG}: draft tokens accepted: {stats.accepted} of {stats.drafted} "
+                  f"({stats.acceptance_rate:.0%}) in {stats.rounds} rounds", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:

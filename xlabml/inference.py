@@ -212,6 +212,8 @@ def _borrowed_cache(model: nn.Module, batch_size: int, max_len: int, device: tor
         _empty(entry.cache)
     else:
         extra = {"static": True} if static and _accepts(model.init_cache, "static") else {}
+        if _accepts(model.init_cache, "dtype"):  # the activations' dtype: a quantized model's weights are integers
+            extra["dtype"] = key[2]
         entry = _CacheEntry(model.init_cache(batch_size, max_len=max_len, device=device, **extra, **options))
         entry.busy = True
         with _caches_lock:
@@ -444,12 +446,7 @@ class _Chooser:
                 self.seen[i, p] = True
 
     def __call__(self, logits: Tensor) -> Tensor:
-        logits = logits.float()
-        if self.excluded is not None:
-            logits = logits.index_fill(-1, self.excluded, -math.inf)
-        if self.seen is not None:  # CTRL-style: shrink the logits of seen classes towards less likely
-            penalised = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
-            logits = torch.where(self.seen, penalised, logits)
+        logits = self.adjusted(logits)
         if self.greedy:
             token = logits.argmax(-1)
         else:
@@ -458,8 +455,40 @@ class _Chooser:
             self.seen.scatter_(1, token[:, None], True)
         return token
 
+    def adjusted(self, logits: Tensor, seen: Tensor | None = None) -> Tensor:
+        """Logits (b, v) in float32 with the excluded classes and the repetition penalty applied; `seen` (b, v)
+        replaces the rows' own record of the classes already generated (speculative decoding's positions)."""
+        logits = logits.float()
+        if self.excluded is not None:
+            logits = logits.index_fill(-1, self.excluded, -math.inf)
+        seen = self.seen if seen is None else seen
+        if seen is not None:  # CTRL-style: shrink the logits of seen classes towards less likely
+            penalised = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
+            logits = torch.where(seen, penalised, logits)
+        return logits
+
+    def distribution(self, logits: Tensor, seen: Tensor | None = None) -> Tensor:
+        """The probabilities (b, v) that the next token is drawn with, over the whole vocabulary (one-hot at the
+        argmax when greedy); `seen` as for `adjusted`."""
+        logits = self.adjusted(logits, seen)
+        if self.greedy:
+            return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        probs, index = self._candidates(logits if self.temperature == 1.0 else logits / self.temperature)
+        if index is not None:
+            probs = torch.zeros_like(logits).scatter_(-1, index, probs)
+        return probs / probs.sum(-1, keepdim=True)
+
     def _draw(self, logits: Tensor) -> Tensor:
-        index = None  # the candidates' classes when the candidates are a sorted subset of the vocabulary
+        probs, index = self._candidates(logits)
+        choice = _draw(probs, self.generator)  # b 1
+        if index is not None:
+            choice = index.gather(-1, choice)
+        return choice[:, 0]
+
+    def _candidates(self, logits: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Unnormalised probabilities of the candidates after top-k, top-p and min-p, and their classes when the
+        candidates are a sorted subset of the vocabulary (else None: the columns are the classes)."""
+        index = None
         if self.top_k is not None:
             logits, index = logits.topk(self.top_k, dim=-1)  # b k, sorted
         probs = torch.softmax(logits, dim=-1)
@@ -471,10 +500,7 @@ class _Chooser:
         if self.min_p is not None:
             top = probs[:, :1] if index is not None else probs.amax(-1, keepdim=True)
             probs = probs.masked_fill(probs < self.min_p * top, 0.0)
-        choice = _draw(probs, self.generator)  # b 1
-        if index is not None:
-            choice = index.gather(-1, choice)
-        return choice[:, 0]
+        return probs, index
 
     def _sorted(self, probs: Tensor) -> tuple[Tensor, Tensor]:
         """Probabilities sorted in descending order, with their classes; only as many as top-p can keep."""

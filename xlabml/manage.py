@@ -3,7 +3,9 @@
 ``export-checkpoint CKPT [--format ckpt|safetensors] [-o DIR]`` writes the weights and the hyperparameters needed
 to rebuild the model and find its tokenizer, with the tokenizer's content hash, without optimizer state, loops or
 callbacks (about a third of a training checkpoint), under a name carrying a short hash of the file's content
-(``xlabml.checkpoints.export_checkpoint``). Files are written atomically and never overwritten: exporting the
+(``xlabml.checkpoints.export_checkpoint``); ``--quantize int8`` (or ``int4``) stores the weights quantized
+(``xlabml.quantize``: about a quarter of the float32 export), which the one loader reads back into a quantized
+model. Files are written atomically and never overwritten: exporting the
 same weights twice finds the file already there.
 
 ``merge-lora CKPT OUT [--base PATH]`` folds the adapters of a LoRA run's checkpoint into its base model's weights
@@ -49,12 +51,20 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("ckpt", "safetensors"), default="ckpt",
                         help="ckpt: one torch file; safetensors: weights + a JSON of hyperparameters (default: ckpt)")
     parser.add_argument("-o", "--output-dir", default="exports", help="directory to write to (default: exports)")
+    parser.add_argument("--quantize", choices=("int8", "int4"),
+                        help="store the weights quantized: int8 per output channel, or int4 in groups (linear layers "
+                        "whose rows the groups divide; the rest int8); loads as a quantized model")
+    parser.add_argument("--group-size", type=int, choices=(32, 64, 128, 256),
+                        help="weights per group of --quantize int4 (default 128)")
 
 
 def _export(args: argparse.Namespace) -> None:
     from xlabml.checkpoints import export_checkpoint
 
-    path, written = export_checkpoint(args.checkpoint, args.output_dir, args.format)
+    if args.group_size is not None and args.quantize != "int4":
+        raise ValueError(f"--group-size {args.group_size} applies to --quantize int4 only")
+    path, written = export_checkpoint(args.checkpoint, args.output_dir, args.format, quantize=args.quantize,
+                                      group_size=args.group_size)
     source = Path(args.checkpoint).stat().st_size
     files = [path] + ([path.with_suffix(".json")] if path.suffix == ".safetensors" else [])
     size = sum(p.stat().st_size for p in files)
@@ -86,8 +96,9 @@ def _merge_lora(args: argparse.Namespace) -> None:
 COMMANDS: dict[str, Command] = {
     "export-checkpoint": Command(
         "write a slim checkpoint (weights + hyperparameters) named by its content hash",
-        "Write the weights, the hyperparameters needed to load the model, its tokenizer path and the tokenizer's "
-        "content hash (no optimizer state) to DIR/<name>-<hash>.<format>, atomically; never overwrites.",
+        "Write the weights (quantized with --quantize), the hyperparameters needed to load the model, its tokenizer "
+        "path and the tokenizer's content hash (no optimizer state) to DIR/<name>-<hash>.<format>, atomically; "
+        "never overwrites.",
         _export_arguments,
         _export,
     ),
