@@ -107,6 +107,9 @@ ARCHS = {
 }
 # Variants that are the lab's configuration overlays, applied after the run's config (`-c FILE`).
 ARCH_FILES = {"preset-modern": "conf/extra/modern.yaml"}
+# Variants whose run configuration differs beyond the model's keywords (e.g. the data's segments): arch -> a
+# function editing the config dict `run_config` made, given the run's settings (bench/memory_variants.py).
+ARCH_CONFIG: dict = {}
 
 # Training-recipe settings (issue #15) and their neutral values: a run that leaves them at these is the same run
 # as before they existed (its run key, and so its cached result, does not change).
@@ -294,6 +297,8 @@ def run_config(s: dict, split: dict, run_dir: Path, tok_path: Path, train_args: 
             "optimizer": optimizer_config(s),
             "scheduler": scheduler_config(s, steps),
         }
+    if s["arch"] in ARCH_CONFIG:
+        ARCH_CONFIG[s["arch"]](config, s)
     return config
 
 

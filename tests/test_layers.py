@@ -1,6 +1,7 @@
 import contextlib
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -458,3 +459,17 @@ def test_d_embedding_head_qk_and_softcap_shapes_and_values():
                           (dict(logit_softcap=-1.0), 'logit_softcap')):
         with pytest.raises(ValueError, match=match):
             make(**kwargs)
+
+
+@pytest.mark.parametrize("stateful", [dict(ffn="sgu"), dict(head_qk=8)])
+@pytest.mark.parametrize("option, message", [
+    (dict(kv_share=2), "kv_share=2 is not supported with it"),
+    (dict(layer_windows=["local", "global"], sliding_window=4), "layer_windows=['local', 'global'] is not supported"),
+    (dict(memory_len=8), "memory_len=8 is not supported with it"),
+    (dict(attention="linear"), "attention='linear' is not supported with it"),
+])
+def test_per_slot_state_refuses_the_memory_options_it_cannot_follow(stateful, option, message):
+    """SGU and head-QK keep per-token state beside the KV cache, one cache layer per block: shared, windowed,
+    segment-memory and linear-attention caches would leave it behind, so the combination is one clear error."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Decoder(32, 16, d_model=16, n_layers=2, n_heads=2, d_ff=32, position="rope", **stateful, **option)

@@ -197,7 +197,10 @@ def test_bad_sources_and_settings(tokenizer, tmp_path):
                             (dict(dynamic_encode=True), "dynamic_encode applies to text only"),
                             (dict(format="preference", packed=True), "packed applies to text and chat data"),
                             (dict(format="preference", packed=False, seq_len_warmup=10),
-                             "seq_len_warmup applies to text and chat data")]:
+                             "seq_len_warmup applies to text and chat data"),
+                            (dict(segments=True), "segments: true cuts each split's token stream"),
+                            (dict(format="text", segments=True, seq_len_warmup=10),
+                             "seq_len_warmup cuts batches short")]:
         with pytest.raises(ValueError, match=match):
             datamodule(tmp_path, tokenizer, path, **settings)
     missing = datamodule(tmp_path, tokenizer, path, tokenizer_path=str(tmp_path / "none.model"))

@@ -483,6 +483,9 @@ def _build_hparams(recorded: dict[str, Any], overrides: dict[str, Any], model_cl
         raise ValueError(f"unknown overrides {unknown}: expected arguments of {model_class.__name__}, e.g. "
                          f"{list(RUNTIME_HPARAMS)}")
     hparams = {**recorded, **overrides}
+    if (recorded.get("attention") == "linear") != (hparams.get("attention") == "linear"):
+        raise ValueError(f"{path} was trained with attention={recorded.get('attention')!r}: "
+                         f"attention={hparams.get('attention')!r} is another layer, not a kernel of it")
     if hparams.get("attention") == "flash" and "attention" not in overrides and not _flash_attn_available():
         warn(f"{path} was trained with attention='flash' but the flash_attn package is not installed here: "
              "using attention='sdpa' (the same function)")

@@ -40,7 +40,9 @@ DESCRIPTION = (
 LINKS = (("data.num_tokens", "model.n_vocab"), ("data.seq_len", "model.max_len"), ("data.pad_index", "model.pad_index"))
 # Model arguments a run starting from another model's weights (model.init_from) sets for itself: how it trains, not
 # what the weights are. The rest of the architecture comes from those weights.
-RUN_HPARAMS = ("dropout", "weight_decay_embeddings", "init_from", "lora")
+RUN_HPARAMS = ("dropout", "weight_decay_embeddings", "init_from", "lora", "rope_scaling", "rope_scale")
+# Positions that hold for any length: a run from such weights may train on longer windows (context extension)
+RELATIVE_POSITIONS = ("rope", "alibi", "none")
 
 
 def config_dir() -> Path:
@@ -322,6 +324,9 @@ class XLabCLI(LightningCLI):
         max_len = self.checkpoint_hparams.get("max_len")
         if max_len is None:
             return seq_len
+        if seq_len > max_len and self.checkpoint_label.startswith("the model of model.init_from") and \
+                self.checkpoint_hparams.get("position") in RELATIVE_POSITIONS:
+            return seq_len  # context extension: a new run from the weights at a longer length
         if seq_len > max_len:
             raise ValueError(f"data.seq_len={seq_len} exceeds {self.checkpoint_label} max_len={max_len}")
         return max_len  # shorter windows are fine; the model keeps the length it was trained with
@@ -355,7 +360,8 @@ class XLabCLI(LightningCLI):
         self.checkpoint_tokenizer = tokenizer_state(checkpoint)
         # Linked values are checked by the link functions; how to run (not what to run) stays as configured.
         for key in (*RUNTIME_HPARAMS, *(t.split(".", 1)[1] for _, t in LINKS)):
-            hparams.pop(key, None)
+            if not (key == "attention" and hparams.get(key) == "linear"):  # linear attention is a layer, not a kernel
+                hparams.pop(key, None)
         self._warn_replaced(subcommand, ckpt_path, hparams)
         if hparams:
             self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)

@@ -24,6 +24,7 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from xlabml.atomic import atomic_path, write_atomic
 from xlabml.checkpoints import check_tokenizer
 from xlabml.datasets import SequenceDataset, TokenDataset, resolve_step, warmup_length
+from xlabml.segments import SegmentDataset
 from xlabml.sources import (DEFAULT_SPLITS, SPLIT_NAMES, format_split_report, load_splits, sample_documents,
                             text_lengths)
 from xlabml.streaming import StreamLoader, StreamWindows, TextStream, sample_stream
@@ -112,6 +113,10 @@ class XLabDataModule(L.LightningDataModule):
             JSON Lines/JSON/Parquet/CSV/Arrow files (``xlabml.posttrain.records``) and need an existing tokenizer
             (rows of messages: a chat tokenizer, ``./manage.py add-chat-tokens``); preference pairs are padded
             windows (``packed`` does not apply).
+        segments: consecutive segments instead of windows, for a model with a segment memory (``memory_len``):
+            each split's token stream is cut into ``batch_size`` rows and each batch holds the next segment of
+            ``seq_len`` tokens of every row (``xlabml.segments``), in order, for training and evaluation alike
+            (``step_size``, ``packed`` and the shuffle do not apply). Resumes exactly.
     """
 
     def __init__(
@@ -139,6 +144,7 @@ class XLabDataModule(L.LightningDataModule):
         seq_len_warmup: int = 0,
         seq_len_start: int | None = None,
         format: str = "text",
+        segments: bool = False,
     ):
         super().__init__()
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
@@ -168,6 +174,12 @@ class XLabDataModule(L.LightningDataModule):
         if format == "preference" and packed:
             raise ValueError("packed applies to text and chat data, not to format='preference' (each pair is two "
                              "padded windows): set packed: false")
+        if segments and format != "text":
+            raise ValueError(f"segments: true cuts each split's token stream into rows of consecutive segments, "
+                             f"for text; format={format!r} keeps each example whole: set segments: false")
+        if segments and seq_len_warmup:
+            raise ValueError("seq_len_warmup cuts batches short, which would skip tokens between consecutive "
+                             "segments (segments: true): set seq_len_warmup: 0")
         if format == "preference" and seq_len_warmup:
             raise ValueError("seq_len_warmup applies to text and chat data, not to format='preference' (a cut pair "
                              "would lose its responses): set seq_len_warmup: 0")
@@ -255,9 +267,12 @@ class XLabDataModule(L.LightningDataModule):
                                  f"{list(self.texts())}")
             self.datasets[name] = self._sequence_dataset(name)
 
-    def _sequence_dataset(self, name: str) -> SequenceDataset | StreamWindows:
+    def _sequence_dataset(self, name: str) -> SequenceDataset | StreamWindows | SegmentDataset:
         texts = self.texts()[name]
         if isinstance(texts, TextStream):
+            if self.hparams.segments:
+                raise ValueError(f"segments: true needs the {name!r} split's whole token stream (it is cut into "
+                                 "batch_size rows); a streamed split (streaming: true) has no end to cut at")
             return self._stream_windows(name, cycle=False)
         if len(texts) == 0:
             raise ValueError(f"split {name!r} is empty: splits={self.hparams.splits!r} gives it no documents "
@@ -273,6 +288,13 @@ class XLabDataModule(L.LightningDataModule):
                 tokens, self.hparams.seq_len, self.hparams.step_size, packed=self.hparams.packed,
                 sos_index=tokenizer[tokenizer.sos_token], eos_index=tokenizer[tokenizer.eos_token],
                 pad_index=tokenizer[tokenizer.pad_token])
+        if self.hparams.segments:
+            trainer = self.trainer
+            world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+            return SegmentDataset(
+                tokens, self.hparams.seq_len, self.hparams.batch_size, sos_index=tokenizer[tokenizer.sos_token],
+                eos_index=tokenizer[tokenizer.eos_token], pad_index=tokenizer[tokenizer.pad_token],
+                train_sos=self.hparams.train_sos, rank=rank, world_size=world)
         return SequenceDataset(
             tokens, self.hparams.seq_len, self.hparams.step_size, packed=self.hparams.packed,
             train_sos=self.hparams.train_sos, sos_index=tokenizer[tokenizer.sos_token],
@@ -406,6 +428,9 @@ class XLabDataModule(L.LightningDataModule):
         if isinstance(self.texts().get("train"), TextStream):
             return self._stream_train_loader()
         dataset = self._dataset("train")
+        if isinstance(dataset, SegmentDataset):  # whole batches, in order; each process has its own rows
+            sampler = ResumableSampler(dataset, num_replicas=1, rank=0, shuffle=False)
+            return StatefulDataLoader(dataset, sampler=sampler, **{**self._loader_args(), "batch_size": None})
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed)
@@ -441,6 +466,9 @@ class XLabDataModule(L.LightningDataModule):
                 rank_zero_warn(f"the {name} split is streamed: every {name} run reads all of it; set "
                                f"trainer.limit_{name}_batches to a number of batches per process to bound it")
             return DataLoader(dataset, **self._loader_args())
+        if isinstance(dataset, SegmentDataset):  # in order; a DistributedSampler, so Lightning does not shard it
+            sampler = ResumableSampler(dataset, num_replicas=1, rank=0, shuffle=False)
+            return DataLoader(dataset, sampler=sampler, **{**self._loader_args(), "batch_size": None})
         return DataLoader(dataset, shuffle=False, **self._loader_args())
 
     def val_dataloader(self):

@@ -27,6 +27,11 @@ rolls its cache past `block_size` exactly, at one token's cost. Two trade-offs, 
   back than the crop through its deeper layers. A model trained on full windows may degrade once its first
   tokens leave the cache (the "attention sink" effect of StreamingLLM).
 
+KV cache compression (`cache_options`; every strategy and batch): `kv_dtype="int8"` stores the cache in int8;
+`sink_tokens` + `window` (StreamingLLM) and `kv_budget` (H2O: heavy hitters + recent) bound it, so generation
+goes on at one token's cost for any length, the model seeing only the tokens kept (relative positions only).
+A linear-attention model keeps a fixed-size state instead of a cache and never needs a window either.
+
 Caches are allocated once per (model, batch size, block size, dtype, device) and reused by later calls
 (`release_caches(model)` frees them), so `compile=True` compiles the one-token decode step once: prompts of
 any length and any `output_length` reuse its graph (the prefill runs eagerly). Logits are chosen from in
@@ -47,7 +52,8 @@ from torch import Tensor, nn
 
 from xlabml.packed import prepacked
 
-__all__ = ["sample", "greedy_search", "beam_search", "generate_stream", "release_caches", "GenerationBatch"]
+__all__ = ["sample", "greedy_search", "beam_search", "generate_stream", "release_caches", "cache_options", "score",
+           "GenerationBatch"]
 
 Prompts = Tensor | Sequence[Tensor] | Sequence[Sequence[int]]
 
@@ -112,6 +118,30 @@ def _window(block_size: int, context_keep: int | None, rolling: bool = False) ->
     return context_keep
 
 
+def cache_options(kv_dtype: str | None = None, sink_tokens: int = 0, window: int | None = None,
+                  kv_budget: int | None = None) -> dict:
+    """The KV cache compression keywords given (those left at their defaults are left out, so any model's
+    `init_cache` works without them):
+
+    - `kv_dtype="int8"`: keys and values stored as int8 with one scale per token and head (`xlabml.attention`).
+    - `sink_tokens=S, window=W`: keep the first S and the last W tokens of each row, placed by their rank in the
+      cache (StreamingLLM; relative positions): generation of any length with a bounded cache, no new prefill.
+    - `kv_budget=B`: keep at most B tokens: the last `window` (default B // 2), the first `sink_tokens`, and those
+      of highest cumulative attention (H2O).
+
+    Composable with every strategy and batch; `xlabml.kvcache` has the details."""
+    if kv_dtype is not None and kv_dtype != "int8":
+        raise ValueError(f"kv_dtype={kv_dtype!r}; expected None or 'int8'")
+    for name, value, low in (("sink_tokens", sink_tokens, 0), ("window", window, 1), ("kv_budget", kv_budget, 1)):
+        if value is not None:
+            _check_positive(name, value, allow_zero=low == 0)
+    if sink_tokens and window is None and kv_budget is None:
+        raise ValueError(f"sink_tokens={sink_tokens} needs window (the recent tokens kept after the sinks) or "
+                         "kv_budget")
+    given = {"kv_dtype": kv_dtype, "sink_tokens": sink_tokens or None, "window": window, "kv_budget": kv_budget}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def _excluded(exclude_classes, n_vocab: int, device: torch.device) -> Tensor | None:
     if exclude_classes is None:
         return None
@@ -162,11 +192,14 @@ CACHES_PER_MODEL = 2  # e.g. a prompt batch's and its beams'; the least recently
 
 
 @contextmanager
-def _borrowed_cache(model: nn.Module, batch_size: int, max_len: int, device: torch.device, static: bool):
-    """The model's KV cache for this (batch size, length, dtype, device, static), emptied, for the duration: made
-    on first use and kept for later calls (never in the model's state dict: it lives here, keyed weakly by the
-    model). A cache in use (a stream still open, another thread) is not shared: a second user gets a new one."""
-    key = (batch_size, max_len, _model_dtype(model), device, static)
+def _borrowed_cache(model: nn.Module, batch_size: int, max_len: int, device: torch.device, static: bool,
+                    options: dict | None = None):
+    """The model's KV cache for this (batch size, length, dtype, device, static, compression `options`), emptied,
+    for the duration: made on first use and kept for later calls (never in the model's state dict: it lives here,
+    keyed weakly by the model). A cache in use (a stream still open, another thread) is not shared: a second user
+    gets a new one."""
+    options = options or {}
+    key = (batch_size, max_len, _model_dtype(model), device, static, tuple(sorted(options.items())))
     with _caches_lock:
         entries = _caches.setdefault(model, OrderedDict())
         entry = entries.get(key)
@@ -181,7 +214,7 @@ def _borrowed_cache(model: nn.Module, batch_size: int, max_len: int, device: tor
         extra = {"static": True} if static and _accepts(model.init_cache, "static") else {}
         if _accepts(model.init_cache, "dtype"):  # the activations' dtype: a quantized model's weights are integers
             extra["dtype"] = key[2]
-        entry = _CacheEntry(model.init_cache(batch_size, max_len=max_len, device=device, **extra))
+        entry = _CacheEntry(model.init_cache(batch_size, max_len=max_len, device=device, **extra, **options))
         entry.busy = True
         with _caches_lock:
             entries = _caches.setdefault(model, OrderedDict())
@@ -305,7 +338,8 @@ class _Rows:
                              "model's are absolute: use context_keep to trade exactness for speed")
         reach = getattr(cache, "reach", None)
         exact = can_roll and keep is None and reach is not None and reach <= block_size
-        self.rolling = rolling or exact
+        # a cache that bounds itself (a linear-attention state, sinks + window, a budget) never prefills again
+        self.rolling = rolling or exact or getattr(cache, "unbounded", False)
         self.keep = block_size if keep is None else keep
         self.prompt_len = max(len(p) for p in prompts)
         self.tokens = torch.zeros(len(prompts), self.prompt_len + max_new, dtype=torch.long, device=device)
@@ -527,7 +561,8 @@ def _cut(tokens: Tensor, eos_class: int | None) -> list[Tensor]:
     return [row[:n] for row, n in zip(tokens.unbind(0), lengths)]
 
 
-def _generate(model, x, output_length, block_size, eos_class, context_keep, rolling, compile, **choose_args):
+def _generate(model, x, output_length, block_size, eos_class, context_keep, rolling, compile, cache_options,
+              **choose_args):
     _check_positive("output_length", output_length, allow_zero=True)
     keep = _window(block_size, context_keep, rolling)
     with _eval_mode(model, pack=not compile):
@@ -536,7 +571,8 @@ def _generate(model, x, output_length, block_size, eos_class, context_keep, roll
             tokens = torch.zeros(len(prompts), 0, dtype=torch.long, device=prompts[0].device)
         else:
             device = prompts[0].device
-            with _borrowed_cache(model, len(prompts), block_size, device, _static(compile, device)) as cache:
+            with _borrowed_cache(model, len(prompts), block_size, device, _static(compile, device),
+                                 cache_options) as cache:
                 steps = list(_token_steps(model, prompts, output_length, block_size, keep, rolling, choose_args,
                                           eos_class, compile, cache))
             tokens = torch.stack(steps, dim=1)  # b t
@@ -548,7 +584,8 @@ def sample(model: nn.Module, x: Prompts, output_length: int, block_size: int, eo
            exclude_classes: Sequence[int] | None = None, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, generator: torch.Generator | None = None, *, min_p: float | None = None,
            repetition_penalty: float = 1.0, context_keep: int | None = None, rolling: bool = False,
-           compile: bool | str = False) -> Tensor | list[Tensor]:
+           compile: bool | str = False, kv_dtype: str | None = None, sink_tokens: int = 0,
+           window: int | None = None, kv_budget: int | None = None) -> Tensor | list[Tensor]:
     """Samples up to `output_length` new tokens after each prompt.
 
     Args:
@@ -573,21 +610,26 @@ def sample(model: nn.Module, x: Prompts, output_length: int, block_size: int, eo
         compile: `torch.compile` the one-token decode step (True, or a compile mode name); compiled once per
             model and batch size, whatever the prompt lengths and `output_length` (the prefill stays eager).
             Pays off on a GPU; on a CPU see `bench/generate.py`.
+        kv_dtype, sink_tokens, window, kv_budget: KV cache compression (see `cache_options`).
 
     Returns:
         the new ids (1-D LongTensor, without the prompt and without <eos>) for a 1-D `x`; for a batch, a list of
         such tensors, one per prompt.
     """
     return _generate(model, x, output_length, block_size, eos_class, context_keep, rolling, compile,
+                     cache_options(kv_dtype, sink_tokens, window, kv_budget),
                      exclude_classes=exclude_classes, temperature=temperature, top_k=top_k, top_p=top_p,
                      min_p=min_p, repetition_penalty=repetition_penalty, generator=generator)
 
 
 def greedy_search(model: nn.Module, x: Prompts, output_length: int, block_size: int, eos_class: int | None = None,
                   exclude_classes: Sequence[int] | None = None, *, context_keep: int | None = None,
-                  rolling: bool = False, compile: bool | str = False) -> Tensor | list[Tensor]:
+                  rolling: bool = False, compile: bool | str = False, kv_dtype: str | None = None,
+                  sink_tokens: int = 0, window: int | None = None, kv_budget: int | None = None
+                  ) -> Tensor | list[Tensor]:
     """Generates the most likely next token at each step (argmax); arguments and result as for `sample`."""
     return _generate(model, x, output_length, block_size, eos_class, context_keep, rolling, compile,
+                     cache_options(kv_dtype, sink_tokens, window, kv_budget),
                      exclude_classes=exclude_classes, temperature=0.0)
 
 
@@ -596,7 +638,8 @@ def generate_stream(model: nn.Module, x: Tensor, output_length: int, block_size:
                     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                     generator: torch.Generator | None = None, *, min_p: float | None = None,
                     repetition_penalty: float = 1.0, context_keep: int | None = None, rolling: bool = False,
-                    compile: bool | str = False) -> Iterator[int]:
+                    compile: bool | str = False, kv_dtype: str | None = None, sink_tokens: int = 0,
+                    window: int | None = None, kv_budget: int | None = None) -> Iterator[int]:
     """Like `sample` for one prompt `x` (t,), but yields each new id (an int) as soon as it is chosen, stopping
     before <eos>. Use temperature=0 for greedy search. The result equals `sample`'s with the same arguments."""
     _check_positive("output_length", output_length, allow_zero=True)
@@ -605,6 +648,7 @@ def generate_stream(model: nn.Module, x: Tensor, output_length: int, block_size:
         raise ValueError("generate_stream takes one prompt: a 1-D tensor of token ids")
     choose_args = dict(exclude_classes=exclude_classes, temperature=temperature, top_k=top_k, top_p=top_p,
                        min_p=min_p, repetition_penalty=repetition_penalty, generator=generator)
+    options = cache_options(kv_dtype, sink_tokens, window, kv_budget)
     training = model.training
     model.eval()
     try:
@@ -614,7 +658,8 @@ def generate_stream(model: nn.Module, x: Tensor, output_length: int, block_size:
             with torch.inference_mode():
                 prompts, _ = _prompts(x, _model_device(model))
                 device = prompts[0].device
-                cache = stack.enter_context(_borrowed_cache(model, 1, block_size, device, _static(compile, device)))
+                cache = stack.enter_context(_borrowed_cache(model, 1, block_size, device, _static(compile, device),
+                                                            options))
                 steps = _token_steps(model, prompts, output_length, block_size, keep, rolling, choose_args, None,
                                      compile, cache)
             while True:
@@ -631,13 +676,44 @@ def generate_stream(model: nn.Module, x: Tensor, output_length: int, block_size:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# scoring a text as generation sees it
+
+
+def score(model: nn.Module, x: Tensor, block_size: int, *, context_keep: int | None = None, rolling: bool = False,
+          kv_dtype: str | None = None, sink_tokens: int = 0, window: int | None = None,
+          kv_budget: int | None = None) -> Tensor:
+    """Negative log-likelihood (nats, float32) of every token of each row of `x` (b, t) after its first: each from
+    the logits generation would choose it from (the same window rule, the same KV cache, compression included),
+    then fed as the next token (teacher forcing). What a cache option costs in quality reads off a held-out text.
+
+    Returns: (b, t - 1)."""
+    if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] < 2:
+        raise ValueError("score takes a (b, t) tensor of token ids with t >= 2")
+    keep = _window(block_size, context_keep, rolling)
+    options = cache_options(kv_dtype, sink_tokens, window, kv_budget)
+    with _eval_mode(model):
+        x = x.to(device=_model_device(model), dtype=torch.long)
+        b, t = x.shape
+        with _borrowed_cache(model, b, block_size, x.device, _static(False, x.device), options) as cache:
+            rows = _Rows(model, list(x[:, :1].unbind(0)), block_size, keep, t - 1, cache, rolling=rolling)
+            logits = rows.prefill()
+            nll = []
+            for i in range(1, t):
+                nll.append(-torch.log_softmax(logits.float(), -1).gather(1, x[:, i:i + 1])[:, 0])
+                if i + 1 < t:
+                    logits = rows.step(x[:, i])
+        return torch.stack(nll, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # beam search
 
 
 def beam_search(model: nn.Module, x: Prompts, beam_width: int, output_length: int, block_size: int,
                 eos_class: int | None = None, exclude_classes: Sequence[int] | None = None,
-                length_penalty: float = 0.0, *, context_keep: int | None = None, rolling: bool = False
-                ) -> Tensor | list[Tensor]:
+                length_penalty: float = 0.0, *, context_keep: int | None = None, rolling: bool = False,
+                kv_dtype: str | None = None, sink_tokens: int = 0, window: int | None = None,
+                kv_budget: int | None = None) -> Tensor | list[Tensor]:
     """Beam search for the most likely continuation of each prompt.
 
     All beams of all prompts advance together in one batched forward per step. At each step the W×V
@@ -658,24 +734,26 @@ def beam_search(model: nn.Module, x: Prompts, beam_width: int, output_length: in
     _check_positive("output_length", output_length, allow_zero=True)
     keep = _window(block_size, context_keep, rolling)
     lp = float(length_penalty)
+    options = cache_options(kv_dtype, sink_tokens, window, kv_budget)
     with _eval_mode(model):
         prompts, batched = _prompts(x, _model_device(model))
         outputs = _beam_search(model, prompts, beam_width, output_length, block_size, keep, rolling, eos_class,
-                               exclude_classes, lp) if output_length else [p[:0] for p in prompts]
+                               exclude_classes, lp, options) if output_length else [p[:0] for p in prompts]
         outputs = [row.clone() for row in outputs]
     return outputs if batched else outputs[0]
 
 
-def _beam_search(model, prompts, W, output_length, block_size, keep, rolling, eos_class, exclude_classes, lp):
+def _beam_search(model, prompts, W, output_length, block_size, keep, rolling, eos_class, exclude_classes, lp,
+                 options=None):
     n, device = len(prompts), prompts[0].device
     with ExitStack() as stack:
-        cache = stack.enter_context(_borrowed_cache(model, n, block_size, device, _static(False, device)))
+        cache = stack.enter_context(_borrowed_cache(model, n, block_size, device, _static(False, device), options))
         rows = _Rows(model, prompts, block_size, keep, output_length, cache, rolling=rolling)
         logits = rows.prefill()  # n v: the W beams of a prompt start identical, so prefill each prompt once
         if W > 1:
             expand = torch.arange(n, device=device).repeat_interleave(W)
             rows.reorder(expand, stack.enter_context(
-                _borrowed_cache(model, n * W, block_size, device, _static(False, device))))
+                _borrowed_cache(model, n * W, block_size, device, _static(False, device), options)))
             logits = logits[expand]
         return _beams(rows, logits, n, W, output_length, eos_class, exclude_classes, lp)
 

@@ -16,6 +16,7 @@ size, ``c`` model width (d_model), ``v`` vocabulary.
 """
 
 import math
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -23,10 +24,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from xlabml.attention import (  # noqa: F401  (re-exported: every model part in one namespace)
-    ATTENTIONS, Attention, AttentionContext, FlashKernel, KVCache, LayerKVCache, NaiveKernel, SDPAKernel,
+    KERNELS, Attention, AttentionContext, FlashKernel, KVCache, LayerKVCache, NaiveKernel, SDPAKernel,
     apply_rotary,
 )
 from xlabml.losses import softcap_logits
+from xlabml.linear_attention import LinearAttention, LinearStateCache
+
+# attention: a kernel of softmax attention (``Attention``), or linear attention (another layer)
+ATTENTIONS = {**KERNELS, 'linear': LinearAttention}
 
 
 def pick(registry: dict, kind: str, name: str):
@@ -103,24 +108,64 @@ class LearnedPosition(Position):
         return self.embedding(positions)  # b t c
 
 
+def rope_frequencies(rotated: int, base: float, scaling: str | None = None, scale: float = 1.0,
+                     original_len: float = 0.0, device=None):
+    """Rotary angular frequencies ``base ** (-2i / rotated)`` (float32, r/2), stretched for a context ``scale``
+    times the ``original_len`` a model was trained at, and the factor its cos/sin are multiplied by:
+
+    - ``'linear'``: position interpolation (Chen et al. 2023): every frequency divided by ``scale``, so positions
+      up to ``scale * original_len`` turn by the angles the model knows.
+    - ``'ntk'``: NTK-aware scaling: the base multiplied by ``scale ** (r / (r - 2))``: the highest frequency stays,
+      the lowest is divided by ``scale``, those between by less.
+    - ``'yarn'`` (Peng et al. 2023): frequencies whose wavelength fits into ``original_len`` more than 32 times
+      stay, those fitting less than once are interpolated, a linear ramp between; cos/sin times
+      ``0.1 ln(scale) + 1`` (the attention logits sharpened for the longer context).
+    """
+    if scaling == 'ntk' and scale != 1.0 and rotated > 2:
+        base = base * scale ** (rotated / (rotated - 2))
+    inv_freq = inverse_frequencies(rotated, base, device)  # r/2
+    if scaling is None or scale == 1.0 or scaling == 'ntk':
+        return inv_freq, 1.0
+    if scaling == 'linear':
+        return inv_freq / scale, 1.0
+    fits = original_len * inv_freq / (2 * math.pi)  # wavelengths in the trained length
+    keep = ((fits - 1.0) / (32.0 - 1.0)).clamp(0.0, 1.0)  # 0: interpolate, 1: keep
+    return inv_freq / scale * (1 - keep) + inv_freq * keep, 0.1 * math.log(scale) + 1.0
+
+
+ROPE_SCALINGS = ('linear', 'ntk', 'yarn')
+
+
 class RotaryPosition(Position):
     """RoPE (Su et al.), rotate-half layout, on the first ``rope_fraction`` of each head's dimensions
-    (partial rotary as in GPT-NeoX); ``rope_base`` sets the wavelengths."""
+    (partial rotary as in GPT-NeoX); ``rope_base`` sets the wavelengths. ``rope_scaling`` (``'linear'``, ``'ntk'``,
+    ``'yarn'``) with ``rope_scale`` s stretches them for a context s times the one trained at (``max_len / s``):
+    see ``rope_frequencies``."""
 
-    def __init__(self, head_dim: int, rope_base: float = 10000.0, rope_fraction: float = 1.0, **_):
+    def __init__(self, head_dim: int, rope_base: float = 10000.0, rope_fraction: float = 1.0,
+                 rope_scaling: str | None = None, rope_scale: float = 1.0, max_len: int = 0, **_):
         super().__init__()
         if not 0.0 < rope_fraction <= 1.0:
             raise ValueError(f"rope_fraction must be in (0, 1], got {rope_fraction}")
         if rope_base <= 1.0:
             raise ValueError(f"rope_base must be > 1, got {rope_base}")
+        if rope_scaling is not None and rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(f"unknown rope_scaling {rope_scaling!r}; expected one of: {', '.join(ROPE_SCALINGS)}")
+        if not (isinstance(rope_scale, (int, float)) and rope_scale >= 1.0):
+            raise ValueError(f"rope_scale must be a number >= 1 (the context's growth), got {rope_scale!r}")
         rotated = int(head_dim * rope_fraction) // 2 * 2
         if rotated == 0:
             raise ValueError(f"rope_fraction={rope_fraction} rotates no dimension of heads of size {head_dim}")
         self.rotated, self.rope_base = rotated, rope_base
+        self.rope_scaling, self.rope_scale, self.original_len = rope_scaling, float(rope_scale), max_len / rope_scale
+        _, self.mscale = rope_frequencies(rotated, rope_base, rope_scaling, self.rope_scale, self.original_len)
 
     def rotary(self, positions):  # float32 (cos, sin): apply_rotary rotates in float32, casts back to q/k's dtype
-        inv_freq = inverse_frequencies(self.rotated, self.rope_base, positions.device)  # r/2
+        inv_freq, _ = rope_frequencies(self.rotated, self.rope_base, self.rope_scaling, self.rope_scale,
+                                       self.original_len, positions.device)  # r/2
         angles = positions[:, None, :, None].float() * inv_freq  # b 1 t r/2
+        if self.mscale != 1.0:
+            return angles.cos() * self.mscale, angles.sin() * self.mscale
         return angles.cos(), angles.sin()
 
 
@@ -498,6 +543,32 @@ class DecoderCache(KVCache):
 
 # ------------------------------------------------------------------------------------------------ decoder
 
+MEMORY_GRADS = ('none', 'recompute')  # memory_grad: how the segment memory gets gradients (xlabml.memory)
+
+
+def resolve_layer_windows(layer_windows, sliding_window, n_layers) -> list[int | None]:
+    """Each layer's sliding window from ``layer_windows``: a list whose length divides ``n_layers`` (repeated
+    over the layers), of ``'local'`` (the model's ``sliding_window``), ``'global'`` or None (no window), or a
+    number of tokens. None: every layer gets ``sliding_window`` through the model's attention context."""
+    if layer_windows is None:
+        return [None] * n_layers
+    pattern = list(layer_windows) if isinstance(layer_windows, (list, tuple)) else None
+    if not pattern or n_layers % len(pattern):
+        raise ValueError(f"layer_windows={layer_windows!r}: expected a list whose length divides n_layers={n_layers}")
+    windows = []
+    for entry in pattern:
+        if entry == 'local':
+            if sliding_window is None:
+                raise ValueError("layer_windows names 'local' layers but sliding_window (their window) is not set")
+            entry = sliding_window
+        elif entry == 'global':
+            entry = None
+        if entry is not None and (isinstance(entry, bool) or not isinstance(entry, int) or entry < 1):
+            raise ValueError(f"layer_windows entry {entry!r}: expected 'local', 'global', null or a window >= 1")
+        windows.append(entry)
+    return windows * (n_layers // len(pattern))
+
+
 class Decoder(nn.Module):
     """GPT-style decoder: token embedding (+ absolute positions) -> blocks -> optional final norm -> head.
 
@@ -517,6 +588,12 @@ class Decoder(nn.Module):
     ``d_embedding``: an embedding table and head of that width, with projections in (``embedding_in``) and out
     (``embedding_out``) of the blocks' ``d_model``; ``head_qk``: the head-QK copy scores of that width
     (``HeadQK``); ``logit_softcap``: logits soft-capped to (-cap, cap) by ``cap * tanh(logits / cap)``.
+    Memory and long context: ``registers`` learned key/value slots in every layer that every query may attend to
+    (LSWT); ``kv_share`` consecutive layers attending to the keys and values of the first of them;
+    ``layer_windows`` a sliding window per layer (``resolve_layer_windows``); ``memory_len`` keys and values of
+    the previous tokens of each row kept across segments (Transformer-XL, ``xlabml.memory``; ``memory_grad``:
+    ``'none'`` or ``'recompute'``); ``attention='linear'`` (``xlabml.linear_attention``); ``rope_scaling`` and
+    ``rope_scale`` to stretch RoPE over a longer context (``rope_frequencies``).
     """
 
     def __init__(self, n_vocab: int, max_len: int, d_model: int = 512, n_layers: int = 6, n_heads: int = 8,
@@ -528,7 +605,9 @@ class Decoder(nn.Module):
                  dropout_embedding: bool = False, tie_embeddings: bool = False, parallel_residual: bool = False,
                  bias: bool = True, activation_checkpointing: bool = False, embedding_scale: float | None = None,
                  logit_softcap: float | None = None, d_embedding: int | None = None, n_experts: int = 8,
-                 moe_top_k: int = 2, head_qk: int | None = None):
+                 moe_top_k: int = 2, head_qk: int | None = None, registers: int = 0, kv_share: int = 1,
+                 layer_windows: list[str | int | None] | None = None, memory_len: int = 0,
+                 memory_grad: str = 'none', rope_scaling: str | None = None, rope_scale: float = 1.0):
         super().__init__()
         for name, value in (('n_vocab', n_vocab), ('max_len', max_len), ('d_model', d_model),
                             ('n_layers', n_layers), ('n_heads', n_heads), ('d_ff', d_ff)):
@@ -550,10 +629,28 @@ class Decoder(nn.Module):
             raise ValueError(f"logit_softcap must be None or a number > 0, got {logit_softcap!r}")
         if d_embedding is not None and (not isinstance(d_embedding, int) or d_embedding < 1):
             raise ValueError(f"d_embedding must be None (d_model) or a positive int, got {d_embedding!r}")
+        for name, value in (('registers', registers), ('memory_len', memory_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if isinstance(kv_share, bool) or not isinstance(kv_share, int) or kv_share < 1:
+            raise ValueError(f"kv_share must be an integer >= 1 (layers per shared key/value), got {kv_share!r}")
+        if rope_scaling is not None and position != 'rope':
+            raise ValueError(f"rope_scaling={rope_scaling!r} stretches rotary positions; position is {position!r}")
+        if memory_grad not in MEMORY_GRADS:
+            raise ValueError(f"memory_grad={memory_grad!r}; expected one of: {', '.join(MEMORY_GRADS)}")
         self.n_vocab, self.max_len, self.d_model, self.n_layers = n_vocab, max_len, d_model, n_layers
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d_model // n_heads
-        self.sliding_window = sliding_window
+        self.layer_windows = resolve_layer_windows(layer_windows, sliding_window, n_layers)
+        self.sliding_window = None if layer_windows is not None else sliding_window
         self.activation_checkpointing = activation_checkpointing
+        self.kv_share, self.memory_len, self.memory_grad = kv_share, memory_len, memory_grad
+        # the key/value store of each layer: its own (index into a cache's layers), or None (shares the first
+        # layer's of its group of kv_share)
+        self.kv_stores = [i // kv_share if i % kv_share == 0 else None for i in range(n_layers)]
+        for i in range(n_layers):
+            if self.layer_windows[i] != self.layer_windows[i - i % kv_share]:
+                raise ValueError(f"layer_windows gives layer {i} another window than layer {i - i % kv_share}, "
+                                 f"whose keys and values it shares (kv_share={kv_share})")
 
         d_embedding = d_model if d_embedding is None else d_embedding
         self.embedding = nn.Embedding(n_vocab, d_embedding)
@@ -562,30 +659,59 @@ class Decoder(nn.Module):
         self.embedding_out = nn.Linear(d_model, d_embedding, bias=False) if d_embedding != d_model else None
         self.position = pick(POSITIONS, 'position', position)(
             d_model=d_model, max_len=max_len, n_heads=n_heads, head_dim=self.head_dim,
-            rope_base=rope_base, rope_fraction=rope_fraction)
+            rope_base=rope_base, rope_fraction=rope_fraction, rope_scaling=rope_scaling, rope_scale=rope_scale)
         self.uses_bias = isinstance(self.position, ALiBiPosition)
+        if memory_len and not self.relative_positions:
+            raise ValueError(f"memory_len={memory_len} needs relative positions (rope, alibi or none): with "
+                             f"position={position!r} the memory's keys have no position that means anything")
         self.embedding_dropout = _dropout(dropout, dropout_embedding)
         norm_cls = pick(NORMS, 'norm', norm)
         ffn_cls = pick(FEED_FORWARDS, 'ffn', ffn)
         ffn_options = dict(n_experts=n_experts, moe_top_k=moe_top_k, max_len=max_len, norm=norm_cls)
         ffn_options = {name: ffn_options[name] for name in getattr(ffn_cls, 'options', ())}
         kernel = pick(ATTENTIONS, 'attention', attention)
+        self.linear = kernel is LinearAttention
+        if self.linear:
+            self._check_linear(position, sliding_window, registers, kv_share, layer_windows, memory_len)
+        attention_cls = LinearAttention if self.linear else partial(Attention, kernel=kernel)
         block_cls = BLOCKS[bool(prenorm), bool(parallel_residual)]
         self.blocks = nn.ModuleList(
             block_cls(
-                Attention(d_model, n_heads, n_kv_heads, kernel=kernel, dropout=dropout * dropout_attn,
-                          qk_norm=qk_norm, norm=norm_cls, bias=bias),
+                attention_cls(d_model, n_heads, n_kv_heads, dropout=dropout * dropout_attn,
+                              qk_norm=qk_norm, norm=norm_cls, bias=bias, window=self.layer_windows[i],
+                              registers=registers, kv_group=i // kv_share if kv_share > 1 else None,
+                              shares_kv=self.kv_stores[i] is None),
                 ffn_cls(d_model, d_ff, dropout=dropout * dropout_ffn, bias=bias, **ffn_options),
                 norm_cls, d_model, dropout_residual=dropout * dropout_residual, bias=bias,
-            ) for _ in range(n_layers))
+            ) for i in range(n_layers))
         self.norm = norm_cls(d_model, bias=bias) if final_norm else nn.Identity()
         self.head = nn.Linear(d_embedding, n_vocab, bias=bias)
         self.head_qk = HeadQK(d_model, n_vocab, head_qk) if head_qk is not None else None
+        stateful = [name for name, on in ((f"ffn={ffn!r}", hasattr(self.blocks[0].ffn, 'init_state')),
+                                          ("head_qk", head_qk is not None)) if on]
+        for name, value, default in (('attention', attention if self.linear else None, None),
+                                     ('kv_share', kv_share, 1), ('layer_windows', layer_windows, None),
+                                     ('memory_len', memory_len, 0)):
+            if stateful and value != default:  # their per-slot cache state follows one cache layer per block
+                raise ValueError(f"{stateful[0]} keeps per-token state beside the KV cache: {name}={value!r} is not "
+                                 "supported with it")
         self.logit_softcap = None if logit_softcap is None else float(logit_softcap)
         self.embedding_scale = math.sqrt(d_model) if embedding_scale is None else float(embedding_scale)
         self.reset_parameters()
         if tie_embeddings:
             self.head.weight = self.embedding.weight
+
+    @staticmethod
+    def _check_linear(position, sliding_window, registers, kv_share, layer_windows, memory_len):
+        if position in ('alibi', 'learned'):
+            raise ValueError(f"attention='linear' takes position 'rope', 'sinusoidal' or 'none', not {position!r} (a "
+                             "linear layer has no score to bias, and its generation runs past max_len)")
+        for name, value, default in (('sliding_window', sliding_window, None), ('registers', registers, 0),
+                                     ('kv_share', kv_share, 1), ('layer_windows', layer_windows, None),
+                                     ('memory_len', memory_len, 0)):
+            if value != default:
+                raise ValueError(f"attention='linear' keeps its whole context in a fixed-size state: {name}={value!r} "
+                                 "is for softmax attention")
 
     def reset_parameters(self):
         std = 0.02
@@ -600,6 +726,8 @@ class Decoder(nn.Module):
             outputs = getattr(block.ffn, 'output_projections', lambda: [block.ffn.proj])()  # MoE: every expert's
             for proj in (block.attn.proj, *outputs):
                 nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.n_layers))
+            if getattr(block.attn, 'registers', None) is not None:
+                nn.init.normal_(block.attn.registers, mean=0.0, std=std)
 
     @property
     def relative_positions(self) -> bool:
@@ -608,27 +736,65 @@ class Decoder(nn.Module):
         cache may roll past ``max_len`` (see ``KVCache``)."""
         return type(self.position).embed is Position.embed
 
+    @property
+    def reach(self) -> int | None:
+        """The most recent tokens that can reach the logits through the layers' sliding windows
+        (``sum(window - 1) + 1``), or None when a layer sees every earlier token."""
+        windows = self.layer_windows if any(w is not None for w in self.layer_windows) else \
+            [self.sliding_window] * self.n_layers
+        if any(w is None for w in windows):
+            return None
+        return sum(w - 1 for w in windows) + 1
+
+    @property
+    def context_len(self) -> int:
+        """The context generation keeps per token: ``max_len``, plus the segment memory's ``memory_len``."""
+        return self.max_len + self.memory_len
+
     def init_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None, *,
-                   static: bool = False) -> KVCache:
+                   static: bool = False, kv_dtype: str | None = None, sink_tokens: int = 0,
+                   window: int | None = None, kv_budget: int | None = None):
         """A fresh, zeroed KV cache for ``batch_size`` rows and ``max_len`` slots (default: the model's
         ``max_len``), on the model's device and dtype unless given. See ``KVCache`` for ``static``; the cache
-        rolls past ``max_len`` when the model's positions are relative."""
+        rolls past ``max_len`` when the model's positions are relative. Layers with their own sliding window
+        (``layer_windows``) keep only that window; layers sharing keys and values share one cache.
+
+        Compression (``xlabml.kvcache``): ``kv_dtype='int8'`` stores keys and values as int8 with per-token,
+        per-head scales; ``sink_tokens`` + ``window`` keep the first and the most recent tokens only
+        (StreamingLLM), and ``kv_budget`` keeps at most that many, evicting by cumulative attention score
+        (H2O; ``window`` recent tokens are always kept): a bounded cache that never needs a new prefill."""
         weight = self.head.weight
-        window = self.sliding_window
+        device, dtype = device or weight.device, dtype or weight.dtype
+        stores = [i for i in range(self.n_layers) if self.kv_stores[i] is not None]
         mixers = [(layer, block.ffn) for layer, block in enumerate(self.blocks) if hasattr(block.ffn, 'init_state')]
+        if self.linear:
+            if kv_dtype is not None or sink_tokens or window is not None or kv_budget is not None:
+                raise ValueError("attention='linear' keeps a fixed-size state per layer, not a KV cache to compress "
+                                 "(kv_dtype, sink_tokens, window, kv_budget)")
+            return LinearStateCache(self.n_layers, batch_size, self.n_kv_heads, self.head_dim, device, dtype)
+        if sink_tokens or window is not None or kv_budget is not None:
+            from xlabml.kvcache import BoundedKVCache
+            if any(self.layer_windows):
+                raise ValueError("sink_tokens/window/kv_budget bound the cache of every layer; this model's "
+                                 "layer_windows already bound some: use one or the other")
+            if mixers or self.head_qk is not None:
+                raise ValueError("sink_tokens/window/kv_budget evict cache slots; the SGU feed-forward and head-QK "
+                                 "keep per-slot state that eviction does not follow")
+            return BoundedKVCache(len(stores), batch_size, self.n_kv_heads, self.head_dim, sink_tokens=sink_tokens,
+                                  window=window, kv_budget=kv_budget, device=device, dtype=dtype, kv_dtype=kv_dtype)
+        max_len = max_len or self.max_len
         cache_cls = DecoderCache if mixers or self.head_qk is not None else KVCache
-        device, dtype, max_len = device or weight.device, dtype or weight.dtype, max_len or self.max_len
-        cache = cache_cls(self.n_layers, batch_size, self.n_kv_heads, max_len, self.head_dim,
+        cache = cache_cls(len(stores), batch_size, self.n_kv_heads, max_len, self.head_dim,
                           device=device, dtype=dtype, static=static, rolling=self.relative_positions,
-                          reach=None if window is None else self.n_layers * (window - 1) + 1)
-        for layer, ffn in mixers:  # read by Block.feed_forward
+                          reach=self.reach, kv_dtype=kv_dtype, windows=[self.layer_windows[i] for i in stores])
+        for layer, ffn in mixers:  # read by Block.feed_forward (kv_share is 1 with these: one store per layer)
             cache.layers[layer].ffn_state = ffn.init_state(batch_size, max_len, device, dtype)
         if self.head_qk is not None:
             cache.head_qk = self.head_qk.init_state(batch_size, max_len, device, dtype)
         return cache
 
     def forward(self, x, positions=None, doc_ids=None, cache: KVCache | None = None, input_pos=None, *,
-                last_only: bool = False, return_hidden: bool = False):
+                last_only: bool = False, memory=None, return_hidden: bool = False):
         """Next-token logits (or, with ``return_hidden``, the final hidden states the head would read).
 
         Args:
@@ -639,33 +805,24 @@ class Decoder(nn.Module):
             input_pos: LongTensor (t,), strictly increasing cache indices of these tokens (same for all rows;
                 index i lives in slot ``i % cache.max_len``, see ``KVCache``); required with a cache.
             last_only: compute logits for the last position only (b, 1, v): cheaper prefill/decode.
+            memory: a ``xlabml.memory.SegmentMemory`` (training and evaluation on consecutive segments, the
+                model's ``memory_len``): the keys and values of the row's previous tokens, updated in place;
+                ``positions`` are then ignored (the memory's and the segment's tokens are numbered in order).
             return_hidden: return the final (normed) hidden states (b, t, c) instead of logits, for a loss that
                 applies the head itself, a chunk of rows at a time (``xlabml.losses.linear_cross_entropy``).
         Returns:
             logits (b, t, v), or (b, 1, v) with ``last_only``; float of the model's dtype.
         """
-        b, t = x.shape
-        if cache is None:
+        if memory is not None:
+            h = memory.forward(self, x, doc_ids)  # b t c, the memory updated
+        elif cache is None:
             ctx, positions = self._context(x, positions, doc_ids)
+            h = self.hidden(x, positions, ctx)
         else:
-            ctx, positions = self._cached_context(x, positions, doc_ids, cache, input_pos)
-        h = self.embedding(x) * self.embedding_scale  # b t c (b t e with d_embedding)
-        if self.embedding_in is not None:
-            h = self.embedding_in(h)  # b t c
-        pos = self.position.embed(positions)  # float32 whatever the model's dtype
-        if pos is not None:
-            h = h + pos.to(h.dtype)
-        h = self.embedding_dropout(h)
-        ctx.rope = self.position.rotary(positions)
-        if cache is not None:
-            for block, kv in zip(self.blocks, cache.layers):
-                h = block(h, ctx, kv)
-        elif self.activation_checkpointing and self.training:
-            for block in self.blocks:
-                h = checkpoint(block, h, ctx, use_reentrant=False)
-        else:
-            for block in self.blocks:
-                h = block(h, ctx)
+            context = getattr(cache, 'context', None)  # a cache of another kind numbers its slots itself
+            ctx, positions = (context(self, x, positions, doc_ids, input_pos) if context is not None else
+                              self._cached_context(x, positions, doc_ids, cache, input_pos))
+            h = self.hidden(x, positions, ctx, cache.layers)
         if self.head_qk is not None:  # its keys need every position's final hidden state
             keys = self.norm(h)
             h = keys[:, -1:] if last_only else keys
@@ -678,13 +835,30 @@ class Decoder(nn.Module):
         if return_hidden:
             return h  # b t c | b t e
         logits = self.head(h)  # b t v
-        if self.head_qk is not None:
+        if self.head_qk is not None:  # not with a memory (checked in __init__): ctx is this forward's
             state = getattr(cache, 'head_qk', None) if cache is not None else None
             copy = self.head_qk(keys[:, -h.size(1):], keys, x, ctx, state)  # b t v, float32
             logits = (logits.float() + copy).to(logits.dtype)
         if self.logit_softcap is not None:
             logits = softcap_logits(logits, self.logit_softcap).to(logits.dtype)
         return logits
+
+    def hidden(self, x, positions, ctx, stores=None):
+        """The blocks' output (b, t, c) for tokens ``x`` at ``positions`` (b, t) in attention context ``ctx``;
+        ``stores``: each layer's key/value store (a cache's or the memory's layers, see ``kv_stores``)."""
+        h = self.embedding(x) * self.embedding_scale  # b t c (b t e with d_embedding)
+        if self.embedding_in is not None:
+            h = self.embedding_in(h)  # b t c
+        pos = self.position.embed(positions)  # float32 whatever the model's dtype
+        if pos is not None:
+            h = h + pos.to(h.dtype)
+        h = self.embedding_dropout(h)
+        ctx.rope = self.position.rotary(positions)
+        recompute = self.activation_checkpointing and self.training
+        for block, i in zip(self.blocks, self.kv_stores):
+            store = None if stores is None or i is None else stores[i]
+            h = checkpoint(block, h, ctx, store, use_reentrant=False) if recompute else block(h, ctx, store)
+        return h
 
     def _context(self, x, positions, doc_ids):
         b, t = x.shape

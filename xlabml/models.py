@@ -119,16 +119,19 @@ class XLabModule(L.LightningModule):
             self._compiled = True
 
     def forward(self, x, positions=None, doc_ids=None, cache=None, input_pos=None, *, last_only: bool = False,
-                return_hidden: bool = False):
+                memory=None, return_hidden: bool = False):
         """Logits (b, t, n_vocab) of the wrapped model, or with ``return_hidden`` its final hidden states
         (b, t, c); see ``xlabml.layers.Decoder.forward``."""
-        extra = {'return_hidden': True} if return_hidden else {}  # a wrapped model need not know the keyword
+        extra = {'return_hidden': True} if return_hidden else {}  # a wrapped model need not know the keywords
+        if memory is not None:
+            extra['memory'] = memory
         return self.model(x, positions=positions, doc_ids=doc_ids, cache=cache, input_pos=input_pos,
                           last_only=last_only, **extra)
 
-    def init_cache(self, batch_size, max_len=None, device=None, dtype=None, *, static: bool = False):
-        """A KV cache for the wrapped model; see ``xlabml.layers.Decoder.init_cache``."""
-        return self.model.init_cache(batch_size, max_len, device=device, dtype=dtype, static=static)
+    def init_cache(self, batch_size, max_len=None, device=None, dtype=None, *, static: bool = False, **options):
+        """A KV cache for the wrapped model; see ``xlabml.layers.Decoder.init_cache`` (``options``: its
+        compression keywords)."""
+        return self.model.init_cache(batch_size, max_len, device=device, dtype=dtype, static=static, **options)
 
     # ------------------------------------------------------------------------------------- loss, metrics
 
@@ -211,7 +214,50 @@ class XLabModule(L.LightningModule):
         return self._aux_layers
 
     def _model_inputs(self, batch):
-        return dict(positions=batch.get('positions'), doc_ids=batch.get('doc_ids'))
+        inputs = dict(positions=batch.get('positions'), doc_ids=batch.get('doc_ids'))
+        if getattr(self.model, 'memory_len', 0):
+            inputs['memory'] = self._segment_memory(batch)
+        return inputs
+
+    # ------------------------------------------------------------------------------------- segment memory
+
+    def _segment_memory(self, batch):
+        """The model's segment memory (``xlabml.memory``) of the running stage, told which rows restart."""
+        if 'reset' not in batch:
+            raise ValueError(f"model.memory_len={self.model.memory_len} needs consecutive segments of each batch row "
+                             "(data.segments: true), not independent windows")
+        stage = 'train' if self.training else self._eval_stage()
+        memories = self.__dict__.setdefault('_memories', {})
+        if stage not in memories:
+            from .memory import SegmentMemory
+            memories[stage] = SegmentMemory(recompute=self.model.memory_grad == 'recompute')
+        return memories[stage].segment(batch['reset'])
+
+    def _eval_stage(self):
+        stage = getattr(getattr(self._trainer, 'state', None), 'stage', None)
+        return {'sanity_check': 'validate'}.get(getattr(stage, 'value', None), getattr(stage, 'value', 'eval'))
+
+    def _forget_memory(self, stage):
+        memory = getattr(self, '_memories', {}).get(stage)
+        if memory is not None:
+            memory.reset()
+
+    def on_save_checkpoint(self, checkpoint):
+        """What a resume needs beyond the weights: the training segment memory, the objective's state."""
+        memory = getattr(self, '_memories', {}).get('train')
+        if memory is not None:  # the training memory, for a resume that continues exactly
+            checkpoint['segment_memory'] = memory.state_dict()
+        if self.objective is not None:  # e.g. DPO's reference weights
+            self.objective.on_save_checkpoint(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint):
+        if checkpoint.get('segment_memory'):
+            from .memory import SegmentMemory
+            memory = SegmentMemory(recompute=getattr(self.model, 'memory_grad', 'none') == 'recompute')
+            memory.load_state_dict(checkpoint['segment_memory'], device=self.device)
+            self.__dict__.setdefault('_memories', {})['train'] = memory
+        if self.objective is not None:
+            self.objective.on_load_checkpoint(self, checkpoint)
 
     def _logging_step(self):
         # Training metrics are logged when the logger writes (every log_every_n_steps, and the first step):
@@ -287,10 +333,12 @@ class XLabModule(L.LightningModule):
 
     def on_validation_epoch_start(self):
         self._totals.pop('val', None)
+        self._forget_memory('validate')
         self._find_byte_sizes()
 
     def on_test_epoch_start(self):
         self._totals.pop('test', None)
+        self._forget_memory('test')
         self._find_byte_sizes()
 
     def _find_byte_sizes(self):
@@ -338,14 +386,6 @@ class XLabModule(L.LightningModule):
         return {'loss': nll.sum(dim=1) / tokens.clamp(min=1), 'tokens': tokens}
 
     # --------------------------------------------------------------------------------- debug, optimizer
-
-    def on_save_checkpoint(self, checkpoint):
-        if self.objective is not None:
-            self.objective.on_save_checkpoint(self, checkpoint)
-
-    def on_load_checkpoint(self, checkpoint):
-        if self.objective is not None:
-            self.objective.on_load_checkpoint(self, checkpoint)
 
     def on_before_optimizer_step(self, optimizer):
         if self.debug:
@@ -430,6 +470,9 @@ class XLabModel(XLabModule):
         z_loss: weight of the z-loss (mean squared log-partition of the logits) in the training objective.
         moe_aux_loss: weight of the MoE load-balancing loss (``ffn='moe'``) in the training objective.
         logit_softcap, d_embedding, n_experts, moe_top_k, head_qk: architecture, see ``Decoder``.
+        registers, kv_share, layer_windows, memory_len, memory_grad, rope_scaling, rope_scale: memory and
+            long-context variants of the architecture (see ``Decoder``); ``memory_len`` needs
+            ``data.segments: true`` (``xlabml.memory``).
         init_from: start from another model's weights (``xlabml.init_from``): a checkpoint or export path, a
             Hugging Face directory, or ``{path: ..., only: [embedding, ...]}`` for some weights only. Copied in
             ``setup`` at the start of a run, never over weights a checkpoint restored.
@@ -455,8 +498,10 @@ class XLabModel(XLabModule):
                  embedding_scale: float | None = None, debug: bool = False, loss_chunk_size: int | None = 8192,
                  z_loss: float = 0.0, moe_aux_loss: float = 0.01, logit_softcap: float | None = None,
                  d_embedding: int | None = None, n_experts: int = 8, moe_top_k: int = 2, head_qk: int | None = None,
-                 init_from: str | InitFrom | None = None, lora: LoRASettings | None = None,
-                 objective: Objective | None = None):
+                 registers: int = 0, kv_share: int = 1, layer_windows: list[str | int | None] | None = None,
+                 memory_len: int = 0, memory_grad: str = 'none', rope_scaling: str | None = None,
+                 rope_scale: float = 1.0, init_from: str | InitFrom | None = None,
+                 lora: LoRASettings | None = None, objective: Objective | None = None):
         super().__init__(pad_index=pad_index, optimizer=optimizer, scheduler=scheduler, compile=compile,
                          weight_decay_embeddings=weight_decay_embeddings, debug=debug,
                          loss_chunk_size=loss_chunk_size, z_loss=z_loss, moe_aux_loss=moe_aux_loss,
@@ -470,7 +515,9 @@ class XLabModel(XLabModule):
             dropout_embedding=dropout_embedding, tie_embeddings=tie_embeddings,
             parallel_residual=parallel_residual, bias=bias, activation_checkpointing=activation_checkpointing,
             embedding_scale=embedding_scale, logit_softcap=logit_softcap, d_embedding=d_embedding,
-            n_experts=n_experts, moe_top_k=moe_top_k, head_qk=head_qk)
+            n_experts=n_experts, moe_top_k=moe_top_k, head_qk=head_qk, registers=registers, kv_share=kv_share,
+            layer_windows=layer_windows, memory_len=memory_len, memory_grad=memory_grad, rope_scaling=rope_scaling,
+            rope_scale=rope_scale)
         self.init_from = parse_init_from(init_from)  # (path, only) or None
         self.lora_config = None if lora is None else LoRAConfig.from_settings(lora)
         self.lora_base = None  # {'path', 'hash'} of the base weights under the adapters, once they are loaded
@@ -522,7 +569,7 @@ class XLabModel(XLabModule):
 
     def on_save_checkpoint(self, checkpoint):
         """A LoRA run's checkpoint keeps the adapters only, and the base's path and weights hash."""
-        super().on_save_checkpoint(checkpoint)  # the objective's state (DPO's reference)
+        super().on_save_checkpoint(checkpoint)  # the segment memory and the objective's state (DPO)
         if self.lora_config is None:
             return
         from .checkpoints import LORA_KEY
@@ -539,7 +586,7 @@ class XLabModel(XLabModule):
         """A LoRA checkpoint (adapters only): the base weights come from its recorded base, checked by hash."""
         from .checkpoints import LORA_KEY, lora_state_dict
 
-        super().on_load_checkpoint(checkpoint)
+        super().on_load_checkpoint(checkpoint)  # the segment memory and the objective's state (DPO)
         if checkpoint.get(LORA_KEY):
             path = self.trainer.ckpt_path if self._trainer is not None else 'the checkpoint'
             checkpoint['state_dict'], self.lora_base = lora_state_dict(self, checkpoint, path)

@@ -51,7 +51,8 @@ def decoder_arguments(hparams: dict) -> dict:
     defaults = {name: p.default for name, p in inspect.signature(Decoder).parameters.items()
                 if p.default is not inspect.Parameter.empty}
     arch = {**defaults, **{k: v for k, v in hparams.items() if k in DECODER_ARGUMENTS}}
-    arch.update(attention="sdpa", activation_checkpointing=False)
+    # the kernel is how to run, but linear attention is another layer: it stays
+    arch.update(attention="linear" if arch.get("attention") == "linear" else "sdpa", activation_checkpointing=False)
     if arch.get("n_kv_heads") is None:
         arch["n_kv_heads"] = arch["n_heads"]
     return arch
@@ -85,6 +86,11 @@ def _common(arch: dict, sd: dict) -> str | None:
     bias = sd.get("head.bias")
     if bias is not None and bool(bias.ne(0).any()):
         return "a non-zero output head bias (bias: true); no stock class has a head bias"
+    if arch.get("attention") == "linear":
+        return "linear attention (attention: linear)"
+    for key, plain in (("registers", 0), ("kv_share", 1), ("layer_windows", None), ("rope_scaling", None)):
+        if arch.get(key, plain) != plain:
+            return f"{key}={arch[key]!r}"
     return None
 
 

@@ -92,7 +92,8 @@ class XLabForCausalLM(PreTrainedModel, GenerationMixin):
         # frequencies, ALiBi slopes: non-persistent buffers), taken from a one-layer decoder of the same architecture.
         # A model built without weights gets XLab's own initialisation.
         if module is self.model.position:
-            fresh = Decoder(**{**self.config.architecture, "n_layers": 1, "n_vocab": 1}).position
+            fresh = Decoder(**{**self.config.architecture, "n_layers": 1, "n_vocab": 1, "layer_windows": None,
+                               "kv_share": 1}).position
             for name, buffer in fresh.named_buffers(recurse=False):
                 module.register_buffer(name, buffer.to(getattr(module, name).device), persistent=False)
         elif module is self.model:
