@@ -9,9 +9,7 @@ them (and an error when none fit), because a cut response would change what the 
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 
 import datasets
 import numpy as np
@@ -21,34 +19,24 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Dataset
 
 from xlabml.chat import template_of
-from xlabml.datasets import _available_cpus, _cached_files, _FlatColumn, padded_item
-from xlabml.posttrain.records import render_pair
+from xlabml.datasets import _FlatColumn, padded_item
+from xlabml.posttrain.records import RecordEncoder, encode_records, render_pair
 
 _CACHE_VERSION = "xlab-preference-ids-1"
 SIDES = ("chosen", "rejected")
 
 
-class _EncodePairs:
-    """Batch encoder of normalized preference examples (the tokenizer rebuilt in each worker process)."""
-
-    def __init__(self, model_proto: bytes, num_threads: int | None = None):
-        self.model_proto, self.num_threads, self._tokenizer = model_proto, num_threads, None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_tokenizer": None}
+class _EncodePairs(RecordEncoder):
+    """Batch encoder of normalized preference examples."""
 
     def __call__(self, texts: list[str]) -> dict:
-        from xlabml.tokenizer import Tokenizer
-
-        if self._tokenizer is None:
-            self._tokenizer = Tokenizer.load(self.model_proto, num_threads=self.num_threads)
-        template = template_of(self._tokenizer)
+        tokenizer = self.tokenizer
+        template = template_of(tokenizer)
         out = {f"{side}_{column}": [] for side in SIDES for column in ("ids", "trained")}
         for text in texts:
             example = json.loads(text)
             for side in SIDES:
-                rendered = render_pair(example["prompt"], example[side], example.get("system"), self._tokenizer,
-                                       template)
+                rendered = render_pair(example["prompt"], example[side], example.get("system"), tokenizer, template)
                 out[f"{side}_ids"].append(rendered.ids)
                 out[f"{side}_trained"].append(rendered.targets)
         return out
@@ -58,28 +46,11 @@ def encode_pairs(texts: datasets.Dataset, tokenizer, num_proc: int = 1, cache_di
                  batch_size: int = 1000) -> datasets.Dataset:
     """``chosen_ids``, ``chosen_trained``, ``rejected_ids``, ``rejected_trained`` of every preference example
     (normalized: ``xlabml.posttrain.records.load_examples``), cached on disk."""
-    cache_dir = os.path.expanduser(cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "xlabml"))
-    os.makedirs(cache_dir, exist_ok=True)
-    key = hashlib.sha256(f"{_CACHE_VERSION}:{texts._fingerprint}:{tokenizer.content_hash}".encode()).hexdigest()[:24]
-    cache_file = os.path.join(cache_dir, f"pairs-{key}.arrow")
-    num_proc = max(1, min(int(num_proc or 1), len(texts)))
-    cached = _cached_files(cache_file)
-    if cached is not None:
-        parts = [datasets.Dataset.from_file(f) for f in cached]
-        data = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    else:
-        ids, flags = datasets.List(datasets.Value("int32")), datasets.List(datasets.Value("int8"))
-        features = datasets.Features({f"{side}_{c}": ids if c == "ids" else flags
-                                      for side in SIDES for c in ("ids", "trained")})
-        data = texts.map(
-            _EncodePairs(tokenizer.model_proto, num_threads=max(1, _available_cpus() // num_proc)),
-            input_columns="text", batched=True, batch_size=batch_size, num_proc=num_proc if num_proc > 1 else None,
-            remove_columns=texts.column_names, features=features, cache_file_name=cache_file, new_fingerprint=key,
-            desc=f"Encoding {len(texts)} preference pairs")
-    if len(data) != len(texts):
-        raise RuntimeError(f"cached encoding {cache_file} has {len(data)} rows for {len(texts)} pairs; delete it")
-    data.from_cache = cached is not None
-    return data
+    ids, flags = datasets.List(datasets.Value("int32")), datasets.List(datasets.Value("int8"))
+    features = datasets.Features({f"{side}_{c}": ids if c == "ids" else flags
+                                  for side in SIDES for c in ("ids", "trained")})
+    return encode_records(texts, tokenizer, _EncodePairs, features, "preference pairs", "pairs", _CACHE_VERSION,
+                          num_proc=num_proc, cache_dir=cache_dir, batch_size=batch_size)
 
 
 class PreferenceDataset(Dataset):

@@ -23,6 +23,7 @@ when the tokenizer holds one (as a user message and the assistant's reply), else
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -263,3 +264,55 @@ def render_pair(prompt, response, system: str | None, tokenizer, template: ChatT
 
 def _require(template: ChatTemplate | None, tokenizer) -> ChatTemplate:
     return template if template is not None else ChatTemplate(tokenizer)  # raises, naming the fix
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# encoding, cached on disk
+
+
+class RecordEncoder:
+    """Base of the batch encoders of normalized examples given to ``datasets.map``: the tokenizer is rebuilt from
+    its model bytes in each worker process (a SentencePiece processor does not pickle). Subclasses define
+    ``__call__(texts) -> columns``."""
+
+    def __init__(self, model_proto: bytes, num_threads: int | None = None):
+        self.model_proto, self.num_threads, self._tokenizer = model_proto, num_threads, None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tokenizer": None}
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from xlabml.tokenizer import Tokenizer
+            self._tokenizer = Tokenizer.load(self.model_proto, num_threads=self.num_threads)
+        return self._tokenizer
+
+
+def encode_records(texts: datasets.Dataset, tokenizer, encoder: type[RecordEncoder], features: datasets.Features,
+                   kind: str, prefix: str, version: str, num_proc: int = 1, cache_dir: str | None = None,
+                   batch_size: int = 1000) -> datasets.Dataset:
+    """``texts`` (normalized examples, a ``text`` column) encoded by ``encoder`` into ``features``, cached on disk
+    under a key of the texts' fingerprint, the tokenizer's content hash and ``version``; ``from_cache`` tells
+    whether the cache had it. ``kind`` names the examples in messages, ``prefix`` the cache file."""
+    from xlabml.datasets import _available_cpus, _cached_files
+
+    cache_dir = os.path.expanduser(cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "xlabml"))
+    os.makedirs(cache_dir, exist_ok=True)
+    key = hashlib.sha256(f"{version}:{texts._fingerprint}:{tokenizer.content_hash}".encode()).hexdigest()[:24]
+    cache_file = os.path.join(cache_dir, f"{prefix}-{key}.arrow")
+    num_proc = max(1, min(int(num_proc or 1), len(texts)))
+    cached = _cached_files(cache_file)
+    if cached is not None:
+        parts = [datasets.Dataset.from_file(f) for f in cached]
+        data = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    else:
+        data = texts.map(
+            encoder(tokenizer.model_proto, num_threads=max(1, _available_cpus() // num_proc)),
+            input_columns="text", batched=True, batch_size=batch_size, num_proc=num_proc if num_proc > 1 else None,
+            remove_columns=texts.column_names, features=features, cache_file_name=cache_file, new_fingerprint=key,
+            desc=f"Encoding {len(texts)} {kind}")
+    if len(data) != len(texts):
+        raise RuntimeError(f"cached encoding {cache_file} has {len(data)} rows for {len(texts)} {kind}; delete it")
+    data.from_cache = cached is not None
+    return data

@@ -11,40 +11,29 @@ and the encoding version.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 
 import datasets
 import numpy as np
 import torch
 
 from xlabml.chat import template_of
-from xlabml.datasets import SequenceDataset, TokenDataset, _available_cpus, _cached_files, _FlatColumn
-from xlabml.posttrain.records import render_example
+from xlabml.datasets import SequenceDataset, TokenDataset, _FlatColumn
+from xlabml.posttrain.records import RecordEncoder, encode_records, render_example
 
 _CACHE_VERSION = "xlab-chat-ids-1"
 
 
-class _EncodeChats:
-    """Batch encoder of normalized chat examples (the tokenizer rebuilt in each worker process)."""
-
-    def __init__(self, model_proto: bytes, num_threads: int | None = None):
-        self.model_proto, self.num_threads, self._tokenizer = model_proto, num_threads, None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_tokenizer": None}
+class _EncodeChats(RecordEncoder):
+    """Batch encoder of normalized chat examples."""
 
     def __call__(self, texts: list[str]) -> dict:
-        from xlabml.tokenizer import Tokenizer
-
-        if self._tokenizer is None:
-            self._tokenizer = Tokenizer.load(self.model_proto, num_threads=self.num_threads)
-        template = template_of(self._tokenizer)
-        eos = self._tokenizer[self._tokenizer.eos_token]
+        tokenizer = self.tokenizer
+        template = template_of(tokenizer)
+        eos = tokenizer[tokenizer.eos_token]
         ids, trained = [], []
         for text in texts:
-            rendered = render_example(json.loads(text), self._tokenizer, template)
+            rendered = render_example(json.loads(text), tokenizer, template)
             body, flags = rendered.ids[1:], rendered.targets[1:]
             if body and body[-1] == eos and flags[-1]:  # the last reply's <eos> is the document's
                 body = body[:-1]
@@ -64,27 +53,12 @@ def encode_chats(texts: datasets.Dataset, tokenizer, num_proc: int = 1, cache_di
         tokenizer: the tokenizer; its chat template renders the chats (required for rows of messages).
     Returns: a ``TokenDataset`` whose ``data`` also holds the ``trained`` column (``len(ids) + 1`` flags a row).
     """
-    cache_dir = os.path.expanduser(cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "xlabml"))
-    os.makedirs(cache_dir, exist_ok=True)
-    key = hashlib.sha256(f"{_CACHE_VERSION}:{texts._fingerprint}:{tokenizer.content_hash}".encode()).hexdigest()[:24]
-    cache_file = os.path.join(cache_dir, f"chats-{key}.arrow")
-    num_proc = max(1, min(int(num_proc or 1), len(texts)))
-    cached = _cached_files(cache_file)
-    if cached is not None:
-        parts = [datasets.Dataset.from_file(f) for f in cached]
-        data = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    else:
-        features = datasets.Features({"ids": datasets.List(datasets.Value("int32")),
-                                      "trained": datasets.List(datasets.Value("int8"))})
-        data = texts.map(
-            _EncodeChats(tokenizer.model_proto, num_threads=max(1, _available_cpus() // num_proc)),
-            input_columns="text", batched=True, batch_size=batch_size, num_proc=num_proc if num_proc > 1 else None,
-            remove_columns=texts.column_names, features=features, cache_file_name=cache_file, new_fingerprint=key,
-            desc=f"Encoding {len(texts)} chats")
-    if len(data) != len(texts):
-        raise RuntimeError(f"cached encoding {cache_file} has {len(data)} rows for {len(texts)} chats; delete it")
+    features = datasets.Features({"ids": datasets.List(datasets.Value("int32")),
+                                  "trained": datasets.List(datasets.Value("int8"))})
+    data = encode_records(texts, tokenizer, _EncodeChats, features, "chats", "chats", _CACHE_VERSION,
+                          num_proc=num_proc, cache_dir=cache_dir, batch_size=batch_size)
     tokens = TokenDataset.from_ids(data)
-    tokens.from_cache = cached is not None
+    tokens.from_cache = data.from_cache
     return tokens
 
 
