@@ -321,19 +321,24 @@ def run(args: argparse.Namespace, out=None) -> None:
                   f"({stats.acceptance_rate:.0%}) in {stats.rounds} rounds", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+def run_command(prog: str, run, args) -> None:
+    """``run(args)`` as a command: an error is one line on stderr and exit status 1 (the traceback with
+    ``args.debug``), Ctrl-C exits 130, a closed output pipe (e.g. piped into head) exits 0."""
     try:
         run(args)
     except KeyboardInterrupt:
         sys.exit(130)
-    except BrokenPipeError:  # e.g. piped into head
+    except BrokenPipeError:
         sys.exit(0)
     except Exception as error:  # noqa: BLE001 - one line, non-zero exit
         if args.debug:
             raise
-        print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
         sys.exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_command(PROG, run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import socket
 import sys
 from pathlib import Path
 
-from xlabml.infer_cli import DTYPES, _device, _dtype, _Parser, _positive_int
+from xlabml.infer_cli import DTYPES, _device, _dtype, _Parser, _positive_int, run_command
 
 PROG = "xlab-serve"
 API_KEY_ENV = "XLAB_API_KEY"
@@ -115,16 +115,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except Exception as error:  # noqa: BLE001 - one line, non-zero exit
-        if args.debug:
-            raise
-        print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
-        sys.exit(1)
+    run_command(PROG, run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
