@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -42,18 +41,10 @@ from xlabml.corpus import iter_builtin_texts  # noqa: E402
 from xlabml.models import XLabModel  # noqa: E402
 from xlabml.tokenizer import TokenizerTrainer  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from generate import cpu_name  # noqa: E402  (bench/generate.py)
+
 CONCURRENCY = (1, 4, 16)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build(args, tmp: str):
