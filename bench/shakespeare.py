@@ -356,6 +356,11 @@ def run_name(s: dict, extra: list[str], args_threads: int | None = None, digest:
 
 # ------------------------------------------------------------------------------------------- subprocesses
 
+def python_path() -> str:
+    """This checkout first, then the caller's PYTHONPATH (packages installed outside site-packages stay visible)."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def xlab(args: list[str], log: Path, env: dict) -> tuple[float, str]:
     """Run ``./xlab.py ARGS`` from the repository root; returns (wall seconds, output). Raises on failure."""
     cmd = [sys.executable, str(REPO / "xlab.py"), *args]
@@ -404,7 +409,7 @@ def train_curve(run_dir: Path) -> list[tuple[int, float, float]]:
 
 def run_one(args: argparse.Namespace, s: dict, split: dict, extra: list[str], quiet: bool = False) -> dict:
     """Train and score one configuration; returns its result (also saved as result.json in its run dir)."""
-    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONPATH=python_path())
     if args.threads:  # torch's intra-op threads in the xlab processes (1 wins on an oversubscribed machine)
         env["OMP_NUM_THREADS"] = str(args.threads)
     name = run_name(s, extra, args.threads, split["digest"])
@@ -533,6 +538,9 @@ def _run_one(args, s, split, extra, name, run_dir, result_path, env) -> dict:
 PLAIN_LOOP = r"""
 import sys, time, torch, torch.nn as nn, torch.nn.functional as F
 L, D, H, FF, T, B, V, steps = map(int, sys.argv[1:9])
+# nanoGPT's defaults on a CUDA device: bf16 autocast, fused AdamW, torch.compile; fp32 eager on the CPU
+cuda = torch.cuda.is_available()
+device = torch.device('cuda' if cuda else 'cpu')
 class Block(nn.Module):  # GPT-2 block as in nanoGPT's model: pre-LayerNorm, fused qkv, GELU MLP, biases
     def __init__(self):
         super().__init__()
@@ -552,22 +560,30 @@ class GPT(nn.Module):
         self.blocks = nn.Sequential(*[Block() for _ in range(L)])
         self.ln, self.head = nn.LayerNorm(D), nn.Linear(D, V, bias=False)
     def forward(self, x):
-        return self.head(self.ln(self.blocks(self.tok(x) + self.pos(torch.arange(x.shape[1])))))
+        return self.head(self.ln(self.blocks(self.tok(x) + self.pos(torch.arange(x.shape[1], device=x.device)))))
 torch.manual_seed(0)
-model = GPT()
-opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
-data = torch.randint(0, V, (100_000,))
+model = GPT().to(device)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1,
+                        **({'fused': True} if cuda else {}))
+forward = torch.compile(model) if cuda else model
+data = torch.randint(0, V, (100_000,), device=device)
+offsets = torch.arange(T + 1, device=device)
 def step():
-    ix = torch.randint(len(data) - T - 1, (B,))
-    x = torch.stack([data[i:i + T] for i in ix]); y = torch.stack([data[i + 1:i + T + 1] for i in ix])
-    loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    ix = torch.randint(len(data) - T - 1, (B, 1), device=device)
+    xy = data[ix + offsets]
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        loss = F.cross_entropy(forward(xy[:, :-1]).flatten(0, 1).float(), xy[:, 1:].flatten())
     opt.zero_grad(set_to_none=True); loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
 for _ in range(5):
     step()
+if cuda:
+    torch.cuda.synchronize()
 start = time.perf_counter()
 for _ in range(steps):
     step()
+if cuda:
+    torch.cuda.synchronize()
 print((time.perf_counter() - start) / steps)
 """
 
@@ -601,9 +617,11 @@ def print_report(s: dict, result: dict, split: dict) -> None:
     print(f"fit wall time: {result['wall_s']} s ({result['tokens_per_s']} tokens/s over {result['train_tokens']} "
           f"tokens{loop}); tokenizer + encoding: {result['prep_s']} s; validate: {result['validate_s']} s")
     if result.get("plain_loop_s"):
-        print(f"same-run speed reference: a bare PyTorch loop of nanoGPT's char model ({result['steps']} steps of "
-              f"this batch, same threads, measured now) takes {result['plain_loop_s']} s -> xlab fit wall time is "
-              f"{result['wall_vs_plain_loop']}x that (nanoGPT's own loop, ~38 ms/step idle, is ~76 s of its 85 s)")
+        preset = PRESETS[result["preset"]]
+        print(f"same-run speed reference: a bare PyTorch loop of nanoGPT's char model at nanoGPT's settings "
+              f"({preset['steps']} steps of {preset['batch_size']} x {preset['seq_len']}, same threads, measured now) takes {result['plain_loop_s']} s -> xlab fit wall time is "
+              f"{result['wall_vs_plain_loop']}x that" + (" (nanoGPT's own loop, ~38 ms/step idle, is ~76 s of its 85 s)"
+                                                           if result["preset"] == "nanogpt-cpu" else ""))
     print(f"reference ({ref['where']}): {ref['nats_per_char']} nats/char = {ref['bpc']:.2f} bits/char "
           f"in ~{ref['wall_s']:.0f} s -> ratio bpc {result['bpc'] / ref['bpc']:.3f}, "
           f"wall {result['wall_s'] / ref['wall_s']:.2f}")
@@ -722,7 +740,7 @@ def measure_speed(split: dict, threads: int | None, steps: int = 5, rounds: int 
         tok_path = tokenizer_file(resolve_settings(args, overrides), split)[0]
         if tok_path.is_file():
             variants[label] = model_kwargs(overrides, len(Tokenizer.load(str(tok_path))))
-    env = dict(os.environ, PYTHONPATH=str(REPO), **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    env = dict(os.environ, PYTHONPATH=python_path(), **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     out = subprocess.run([sys.executable, "-c", SPEED_CODE, json.dumps(variants), str(steps), str(rounds)],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, check=True)
     speed = json.loads(out.stdout.strip().splitlines()[-1])
@@ -895,9 +913,9 @@ def main(argv: list[str] | None = None) -> None:
     result = run_one(args, s, split, extra)
     if args.reference_steps:
         env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
-        step_s = plain_loop_step_s({**PRESETS[args.preset], **{k: s[k] for k in ("seq_len", "batch_size")}},
-                                   split["characters"], args.reference_steps, env)
-        result["plain_loop_s"] = round(step_s * int(s["steps"]), 1)
+        # nanoGPT's model at nanoGPT's settings (the preset's batch, context and steps), whatever this run changed
+        step_s = plain_loop_step_s(PRESETS[args.preset], split["characters"], args.reference_steps, env)
+        result["plain_loop_s"] = round(step_s * int(PRESETS[args.preset]["steps"]), 1)
         result["wall_vs_plain_loop"] = round(result["wall_s"] / result["plain_loop_s"], 2)
     print_report(s, result, split)
     keys = ("bpc", "nats_per_char", "wall_s", "tokens_per_s", "prep_s", "loop_s", "plain_loop_s",

@@ -3,6 +3,7 @@ trains again. The xlab subprocesses are replaced by a fake that records what eac
 import hashlib
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ def bench(tmp_path, monkeypatch):
     spec.loader.exec_module(module)
     monkeypatch.setattr(module, "WORK", tmp_path / "work")
     monkeypatch.setattr(module, "RESULTS", tmp_path / "results")
-    calls = []
+    calls, paths = [], []
 
     def fake_xlab(args, log, env):
         """Stands in for `xlab.py`: trains a real char tokenizer; 'fit' writes a checkpoint naming the train file's
@@ -30,6 +31,7 @@ def bench(tmp_path, monkeypatch):
         config = yaml.safe_load(Path(configs[-1]).read_text())
         splits = config["data"]["splits"]
         calls.append((command, splits["train"]["path"]))
+        paths.append(env["PYTHONPATH"])
         if command == "train_tokenizer":
             text = Path(splits["train"]["path"]).read_text()
             TokenizerTrainer({"model_type": "char"}).train([text], config["data"]["num_tokens"],
@@ -47,7 +49,7 @@ def bench(tmp_path, monkeypatch):
         return 1.0, ""
 
     monkeypatch.setattr(module, "xlab", fake_xlab)
-    module.calls = calls
+    module.calls, module.paths = calls, paths
     return module
 
 
@@ -126,3 +128,11 @@ def test_recipe_flags_reach_the_config_and_neutral_values_keep_old_run_keys(benc
     name = bench.run_name(s, [], digest="d")
     key = json.dumps({k: old[k] for k in sorted(old)}, sort_keys=True, default=str) + " corpus=d"
     assert name.endswith(hashlib.sha256(key.encode()).hexdigest()[:8])
+
+
+def test_xlab_steps_see_this_checkout_first_and_the_callers_pythonpath(bench, tmp_path, monkeypatch):
+    # packages installed with `pip install --target DIR` and PYTHONPATH=DIR (as on a bare GPU machine) must stay
+    # importable in the xlab subprocesses
+    monkeypatch.setenv("PYTHONPATH", "/opt/extra-site")
+    _run(bench, _corpus(tmp_path / "a.txt", "to be or not to be"))
+    assert bench.paths and all(p.split(os.pathsep) == [str(REPO), "/opt/extra-site"] for p in bench.paths)
