@@ -232,6 +232,32 @@ def test_infer_draft_option(tmp_path, capsys):
     assert other.content_hash in err and tokenizer.content_hash in err
     code, _, err = infer(target, "def main", "-b", "--draft", draft)
     assert code == 1 and "--draft works with sampling and greedy search, not beam search" in err
+    # an int8 KV cache composes with a draft (the plain greedy's output with the same cache); caches that drop
+    # tokens do not, with one line naming the flag
+    assert (infer(target, "def main", "-g", "-l", 16, "--no-stream", "--kv-dtype", "int8", "--draft", draft)
+            == infer(target, "def main", "-g", "-l", 16, "--no-stream", "--kv-dtype", "int8"))
+    for flags in (("--window", 8), ("--sink-tokens", 2, "--window", 8), ("--kv-budget", 8)):
+        code, out, err = infer(target, "def main", "--draft", draft, *flags)
+        assert code == 1 and out == "" and err.count("\n") == 1 and flags[0] in err and "--kv-dtype" in err
+
+
+@pytest.mark.parametrize("target_arch,window", [({}, {}), ({"position": "rope"}, {"rolling": True})])
+def test_int8_kv_cache_greedy_equals_the_target_greedy_with_that_cache(target_arch, window):
+    target = make_model(0, **target_arch)
+    draft = make_model(5, d_model=16, n_layers=1, n_heads=2, d_ff=32, **target_arch)
+    for n_prompt, length in ((1, 12), (4, 30)):  # the second runs past block_size
+        p = prompt(n_prompt, seed=n_prompt)
+        expected = inference.greedy_search(target, p, length, BLOCK, kv_dtype="int8", **window)
+        stats = SpeculativeStats()
+        out = speculative_greedy_search(target, draft, p, length, BLOCK, draft_tokens=3, stats=stats,
+                                        kv_dtype="int8", **window)
+        assert out.tolist() == expected.tolist() and stats.rounds > 0
+    # both models generated from int8 caches (the borrowed caches are kept per model, keyed by their options)
+    for model in (target, draft):
+        keys = list(inference._caches[model])
+        assert keys and all(dict(key[-1]) == {"kv_dtype": "int8"} for key in keys), keys
+    with pytest.raises(ValueError, match="kv_dtype='int4'"):
+        speculative_greedy_search(target, draft, prompt(3), 5, BLOCK, kv_dtype="int4")
 
 
 @pytest.mark.slow

@@ -217,6 +217,11 @@ def run(args: argparse.Namespace, out=None) -> None:
         raise ValueError("-g/--greedy-search and -b/--beam-search exclude each other; choose one")
     if args.draft is not None and args.beam_search:
         raise ValueError("--draft works with sampling and greedy search, not beam search")
+    if args.draft is not None and (args.sink_tokens or args.window is not None or args.kv_budget is not None):
+        given = [f for f, v in (("--sink-tokens", args.sink_tokens), ("--window", args.window),
+                                ("--kv-budget", args.kv_budget)) if v is not None]
+        raise ValueError(f"--draft takes --kv-dtype but not {', '.join(given)}: a speculative round rewinds the "
+                         "caches over rejected drafts, which a cache that drops tokens cannot undo")
     if args.draft is not None and not Path(args.draft).is_file():
         raise FileNotFoundError(f"draft checkpoint {args.draft} not found")
     if args.checkpoint == "last" and not Path("last").exists():
@@ -274,7 +279,8 @@ def run(args: argparse.Namespace, out=None) -> None:
     speculating = {}
     if draft is not None:
         speculating = dict(draft_tokens=args.draft_tokens, draft_block_size=min(block_size, draft.hparams["max_len"]),
-                           stats=stats, compile=args.compile)  # compiles the draft's one-token step
+                           stats=stats, compile=args.compile,  # compiles the draft's one-token step
+                           **{k: v for k, v in compression.items() if k == "kv_dtype"})
     loaded = time.perf_counter()
     generated = 0
     for run_index in range(args.runs):

@@ -20,7 +20,10 @@ the speed-up depends on how often the draft agrees with the target (``Speculativ
 KV caches: both models keep theirs across rounds (``xlabml.inference``'s caches, allocated once). Rejected drafts
 are rewound by moving each model's cache index back: a cache attends only to the indices written since, so the
 stale entries are overwritten before they are read. The draft model needs the target's tokenizer (the same ids)
-and nothing else: any XLab checkpoint trained with it.
+and nothing else: any XLab checkpoint trained with it. `kv_dtype="int8"` stores both caches as int8
+(``inference.cache_options``): a token is quantized when written, so rewinding is the same index move. The other
+compressions (sinks + window, an eviction budget) drop or move tokens by what was written, which a rewind cannot
+undo: speculative decoding does not take them.
 
 Context windows: the target follows ``xlabml.inference``'s rules exactly (an exact sliding window of
 `block_size` tokens by default; `context_keep` or `rolling` as there), so the output is the plain strategy's.
@@ -177,7 +180,7 @@ def _n_vocab(model: nn.Module, prompt: Tensor) -> int:
 
 
 def _steps(target, draft, prompt, output_length, block_size, draft_block_size, draft_tokens, keep, rolling,
-           eos_class, choose_args, stats, compile) -> Iterator[Tensor]:
+           eos_class, choose_args, stats, compile, cache_options=None) -> Iterator[Tensor]:
     """Yields the tokens each round (or plain step) emits (1-D, a copy), until `output_length` tokens or one
     equal to `eos_class` (included: callers cut)."""
     device = prompt.device
@@ -187,7 +190,7 @@ def _steps(target, draft, prompt, output_length, block_size, draft_block_size, d
     text[:P] = prompt
     choose = inference._Chooser([prompt], n_vocab, **choose_args)
     with ExitStack() as stack:
-        caches = [stack.enter_context(inference._borrowed_cache(m, 1, size, device, static))
+        caches = [stack.enter_context(inference._borrowed_cache(m, 1, size, device, static, cache_options))
                   for m, size, static in ((target, block_size, False),
                                           (draft, draft_block_size, inference._static(compile, device)))]
         can_roll = bool(getattr(caches[0], "rolling", False))
@@ -260,7 +263,7 @@ def _round(big: _Context, small: _Context, choose, n: int, k: int, stats) -> Ten
 
 
 def _arguments(target, draft, output_length, block_size, context_keep, rolling, draft_tokens, draft_block_size,
-               stats, choose_args):
+               stats, choose_args, kv_dtype=None):
     inference._check_positive("output_length", output_length, allow_zero=True)
     inference._check_positive("draft_tokens", draft_tokens)
     keep = inference._window(block_size, context_keep, rolling)
@@ -270,7 +273,8 @@ def _arguments(target, draft, output_length, block_size, context_keep, rolling, 
     if inference._model_device(draft) != device:
         raise ValueError(f"draft model on {inference._model_device(draft)}, target on {device}: put both on one "
                          "device")
-    return keep, draft_block_size, SpeculativeStats() if stats is None else stats, choose_args, device
+    options = inference.cache_options(kv_dtype)
+    return keep, draft_block_size, SpeculativeStats() if stats is None else stats, choose_args, device, options
 
 
 def speculative_sample(target: nn.Module, draft: nn.Module, x: Prompts, output_length: int, block_size: int,
@@ -279,7 +283,8 @@ def speculative_sample(target: nn.Module, draft: nn.Module, x: Prompts, output_l
                        generator: torch.Generator | None = None, *, min_p: float | None = None,
                        repetition_penalty: float = 1.0, context_keep: int | None = None, rolling: bool = False,
                        draft_tokens: int = 4, draft_block_size: int | None = None,
-                       stats: SpeculativeStats | None = None, compile: bool | str = False) -> Tensor | list[Tensor]:
+                       stats: SpeculativeStats | None = None, compile: bool | str = False,
+                       kv_dtype: str | None = None) -> Tensor | list[Tensor]:
     """Samples from `target` as ``inference.sample`` does, with `draft` proposing tokens (see the module doc).
 
     Args:
@@ -292,20 +297,22 @@ def speculative_sample(target: nn.Module, draft: nn.Module, x: Prompts, output_l
         compile: ``torch.compile`` the draft's one-token step (as ``inference.sample``'s `compile`): the draft's
             steps are many and small, where eager Python costs most; the target's forwards take several tokens
             and run eagerly.
+        kv_dtype: ``"int8"`` stores both models' KV caches as int8 (``inference.cache_options``); the output is
+            then the plain strategy's with the same `kv_dtype`.
         Other arguments as for ``inference.sample`` (temperature 0 or top_k 1: greedy).
     Returns:
         as ``inference.sample``: the new ids of one prompt (1-D), or a list of them for a batch.
     """
-    keep, draft_block_size, stats, choose_args, device = _arguments(
+    keep, draft_block_size, stats, choose_args, device, options = _arguments(
         target, draft, output_length, block_size, context_keep, rolling, draft_tokens, draft_block_size, stats,
         dict(exclude_classes=exclude_classes, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-             repetition_penalty=repetition_penalty, generator=generator))
+             repetition_penalty=repetition_penalty, generator=generator), kv_dtype)
     with inference._eval_mode(target), inference._eval_mode(draft, pack=not compile):
         prompts, batched = inference._prompts(x, device)
         outputs = []
         for p in prompts:
             chunks = list(_steps(target, draft, p, output_length, block_size, draft_block_size, draft_tokens, keep,
-                                 rolling, eos_class, choose_args, stats, compile)) if output_length else []
+                                 rolling, eos_class, choose_args, stats, compile, options)) if output_length else []
             tokens = torch.cat(chunks) if chunks else p[:0]
             outputs.append(inference._cut(tokens[None], eos_class)[0][:output_length].clone())
     return outputs if batched else outputs[0]
@@ -317,7 +324,8 @@ def speculative_stream(target: nn.Module, draft: nn.Module, x: Tensor, output_le
                        generator: torch.Generator | None = None, *, min_p: float | None = None,
                        repetition_penalty: float = 1.0, context_keep: int | None = None, rolling: bool = False,
                        draft_tokens: int = 4, draft_block_size: int | None = None,
-                       stats: SpeculativeStats | None = None, compile: bool | str = False) -> Iterator[int]:
+                       stats: SpeculativeStats | None = None, compile: bool | str = False,
+                       kv_dtype: str | None = None) -> Iterator[int]:
     """Like ``speculative_sample`` for one prompt `x` (t,), but yields each new id (an int) as soon as its round
     settles it, stopping before <eos>; the same ids as ``speculative_sample`` with the same arguments."""
     if not isinstance(x, Tensor) or x.dim() != 1:
@@ -325,8 +333,9 @@ def speculative_stream(target: nn.Module, draft: nn.Module, x: Tensor, output_le
     args = _arguments(target, draft, output_length, block_size, context_keep, rolling, draft_tokens,
                       draft_block_size, stats, dict(exclude_classes=exclude_classes, temperature=temperature,
                                                     top_k=top_k, top_p=top_p, min_p=min_p,
-                                                    repetition_penalty=repetition_penalty, generator=generator))
-    keep, draft_block_size, stats, choose_args, device = args
+                                                    repetition_penalty=repetition_penalty, generator=generator),
+                      kv_dtype)
+    keep, draft_block_size, stats, choose_args, device, options = args
     if output_length == 0:
         return
     modes = target.training, draft.training
@@ -339,7 +348,7 @@ def speculative_stream(target: nn.Module, draft: nn.Module, x: Tensor, output_le
             with torch.inference_mode():
                 prompts, _ = inference._prompts(x, device)
                 steps = _steps(target, draft, prompts[0], output_length, block_size, draft_block_size, draft_tokens,
-                               keep, rolling, eos_class, choose_args, stats, compile)
+                               keep, rolling, eos_class, choose_args, stats, compile, options)
             stack.callback(steps.close)  # hands the caches back when the caller stops early
             produced = 0
             while produced < output_length:
@@ -362,10 +371,10 @@ def speculative_greedy_search(target: nn.Module, draft: nn.Module, x: Prompts, o
                               exclude_classes: Sequence[int] | None = None, *, context_keep: int | None = None,
                               rolling: bool = False, draft_tokens: int = 4,
                               draft_block_size: int | None = None, stats: SpeculativeStats | None = None,
-                              compile: bool | str = False) -> Tensor | list[Tensor]:
+                              compile: bool | str = False, kv_dtype: str | None = None) -> Tensor | list[Tensor]:
     """``inference.greedy_search``'s output, with `draft` proposing tokens; arguments as for
     ``speculative_sample``."""
     return speculative_sample(target, draft, x, output_length, block_size, eos_class, exclude_classes,
                               temperature=0.0, context_keep=context_keep,
                               rolling=rolling, draft_tokens=draft_tokens, draft_block_size=draft_block_size,
-                              stats=stats, compile=compile)
+                              stats=stats, compile=compile, kv_dtype=kv_dtype)
