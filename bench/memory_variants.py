@@ -333,7 +333,7 @@ def measure_speed(args, vocab: int, steps: int = 5, rounds: int = 6) -> dict:
     """Seconds per training step of every trained row at the base length (the extension row's steps are 4x
     longer, so it is left out), interleaved in one process."""
     variants = {label: model_kwargs(model, vocab) for label, arch, model, _ in TRAINED if arch != "rope-extended"}
-    env = dict(os.environ, PYTHONPATH=str(REPO), **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+    env = dict(os.environ, PYTHONPATH=sk.python_path(), **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
     out = subprocess.run([sys.executable, "-c", SPEED_CODE, json.dumps(variants), str(steps), str(rounds)], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
