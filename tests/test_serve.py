@@ -235,6 +235,35 @@ def test_chat_uses_the_plain_fallback_template(server):
     assert default.usage.completion_tokens <= LIMITS.max_tokens  # chat's default max_tokens: the server's bound
 
 
+def test_chat_template_reply_ends_at_a_role_token(trained):
+    # a chat-tuned checkpoint (its data format says so) is prompted through its template, and a reply ends where the
+    # model starts a new turn: here it is rigged to open one at once (the <|user|> row of the head made the winner)
+    import copy
+
+    from xlabml.chat import chat_template
+    checkpoint = SimpleNamespace(data_hparams={"format": "chat"}, tokenizer=trained.tokenizer)
+    template = chat_template(checkpoint)
+    prompt = render_chat([("user", "the fox")], trained.tokenizer, checkpoint)
+    assert prompt.ids[-1] == template.role_ids["assistant"] and prompt.stop == []
+    assert sorted(prompt.stop_ids) == sorted(template.role_ids.values())
+    model = copy.deepcopy(trained.model)
+    user = template.role_ids["user"]
+    with torch.no_grad():
+        logits = model(torch.tensor(prompt.ids)[None])[0, -1]
+        logits[trained.excluded] = -torch.inf
+        first = int(logits.argmax())  # greedy's first token; its logit is the largest
+        head = model.model.head.weight
+        head[user] = 3 * torch.sign(logits[first]) * head[first]
+        assert int(model(torch.tensor(prompt.ids)[None])[0, -1].argmax()) == user
+    app = create_app(model, trained.tokenizer, name="chat", limits=LIMITS, checkpoint=checkpoint)
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        for stream in (False, True):
+            texts, reasons, usage = call(client, "chat", stream=stream, model="chat", temperature=0, max_tokens=20,
+                                         messages=[{"role": "user", "content": "the fox"}])
+            assert (texts, reasons, usage) == ([""], ["stop"], (len(prompt.ids), 1)), stream
+
+
 SIXTEEN = [  # (kind, stream, params): greedy and sampled, both endpoints, streamed or not, stop strings, n
     ("completion" if i % 3 else "chat", i % 2 == 0,
      dict({"prompt": " ".join(WORDS[i:i + 1 + i % 4])} if i % 3 else

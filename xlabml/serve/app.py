@@ -10,8 +10,8 @@ queue 429.
 
 Prompts: a string is ``<sos>`` followed by its tokens (as ``xlab-infer`` does); a list of token ids is taken
 as it is (no ``<sos>``). ``usage.prompt_tokens`` counts the ids fed (once per prompt, whatever ``n``),
-``usage.completion_tokens`` every token generated (a closing <eos> included). ``finish_reason`` is "stop"
-(<eos> or a stop string) or "length" (``max_tokens`` reached).
+``usage.completion_tokens`` every token generated (a closing <eos> or role token included). ``finish_reason`` is
+"stop" (<eos>, a chat template's role token, or a stop string) or "length" (``max_tokens`` reached).
 """
 from __future__ import annotations
 
@@ -279,8 +279,8 @@ class _Served:
         self._check_prompt(rendered.ids, "messages")
         stop = body.stops()
         stop += [s for s in rendered.stop if s not in stop]
-        specs = [ChoiceSpec(rendered.ids, max_tokens, body.sampling(), body.seed, stop, rendered.strip)
-                 for _ in range(n)]
+        specs = [ChoiceSpec(rendered.ids, max_tokens, body.sampling(), body.seed, stop, rendered.strip,
+                            rendered.stop_ids) for _ in range(n)]
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(choices: list[dict]) -> dict:

@@ -2,7 +2,7 @@
 
 A model post-trained for chat (SFT or DPO, ``xlabml.posttrain``) stores its template with its tokenizer and
 checkpoint (``xlabml.chat.chat_template``); ``render_chat`` is where that template is applied: the prompt ends with
-``<|assistant|>`` and the reply ends at the model's <eos>. A checkpoint without one (a base model served for chat)
+``<|assistant|>`` and the reply ends at the model's <eos> or at a role token (a new turn: ``ChatPrompt.stop_ids``). A checkpoint without one (a base model served for chat)
 gets the plain-text fallback below, which any model trained on ordinary text can continue::
 
     <sos>System: {system message}
@@ -30,11 +30,13 @@ FALLBACK_STOP = ("\nUser:", "\nAssistant:", "\nSystem:")
 
 @dataclass
 class ChatPrompt:
-    """A rendered chat: the ids to prefill, the stop strings the template implies, whether to strip the reply."""
+    """A rendered chat: the ids to prefill, the stop strings and stop ids (besides <eos>) the template implies,
+    whether to strip the reply."""
 
     ids: list[int]
     stop: list[str] = field(default_factory=list)
     strip: bool = False
+    stop_ids: list[int] = field(default_factory=list)
 
 
 def render_chat(messages: Sequence[tuple[str, str]], tokenizer, checkpoint=None) -> ChatPrompt:
@@ -52,7 +54,8 @@ def render_chat(messages: Sequence[tuple[str, str]], tokenizer, checkpoint=None)
 
     template = chat_template(checkpoint) if checkpoint is not None else None
     if template is not None:
-        return ChatPrompt(template.render(messages, add_generation_prompt=True).ids)
+        return ChatPrompt(template.render(messages, add_generation_prompt=True).ids,
+                          stop_ids=[i for i in template.stop_ids if i != template.eos_id])
     turns = [f"{ROLES[role]}: {text}" for role, text in messages]
     text = "\n\n".join(turns + ["Assistant:"])
     return ChatPrompt([tokenizer[tokenizer.sos_token]] + tokenizer.encode(text), list(FALLBACK_STOP), strip=True)

@@ -32,7 +32,8 @@ from xlabml.serve.text import TextStream
 @dataclass
 class ChoiceSpec:
     """One choice to generate: prompt ids, at most `max_tokens` new tokens (1 or more), sampling keywords of
-    ``GenerationBatch.add``, the draw's seed (None: random), stop strings, and whether to strip the text."""
+    ``GenerationBatch.add``, the draw's seed (None: random), stop strings, whether to strip the text, and the ids
+    that end it as <eos> does (a chat template's role tokens: counted in the tokens, never decoded)."""
 
     prompt: list[int]
     max_tokens: int
@@ -40,6 +41,7 @@ class ChoiceSpec:
     seed: Optional[int] = None
     stop: list[str] = field(default_factory=list)
     strip: bool = False
+    stop_ids: list[int] = field(default_factory=list)
 
 
 class Job:
@@ -71,8 +73,9 @@ class Job:
 
 
 class _Choice:
-    def __init__(self, job: Job, index: int, text: TextStream):
+    def __init__(self, job: Job, index: int, text: TextStream, stop_ids=()):
         self.job, self.index, self.text, self.tokens = job, index, text, 0
+        self.stop_ids = frozenset(stop_ids)
 
 
 class Engine:
@@ -210,7 +213,8 @@ class Engine:
                 row = batch.add(spec.prompt, spec.max_tokens, eos_class=self.eos_class,
                                 exclude_classes=self.exclude_classes, generator=generator, **spec.sampling)
                 rows.append(row)
-                self._live[row] = _Choice(job, index, TextStream(self.tokenizer, spec.stop, spec.strip))
+                self._live[row] = _Choice(job, index, TextStream(self.tokenizer, spec.stop, spec.strip),
+                                          spec.stop_ids)
         except ValueError as error:  # arguments the request validation let through
             for row in rows:
                 batch.remove(row)
@@ -235,8 +239,10 @@ class Engine:
             choice = self._live[row]
             choice.tokens += 1
             reason = None
-            if token == self.eos_class:
+            if token == self.eos_class or token in choice.stop_ids:
                 text, reason = choice.text.finish(), "stop"
+                if token != self.eos_class:  # the batch ends a row by itself at <eos> only
+                    batch.remove(row)
             else:
                 text = choice.text.add(token)
                 if choice.text.stopped:
