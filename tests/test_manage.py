@@ -141,6 +141,18 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_ctrl_c_exits_130_without_a_traceback(tmp_path, capsys, monkeypatch):
+    from xlabml import manage
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    command = manage.COMMANDS["export-checkpoint"]
+    monkeypatch.setitem(manage.COMMANDS, "export-checkpoint", command._replace(run=interrupted))
+    with pytest.raises(SystemExit) as exit:
+        main(["export-checkpoint", str(tmp_path / "any.ckpt"), "-o", str(tmp_path / "out")])
+    assert exit.value.code == 130 and "Traceback" not in capsys.readouterr().err
+
+
 def test_export_is_atomic_when_the_disk_fills_up(checkpoint, tmp_path):
     reference, _ = export_checkpoint(checkpoint, tmp_path / "reference")
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)

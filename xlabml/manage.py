@@ -21,7 +21,6 @@ Each subcommand is a ``COMMANDS`` entry (a ``Command``); the work itself is done
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
@@ -161,14 +160,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     from xlabml.cli import one_line_warnings
 
+    from xlabml.infer_cli import run_command
+
     one_line_warnings(PROG)
-    try:
-        COMMANDS[args.command].run(args)
-    except Exception as error:  # noqa: BLE001 - one line, non-zero exit
-        if args.debug:
-            raise
-        print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
-        sys.exit(1)
+    run_command(PROG, COMMANDS[args.command].run, args)  # one-line errors, Ctrl-C exits 130
 
 
 if __name__ == "__main__":
