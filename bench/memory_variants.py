@@ -72,7 +72,11 @@ TRAINED = [
     (f"RoPE, context extended to {EXTEND_LEN} (PI x{EXTEND_SCALE:g})", "rope-extended",
      {**ROPE, "rope_scaling": "linear", "rope_scale": EXTEND_SCALE},
      {"seq_len": EXTEND_LEN, "steps": EXTEND_STEPS, "lr": 3e-4, "min_lr": 3e-5, "warmup": 20}),
+    (f"RoPE, context extended to {EXTEND_LEN} (YaRN x{EXTEND_SCALE:g})", "rope-extended-yarn",
+     {**ROPE, "rope_scaling": "yarn", "rope_scale": EXTEND_SCALE},
+     {"seq_len": EXTEND_LEN, "steps": EXTEND_STEPS, "lr": 3e-4, "min_lr": 3e-5, "warmup": 20}),
 ]
+EXTENDED = {"rope-extended", "rope-extended-yarn"}  # rows that continue the RoPE row's checkpoint at EXTEND_LEN
 SEGMENT_ARCHS = {"xl", "xl-recompute"}
 # cache rows: the RoPE row's model, scored through generation's cache with these options
 CACHES = [
@@ -89,6 +93,7 @@ CURVES = [
     (f"Transformer-XL memory {MEMORY}", "xl", "memory"),
     ("linear attention", "linear", "full"),
     (f"context-extended (PI x{EXTEND_SCALE:g} at {EXTEND_LEN})", "rope-extended", "full"),
+    (f"context-extended (YaRN x{EXTEND_SCALE:g} at {EXTEND_LEN})", "rope-extended-yarn", "full"),
 ]
 
 
@@ -114,7 +119,7 @@ def _register(args, split: dict, extra: list[str]) -> None:
     for _, arch, model, overrides in TRAINED:
         if arch not in ("classic", "rope"):
             sk.ARCHS[arch] = model
-        if arch == "rope-extended":
+        if arch in EXTENDED:
             overrides["steps"] = args.extend_steps
 
     def segments(config, s):
@@ -124,15 +129,12 @@ def _register(args, split: dict, extra: list[str]) -> None:
         ckpt = _rope_run_dir(args, s, split, extra) / "checkpoints" / "final.ckpt"
         if not ckpt.is_file():
             raise FileNotFoundError(f"the context-extended row continues the RoPE row's checkpoint {ckpt}: train it first")
-        # a list as long as conf/defaults.yaml's callbacks is merged with it item by item (jsonargparse): say
-        # what the checkpoint callback must not take from the defaults' first one
-        config["trainer"]["callbacks"][0]["init_args"].update(monitor=None, save_last=False)
-        config["trainer"]["callbacks"].append({"class_path": "bench.memory_variants.InitialWeights",
-                                               "init_args": {"path": str(ckpt)}})
+        config["model"]["init_from"] = str(ckpt)  # a new run from its weights, at the longer length
 
     for arch in SEGMENT_ARCHS:
         sk.ARCH_CONFIG[arch] = segments
-    sk.ARCH_CONFIG["rope-extended"] = extend
+    for arch in EXTENDED:
+        sk.ARCH_CONFIG[arch] = extend
 
 
 def _run_args(args, seed: int) -> argparse.Namespace:
@@ -144,7 +146,10 @@ def _run_args(args, seed: int) -> argparse.Namespace:
 
 
 def _settings(args, seed: int, arch: str, overrides: dict) -> dict:
-    return sk.resolve_settings(_run_args(args, seed), {"arch": arch, **overrides})
+    s = sk.resolve_settings(_run_args(args, seed), {"arch": arch, **overrides})
+    if arch in EXTENDED:  # --steps sets the other rows' budget; the continuation has its own (--extend-steps)
+        s["steps"] = overrides["steps"]
+    return s
 
 
 def run_dir(args, seed, arch, overrides, split, extra) -> Path:
@@ -155,7 +160,7 @@ def run_dir(args, seed, arch, overrides, split, extra) -> Path:
 
 # the rows the context curves need first: a run cut short still has them
 TRAIN_ORDER = ["classic", "rope", "rope-extended", "xl", "linear", "registers", "kv-share", "layer-windows",
-               "xl-recompute"]
+               "xl-recompute", "rope-extended-yarn"]
 
 
 def train(args, split, extra, seeds) -> None:
@@ -332,7 +337,7 @@ def model_kwargs(arch_model: dict, vocab: int, max_len: int = 64) -> dict:
 def measure_speed(args, vocab: int, steps: int = 5, rounds: int = 6) -> dict:
     """Seconds per training step of every trained row at the base length (the extension row's steps are 4x
     longer, so it is left out), interleaved in one process."""
-    variants = {label: model_kwargs(model, vocab) for label, arch, model, _ in TRAINED if arch != "rope-extended"}
+    variants = {label: model_kwargs(model, vocab) for label, arch, model, _ in TRAINED if arch not in EXTENDED}
     env = dict(os.environ, PYTHONPATH=sk.python_path(), **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
     out = subprocess.run([sys.executable, "-c", SPEED_CODE, json.dumps(variants), str(steps), str(rounds)], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, check=True)
@@ -388,7 +393,7 @@ def report(args, split, extra, seeds) -> dict:
              "| --- | ---: | --- | ---: | ---: | ---: |"]
     summary = {}
     protocols = {"xl": "segments + memory", "xl-recompute": "segments + memory",
-                 "rope-extended": f"{EXTEND_LEN}-token windows"}
+                 **{arch: f"{EXTEND_LEN}-token windows" for arch in EXTENDED}}
     for label, arch, _, _ in TRAINED:
         text, mid = cell([r["bpc"] for r in trained[label]])
         summary[label] = mid
@@ -418,9 +423,9 @@ def report(args, split, extra, seeds) -> dict:
         f" --extend-steps {args.extend_steps}" if args.extend_steps != EXTEND_STEPS else "")
     note = (f"\nMedian of the seeds (± half the range). Budget {budget}{steps:,} steps of 12 x 64 characters, "
             f"4 layers, d_model 128, 4 heads, d_ff 512, AdamW (beta2 0.99, wd 0.1), warmup 100 + cosine 1e-3 -> 1e-4, "
-            f"no dropout; every row but the classic one uses RoPE. The context-extended row continues each seed's RoPE "
-            f"checkpoint for {args.extend_steps} steps of 12 x {EXTEND_LEN} (position interpolation x{EXTEND_SCALE:g}, "
-            f"lr 3e-4 -> 3e-5). Held-out: the last 10% of {Path(split['corpus']).name} (sha256 {split['digest']}, "
+            f"no dropout; every row but the classic one uses RoPE. The context-extended rows continue each seed's RoPE "
+            f"checkpoint (`model.init_from`) for {args.extend_steps} steps of 12 x {EXTEND_LEN} with RoPE scaled "
+            f"x{EXTEND_SCALE:g} (position interpolation, or YaRN), lr 3e-4 -> 3e-5. Held-out: the last 10% of {Path(split['corpus']).name} (sha256 {split['digest']}, "
             f"{split['heldout_chars']:,} characters): all of it for the trained rows; {scored} for the cache rows "
             f"and the context curves. 'scored as': 64-token windows = "
             f"`xlab.py validate`, non-overlapping windows from fresh context; segments + memory = consecutive "

@@ -68,3 +68,14 @@ def test_kv_bytes_follow_the_cache_layouts(bench):
     # linear attention: a fixed state per layer and head (a head_dim x head_dim sum of key-value products and a
     # head_dim normaliser), fp32, over the 2,048 tokens
     assert by_arch["linear"] == layers * heads * (head_dim * head_dim + head_dim) * 4 / 2048
+
+
+def test_extension_rows_keep_their_own_steps_when_the_budget_is_cut(bench):
+    # `--steps 400 --extend-steps 60`: 400 steps for the trained rows, 60 for the continuations (the published
+    # 400-step table's extension row had silently trained 400)
+    import argparse
+    args = argparse.Namespace(threads=1, steps=400, extend_steps=60, eval_tokens=None)
+    bench._register(args, {"digest": "0" * 12}, [])
+    steps = {arch: bench._settings(args, 1, arch, overrides)["steps"] for _, arch, _, overrides in bench.TRAINED}
+    assert {arch for arch, n in steps.items() if n == 60} == bench.EXTENDED
+    assert all(n == 400 for arch, n in steps.items() if arch not in bench.EXTENDED)
