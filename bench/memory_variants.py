@@ -42,7 +42,6 @@ import sys
 import time
 from pathlib import Path
 
-import lightning as L
 
 BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:
@@ -95,18 +94,6 @@ CURVES = [
     (f"context-extended (PI x{EXTEND_SCALE:g} at {EXTEND_LEN})", "rope-extended", "full"),
     (f"context-extended (YaRN x{EXTEND_SCALE:g} at {EXTEND_LEN})", "rope-extended-yarn", "full"),
 ]
-
-
-class InitialWeights(L.Callback):
-    """A Lightning callback (named in the extension row's config) that copies a checkpoint's weights into the model
-    before training: how this benchmark continues a run at a longer max_len until ``model.init_from`` exists."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def setup(self, trainer, pl_module, stage):
-        from xlabml.init_from import load_initial_weights
-        load_initial_weights(pl_module, self.path)
 
 
 def _rope_run_dir(args, s: dict, split: dict, extra: list[str]) -> Path:
