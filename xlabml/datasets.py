@@ -48,18 +48,16 @@ def _available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-class _Encode:
-    """Picklable batch encoder (the tokenizer is rebuilt from its model bytes in each worker process).
+class TokenizerWorker:
+    """A picklable holder of a tokenizer for ``datasets.map`` workers: the tokenizer is rebuilt from its model bytes
+    in each worker process (a SentencePiece processor does not pickle), on first use.
 
     `num_threads` caps SentencePiece's batch threads, so that `num_proc` processes share the CPUs instead of
     each starting one thread per CPU.
     """
 
-    def __init__(self, model_proto: bytes, lengths_only: bool = False, num_threads: int | None = None):
-        self.model_proto = model_proto
-        self.lengths_only = lengths_only
-        self.num_threads = num_threads
-        self._tokenizer = None
+    def __init__(self, model_proto: bytes, num_threads: int | None = None):
+        self.model_proto, self.num_threads, self._tokenizer = model_proto, num_threads, None
 
     def __getstate__(self):
         return {**self.__dict__, "_tokenizer": None}
@@ -70,6 +68,14 @@ class _Encode:
             from xlabml.tokenizer import Tokenizer
             self._tokenizer = Tokenizer.load(self.model_proto, num_threads=self.num_threads)
         return self._tokenizer
+
+
+class _Encode(TokenizerWorker):
+    """Batch encoder of documents: their ids, or only their lengths."""
+
+    def __init__(self, model_proto: bytes, lengths_only: bool = False, num_threads: int | None = None):
+        super().__init__(model_proto, num_threads)
+        self.lengths_only = lengths_only
 
     def __call__(self, texts: list[str]) -> dict:
         ids = self.tokenizer.encode(list(texts))

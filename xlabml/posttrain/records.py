@@ -32,6 +32,7 @@ from typing import Any
 import datasets
 
 from xlabml.chat import ChatTemplate, Rendered, check_messages, render_plain
+from xlabml.datasets import TokenizerWorker
 from xlabml.sources import _as_source_list, _resolve_local_files
 
 FORMATS = ("chat", "preference")
@@ -270,23 +271,9 @@ def _require(template: ChatTemplate | None, tokenizer) -> ChatTemplate:
 # encoding, cached on disk
 
 
-class RecordEncoder:
-    """Base of the batch encoders of normalized examples given to ``datasets.map``: the tokenizer is rebuilt from
-    its model bytes in each worker process (a SentencePiece processor does not pickle). Subclasses define
-    ``__call__(texts) -> columns``."""
-
-    def __init__(self, model_proto: bytes, num_threads: int | None = None):
-        self.model_proto, self.num_threads, self._tokenizer = model_proto, num_threads, None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_tokenizer": None}
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            from xlabml.tokenizer import Tokenizer
-            self._tokenizer = Tokenizer.load(self.model_proto, num_threads=self.num_threads)
-        return self._tokenizer
+class RecordEncoder(TokenizerWorker):
+    """Base of the batch encoders of normalized examples given to ``datasets.map`` (the tokenizer rebuilt in each
+    worker process: ``TokenizerWorker``). Subclasses define ``__call__(texts) -> columns``."""
 
 
 def encode_records(texts: datasets.Dataset, tokenizer, encoder: type[RecordEncoder], features: datasets.Features,
