@@ -12,14 +12,6 @@ from xlabml.layers import Decoder
 V, L = 41, 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(seed=0, **kwargs):
     torch.manual_seed(seed)
     config = dict(d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.0) | kwargs

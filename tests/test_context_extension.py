@@ -13,14 +13,6 @@ from xlabml.models import XLabModel
 V = 24
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(max_len=16, seed=0, **kwargs):
     torch.manual_seed(seed)
     model = Decoder(V, max_len, d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.0, position='rope', **kwargs)

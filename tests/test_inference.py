@@ -14,15 +14,6 @@ from xlabml.layers import Decoder
 V, BLOCK = 40, 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: a second thread only adds synchronisation (and contention on a shared machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_model(seed=0, n_vocab=V, **kwargs):
     torch.manual_seed(seed)
     kwargs = {"d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64, "dropout": 0.1, **kwargs}

@@ -14,14 +14,6 @@ from xlabml.tokenizer import TokenizerTrainer
 V, BLOCK = 40, 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(seed=0, **kwargs):
     torch.manual_seed(seed)
     config = dict(d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.0, position='rope', n_kv_heads=2) | kwargs

@@ -15,15 +15,6 @@ V, L = 53, 48
 POSITION_TYPES = ['sinusoidal', 'learned', 'rope', 'alibi', 'none']
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    # tiny models gain nothing from a second thread, and on a loaded 2-core machine an OpenMP barrier
-    # waiting for a descheduled thread makes every small op take milliseconds
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 # the training-recipe variants (issue 15): each on the modern block
 CAPACITY = {
     'moe': dict(position='rope', norm='rmsnorm', ffn='moe', n_experts=4, moe_top_k=2),

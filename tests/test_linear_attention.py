@@ -11,14 +11,6 @@ from xlabml.linear_attention import feature_map
 V, BLOCK = 43, 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(seed=0, chunk_size=5, **kwargs):
     torch.manual_seed(seed)
     config = dict(d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.0, attention='linear',

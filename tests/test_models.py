@@ -20,14 +20,6 @@ TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the m
         "the slings and arrows of outrageous fortune, or to take arms against a sea of troubles.")
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only adds barrier waits on a busy machine
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**kwargs):
     torch.manual_seed(0)
     config = dict(n_vocab=128, max_len=32, d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.0) | kwargs

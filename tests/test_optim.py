@@ -11,14 +11,6 @@ from xlabml.optim import LaProp, MuonAdamW, muon_lr_scale, orthogonalize
 from xlabml.roles import parameter_roles, unwrapped_name
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**kwargs):
     torch.manual_seed(0)
     config = dict(n_vocab=64, max_len=16, d_model=32, n_layers=1, n_heads=4, d_ff=64, dropout=0.0) | kwargs

@@ -14,14 +14,6 @@ MODELS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_model(**kwargs):
     torch.manual_seed(0)
     # float64: batched and lone logits agree far below any gap between candidates (as in test_inference)

@@ -17,14 +17,6 @@ V, BLOCK = 40, 16
 CHI2_999 = {8: 26.12, 63: 103.44}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_model(seed=0, n_vocab=V, **kwargs):
     """A tiny float64 decoder with sharp logits (as tests/test_inference.py's): no near-ties between candidates."""
     torch.manual_seed(seed)
