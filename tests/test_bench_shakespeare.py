@@ -136,3 +136,29 @@ def test_xlab_steps_see_this_checkout_first_and_the_callers_pythonpath(bench, tm
     monkeypatch.setenv("PYTHONPATH", "/opt/extra-site")
     _run(bench, _corpus(tmp_path / "a.txt", "to be or not to be"))
     assert bench.paths and all(p.split(os.pathsep) == [str(REPO), "/opt/extra-site"] for p in bench.paths)
+
+
+def test_screen_compares_each_row_with_the_shipped_row_at_the_same_seeds(bench, tmp_path):
+    """--screen reads only this checkout's runs, and a row's 'vs shipped' is the median of same-seed differences
+    (a seed the shipped row has not run is left out of it)."""
+    corpus = _corpus(tmp_path / "c.txt", "now is the winter of our discontent")
+    split = bench.split_corpus(corpus, bench.WORK)
+    args, extra = bench.parse_args(["--corpus", str(corpus), "--seeds", "3", "--threads", "1"])
+    (base_label, base), (row_label, row) = bench.SCREEN[0], bench.SCREEN[3]
+    planted = {(base_label, 1): 2.10, (base_label, 2): 2.20, (row_label, 1): 2.05, (row_label, 2): 2.25,
+               (row_label, 3): 1.00}  # seed 3 has no shipped run to compare with
+    for (label, seed), bpc in planted.items():
+        run_args = bench.copy.copy(args)
+        run_args.seed = seed
+        s = bench.resolve_settings(run_args, base if label == base_label else row)
+        path = bench.WORK / "runs" / bench.run_name(s, extra, 1, split["digest"]) / "result.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"bpc": bpc, "seed": seed}))
+    done = bench.screen(args, split, extra, table_only=True)
+    assert not bench.calls  # nothing trained
+    assert {seed: r["bpc"] for seed, r in done[row_label].items()} == {1: 2.05, 2: 2.25, 3: 1.00}
+    summary = json.loads(bench.write_screen(done, split).with_suffix(".json").read_text())
+    assert summary[row_label]["median"] == 2.05
+    assert summary[row_label]["delta"] == pytest.approx(((2.05 - 2.10) + (2.25 - 2.20)) / 2)
+    assert summary[base_label]["delta"] is None
+    assert all(not runs for label, runs in done.items() if label not in (base_label, row_label))
