@@ -139,8 +139,8 @@ def test_xlab_steps_see_this_checkout_first_and_the_callers_pythonpath(bench, tm
 
 
 def test_screen_compares_each_row_with_the_shipped_row_at_the_same_seeds(bench, tmp_path):
-    """--screen reads only this checkout's runs, and a row's 'vs shipped' is the median of same-seed differences
-    (a seed the shipped row has not run is left out of it)."""
+    """--screen reads only this checkout's runs, and a row's 'vs base' is the median of same-seed differences
+    (a seed the base row has not run is left out of it)."""
     corpus = _corpus(tmp_path / "c.txt", "now is the winter of our discontent")
     split = bench.split_corpus(corpus, bench.WORK)
     args, extra = bench.parse_args(["--corpus", str(corpus), "--seeds", "3", "--threads", "1"])
@@ -162,3 +162,22 @@ def test_screen_compares_each_row_with_the_shipped_row_at_the_same_seeds(bench, 
     assert summary[row_label]["delta"] == pytest.approx(((2.05 - 2.10) + (2.25 - 2.20)) / 2)
     assert summary[base_label]["delta"] is None
     assert all(not runs for label, runs in done.items() if label not in (base_label, row_label))
+
+
+def test_shipped_config_reports_its_own_settings_and_is_the_screened_winner(bench):
+    """`-c` reports what conf/extra/shakespeare.yaml sets (not the preset's values), and those settings are the
+    screening row its comment names (lr 3e-3, weight decay 0.4 on the shipped base)."""
+    args, _ = bench.parse_args(["-c"])
+    s = bench.resolve_settings(args)
+    best = bench.load_best_config()["model"]
+    opt = best["optimizer"]["init_args"]
+    assert (s["lr"], s["weight_decay"], s["beta2"]) == (opt["lr"], opt["weight_decay"], opt["betas"][1])
+    assert s["min_lr"] == pytest.approx(1e-4, rel=1e-9) and s["dropout"] == best["dropout"] == 0.0
+    row = dict(bench.SCREEN)["lr 3e-3 + weight decay 0.4 (shipped now)"]
+    plain, _ = bench.parse_args([])
+    r = bench.resolve_settings(plain, row)
+    assert (r["lr"], r["weight_decay"], r["beta2"], r["min_lr"], r["warmup"]) == \
+        (s["lr"], s["weight_decay"], s["beta2"], s["min_lr"], s["warmup"])
+    assert bench.ARCHS[r["arch"]]["head_qk"] == best["head_qk"] and r["vocab"] == s["vocab"]
+    assert bench.scheduler_config(r, 2000)["init_args"]["min_lr_ratio"] == \
+        best["scheduler"]["init_args"]["min_lr_ratio"]
