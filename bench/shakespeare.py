@@ -176,6 +176,8 @@ SCREEN = [
     ("lr 3e-3 + weight decay 0", {**SHIPPED, "lr": 3e-3, "weight_decay": 0.0}),
     ("lr 3e-3 + weight decay 0.2", {**SHIPPED, "lr": 3e-3, "weight_decay": 0.2}),
     ("lr 3e-3 + weight decay 0.4 (shipped now)", {**SHIPPED, "lr": 3e-3, "weight_decay": 0.4}),
+    ("lr 3e-3 + weight decay 0.3", {**SHIPPED, "lr": 3e-3, "weight_decay": 0.3}),
+    ("lr 4e-3 + weight decay 0.4", {**SHIPPED, "lr": 4e-3, "weight_decay": 0.4}),
     ("lr 3e-3 + weight decay 0.8", {**SHIPPED, "lr": 3e-3, "weight_decay": 0.8}),
     ("lr 3e-3 + weight decay 1.6", {**SHIPPED, "lr": 3e-3, "weight_decay": 1.6}),
     ("lr 3e-3 + tied embeddings (scale 1)", {**SHIPPED, "lr": 3e-3, "arch": "modern-headqk-tied"}),
