@@ -872,7 +872,7 @@ def screen(args: argparse.Namespace, split: dict, extra: list[str], table_only: 
 
 def write_screen(done: dict[str, dict[int, dict]], split: dict) -> Path:
     """``screen.md``/``screen.json``: each row's bits/char per seed, their median, and the median over the seeds
-    both have run of (row - base row) at the same seed."""
+    both have run of (row - base row) at the same seed; ``screen.png``: each row's training loss (median seed)."""
     results = results_dir(split)
     results.mkdir(parents=True, exist_ok=True)
     base_label = SCREEN[0][0]
@@ -900,6 +900,7 @@ def write_screen(done: dict[str, dict[int, dict]], split: dict) -> Path:
             f"`bench/shakespeare.py --screen --seeds N --threads 1`.\n")
     (results / "screen.md").write_text("\n".join(lines) + "\n" + note)
     (results / "screen.json").write_text(json.dumps(summary, indent=1))
+    plot_ablation({label: list(runs.values()) for label, runs in done.items()}, results / "screen.png")
     return results / "screen.md"
 
 
