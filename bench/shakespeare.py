@@ -104,6 +104,9 @@ ARCHS = {
     "modern-demb": {"position": "rope", "norm": "rmsnorm", "ffn": "swiglu", "d_embedding": 64},
     "modern-headqk": {"position": "rope", "norm": "rmsnorm", "ffn": "swiglu", "head_qk": 64},
     "modern-headqk128": {"position": "rope", "norm": "rmsnorm", "ffn": "swiglu", "head_qk": 128},
+    "modern-headqk-qknorm": {"position": "rope", "norm": "rmsnorm", "ffn": "swiglu", "head_qk": 64, "qk_norm": True},
+    "modern-headqk-wdemb": {"position": "rope", "norm": "rmsnorm", "ffn": "swiglu", "head_qk": 64,
+                            "weight_decay_embeddings": True},
     "modern-headqk-tied": {"position": "rope", "norm": "rmsnorm", "ffn": "swiglu", "head_qk": 64,
                            "tie_embeddings": True, "embedding_scale": 1.0},
     "modern-sgu": {"position": "rope", "norm": "rmsnorm", "ffn": "sgu"},
@@ -181,6 +184,9 @@ SCREEN = [
     ("lr 3e-3 + weight decay 0.8", {**SHIPPED, "lr": 3e-3, "weight_decay": 0.8}),
     ("lr 3e-3 + weight decay 1.6", {**SHIPPED, "lr": 3e-3, "weight_decay": 1.6}),
     ("lr 3e-3 + tied embeddings (scale 1)", {**SHIPPED, "lr": 3e-3, "arch": "modern-headqk-tied"}),
+    ("lr 3e-3 + wd 0.4 + QK-norm", {**SHIPPED, "lr": 3e-3, "weight_decay": 0.4, "arch": "modern-headqk-qknorm"}),
+    ("lr 3e-3 + wd 0.4 on embeddings too", {**SHIPPED, "lr": 3e-3, "weight_decay": 0.4,
+                                            "arch": "modern-headqk-wdemb"}),
 ]
 
 CHAR_VOCAB_BOUND = 1024  # upper bound for the char tokenizer (specials + 256 bytes + the corpus' characters)
@@ -669,23 +675,37 @@ def print_report(s: dict, result: dict, split: dict) -> None:
 
 # -------------------------------------------------------------------------------------------- ablation
 
-def ablation(args: argparse.Namespace, split: dict, extra: list[str]) -> dict:
-    """Every ABLATION row for every seed (seed-major, so an interrupted sweep covers all rows evenly)."""
+def sweep(args: argparse.Namespace, split: dict, extra: list[str], rows, tag: str):
+    """Runs every (label, overrides) row for seeds 1..--seeds, seed-major (an interrupted sweep covers all rows
+    evenly); a row that a parallel sweep is running is skipped, a failed one reported. Yields after each run."""
     for seed in range(1, args.seeds + 1):
-        for label, overrides in (ABLATION[i] for i in ABLATION_ORDER):
+        for label, overrides in rows:
             run_args = copy.copy(args)
             run_args.seed = seed
-            s = resolve_settings(run_args, overrides)
             try:
-                result = run_one(run_args, s, split, extra, quiet=True)
+                result = run_one(run_args, resolve_settings(run_args, overrides), split, extra, quiet=True)
             except RunBusy:
                 continue  # a parallel sweep has it
             except Exception as error:  # noqa: BLE001 - one failed variant must not stop the sweep
-                print(f"[ablation] {label} seed {seed}: FAILED: {error}", flush=True)
+                print(f"[{tag}] {label} seed {seed}: FAILED: {error}", flush=True)
                 continue
-            print(f"[ablation] {label} seed {seed}: bpc {result['bpc']:.4f} wall {result['wall_s']} s "
+            print(f"[{tag}] {label} seed {seed}: bpc {result['bpc']:.4f} wall {result['wall_s']} s "
                   f"{result['tokens_per_s']} tok/s", flush=True)
-            write_ablation(collect(args, extra, split), split)
+            yield
+
+
+def result_path(args: argparse.Namespace, overrides: dict, seed: int, extra: list[str], split: dict) -> tuple:
+    """The settings of a row at a seed, and where its result is (or will be) on disk."""
+    run_args = copy.copy(args)
+    run_args.seed = seed
+    s = resolve_settings(run_args, overrides)
+    return s, WORK / "runs" / run_name(s, extra, args.threads, split["digest"]) / "result.json"
+
+
+def ablation(args: argparse.Namespace, split: dict, extra: list[str]) -> dict:
+    """Every ABLATION row for every seed, the table rewritten after each run."""
+    for _ in sweep(args, split, extra, [ABLATION[i] for i in ABLATION_ORDER], "ablation"):
+        write_ablation(collect(args, extra, split), split)
     done = collect(args, extra, split)
     write_ablation(done, split)
     return done
@@ -700,10 +720,7 @@ def collect(args: argparse.Namespace, extra: list[str], split: dict) -> dict[str
     published = json.loads(published_path.read_text()) if published_path.is_file() and not extra else {}
     for seed in range(1, args.seeds + 1):
         for label, overrides in ABLATION:
-            run_args = copy.copy(args)
-            run_args.seed = seed
-            s = resolve_settings(run_args, overrides)
-            path = WORK / "runs" / run_name(s, extra, args.threads, split["digest"]) / "result.json"
+            s, path = result_path(args, overrides, seed, extra, split)
             if path.is_file():
                 done[label].append(json.loads(path.read_text()))
             elif s["config"] != "best" and s["arch"] not in ARCH_FILES:
@@ -841,30 +858,16 @@ def write_ablation(done: dict[str, list[dict]], split: dict) -> None:
 
 
 def screen(args: argparse.Namespace, split: dict, extra: list[str], table_only: bool = False) -> dict:
-    """Every SCREEN row for seeds 1..--seeds (seed-major, parallel sweeps share the runs); returns the results on
-    disk of each row and seed."""
-    for seed in range(1, args.seeds + 1):
-        for label, overrides in SCREEN:
-            if table_only:
-                break
-            run_args = copy.copy(args)
-            run_args.seed = seed
-            try:
-                result = run_one(run_args, resolve_settings(run_args, overrides), split, extra, quiet=True)
-            except RunBusy:
-                continue
-            except Exception as error:  # noqa: BLE001 - one failed row must not stop the sweep
-                print(f"[screen] {label} seed {seed}: FAILED: {error}", flush=True)
-                continue
-            print(f"[screen] {label} seed {seed}: bpc {result['bpc']:.4f}", flush=True)
+    """Every SCREEN row for seeds 1..--seeds (unless `table_only`); returns the results on disk of each row and
+    seed."""
+    if not table_only:
+        for _ in sweep(args, split, extra, SCREEN, "screen"):
+            pass
     done: dict[str, dict[int, dict]] = {}
     for label, overrides in SCREEN:
         done[label] = {}
         for seed in range(1, args.seeds + 1):
-            run_args = copy.copy(args)
-            run_args.seed = seed
-            s = resolve_settings(run_args, overrides)
-            path = WORK / "runs" / run_name(s, extra, args.threads, split["digest"]) / "result.json"
+            path = result_path(args, overrides, seed, extra, split)[1]
             if path.is_file():
                 done[label][seed] = json.loads(path.read_text())
     return done

@@ -151,9 +151,10 @@ def test_screen_compares_each_row_with_the_shipped_row_at_the_same_seeds(bench, 
         run_args = bench.copy.copy(args)
         run_args.seed = seed
         s = bench.resolve_settings(run_args, base if label == base_label else row)
-        path = bench.WORK / "runs" / bench.run_name(s, extra, 1, split["digest"]) / "result.json"
+        name = bench.run_name(s, extra, 1, split["digest"])
+        path = bench.WORK / "runs" / name / "result.json"
         path.parent.mkdir(parents=True)
-        path.write_text(json.dumps({"bpc": bpc, "seed": seed}))
+        path.write_text(json.dumps({"bpc": bpc, "seed": seed, "run": name}))
     done = bench.screen(args, split, extra, table_only=True)
     assert not bench.calls  # nothing trained
     assert {seed: r["bpc"] for seed, r in done[row_label].items()} == {1: 2.05, 2: 2.25, 3: 1.00}
