@@ -148,13 +148,9 @@ def test_screen_compares_each_row_with_the_shipped_row_at_the_same_seeds(bench, 
     planted = {(base_label, 1): 2.10, (base_label, 2): 2.20, (row_label, 1): 2.05, (row_label, 2): 2.25,
                (row_label, 3): 1.00}  # seed 3 has no shipped run to compare with
     for (label, seed), bpc in planted.items():
-        run_args = bench.copy.copy(args)
-        run_args.seed = seed
-        s = bench.resolve_settings(run_args, base if label == base_label else row)
-        name = bench.run_name(s, extra, 1, split["digest"])
-        path = bench.WORK / "runs" / name / "result.json"
+        path = bench.result_path(args, base if label == base_label else row, seed, extra, split)[1]
         path.parent.mkdir(parents=True)
-        path.write_text(json.dumps({"bpc": bpc, "seed": seed, "run": name}))
+        path.write_text(json.dumps({"bpc": bpc, "seed": seed, "run": path.parent.name}))
     done = bench.screen(args, split, extra, table_only=True)
     assert not bench.calls  # nothing trained
     assert {seed: r["bpc"] for seed, r in done[row_label].items()} == {1: 2.05, 2: 2.25, 3: 1.00}
