@@ -110,12 +110,26 @@ def test_num_tokens_before_the_tokenizer_exists(tmp_path, corpus):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(seq_len=0), "seq_len=0"),
     (dict(step_size=1.5), "step_size=1.5"),
+    (dict(eval_step_size=0), "eval_step_size=0: an int step is a token count"),
     (dict(num_tokens=3), "num_tokens=3"),
     (dict(splits={"train": 0.9, "eval": 0.1}), r"unknown split names \['eval'\]"),
 ])
 def test_bad_arguments(tmp_path, corpus, kwargs, match):
     with pytest.raises(ValueError, match=match):
         make(tmp_path, corpus, **kwargs)
+
+
+def test_eval_step_size_strides_the_eval_splits_only(tmp_path, corpus, tokenizer_file):
+    dm = make(tmp_path, corpus, tokenizer_file, step_size=1, eval_step_size=1.0)
+    dm.setup("fit")
+    train, val = dm.datasets["train"], dm.datasets["val"]
+    assert (train.step, val.step) == (1, 16)
+    # non-overlapping windows: every target of every val document (its ids and one <eos>) scored exactly once
+    targets = sum(int((val[i]["y"] != dm.pad_index).sum()) for i in range(len(val)))
+    assert targets == int(val.tokens.lengths.sum()) + len(val.tokens)
+    same = make(tmp_path, corpus, tokenizer_file, step_size=4)
+    same.setup("fit")
+    assert (same.datasets["train"].step, same.datasets["val"].step) == (4, 4)  # default: the training stride
 
 
 # ------------------------------------------------------------------------------------------ encoding cache

@@ -88,6 +88,9 @@ class XLabDataModule(L.LightningDataModule):
         tokenizer_train_args: SentencePiece trainer options (``TokenizerTrainer``), e.g. ``{model_type: char}``.
         seq_len: tokens per training window (the model's ``max_len``).
         step_size: window stride: a float is a fraction of `seq_len`, an int a token count.
+        eval_step_size: the window stride of the val, test and predict splits (same forms); default `step_size`.
+            A model trained on windows at every token (``step_size: 1``) is scored on non-overlapping windows
+            with ``eval_step_size: 1.0``: each target once, so validating during training stays cheap.
         packed: concatenate documents into full windows (with ``positions`` and ``doc_ids``) instead of one
             padded document per window.
         train_sos: in packed mode, train the model to predict the next document's ``<sos>`` after ``<eos>``.
@@ -129,6 +132,7 @@ class XLabDataModule(L.LightningDataModule):
         tokenizer_train_args: dict[str, Any] | None = None,
         seq_len: int = 512,
         step_size: int | float = 1.0,
+        eval_step_size: int | float | None = None,
         packed: bool = False,
         train_sos: bool = False,
         dynamic_encode: bool = False,
@@ -150,6 +154,11 @@ class XLabDataModule(L.LightningDataModule):
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
             raise ValueError(f"seq_len={seq_len!r}: expected an int >= 1")
         resolve_step(step_size, seq_len)
+        if eval_step_size is not None:
+            try:
+                resolve_step(eval_step_size, seq_len)
+            except ValueError as e:
+                raise ValueError(f"eval_{e}") from None  # names the option: eval_step_size=...: expected ...
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens <= 4:
             raise ValueError(f"num_tokens={num_tokens!r}: expected an int > 4 (the 4 special tokens and more)")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -285,7 +294,7 @@ class XLabDataModule(L.LightningDataModule):
         if self.hparams.format == "chat":
             from xlabml.posttrain.sft import ChatSequenceDataset
             return ChatSequenceDataset(
-                tokens, self.hparams.seq_len, self.hparams.step_size, packed=self.hparams.packed,
+                tokens, self.hparams.seq_len, self._step_size(name), packed=self.hparams.packed,
                 sos_index=tokenizer[tokenizer.sos_token], eos_index=tokenizer[tokenizer.eos_token],
                 pad_index=tokenizer[tokenizer.pad_token])
         if self.hparams.segments:
@@ -296,16 +305,21 @@ class XLabDataModule(L.LightningDataModule):
                 eos_index=tokenizer[tokenizer.eos_token], pad_index=tokenizer[tokenizer.pad_token],
                 train_sos=self.hparams.train_sos, rank=rank, world_size=world)
         return SequenceDataset(
-            tokens, self.hparams.seq_len, self.hparams.step_size, packed=self.hparams.packed,
+            tokens, self.hparams.seq_len, self._step_size(name), packed=self.hparams.packed,
             train_sos=self.hparams.train_sos, sos_index=tokenizer[tokenizer.sos_token],
             eos_index=tokenizer[tokenizer.eos_token], pad_index=tokenizer[tokenizer.pad_token])
+
+    def _step_size(self, name: str) -> int | float:
+        """The window stride of split `name`: ``step_size`` for train, ``eval_step_size`` (if set) for the others."""
+        eval_step = self.hparams.get("eval_step_size")  # absent from checkpoints saved before it existed
+        return self.hparams.step_size if name == "train" or eval_step is None else eval_step
 
     def _stream_windows(self, name: str, cycle: bool) -> StreamWindows:
         """Windows of a streamed split: shuffled and resumable for train, in stream order for the others."""
         trainer, tokenizer, train = self.trainer, self.tokenizer, name == "train"
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         return StreamWindows(
-            self.texts()[name], tokenizer, self.hparams.seq_len, self.hparams.step_size, packed=self.hparams.packed,
+            self.texts()[name], tokenizer, self.hparams.seq_len, self._step_size(name), packed=self.hparams.packed,
             train_sos=self.hparams.train_sos, shuffle=train, shuffle_buffer=self.hparams.shuffle_buffer,
             seed=self.hparams.seed, cycle=cycle, resume=train, rank=rank, world_size=world)
 
