@@ -122,6 +122,10 @@ ARCH_CONFIG: dict = {}
 # as before they existed (its run key, and so its cached result, does not change).
 RECIPE_DEFAULTS = {"optimizer": "adamw", "muon_lr": 0.02, "schedule": "cosine", "decay_fraction": 0.2,
                    "z_loss": 0.0, "softcap": None, "seq_warmup": 0, "seq_start": None}
+# Measurement settings, neutral likewise: `eval_every` scores the whole held-out part every that many steps during
+# the fit (non-overlapping windows), for the held-out curve and the time at which the run reaches the reference.
+RUN_DEFAULTS = {"eval_every": 0}
+NEUTRAL = {**RECIPE_DEFAULTS, **RUN_DEFAULTS}
 # The base of the recipe rows: the configuration shipped before them (modern block, BPE 1K, peak lr 2e-3 decaying
 # to 1e-4), spelled out so the rows keep their base when conf/extra/shakespeare.yaml changes.
 RECIPE_BASE = {"arch": "modern", "tokenizer": "bpe", "vocab": 1024, "lr": 2e-3, "min_lr": 1e-4}
@@ -236,11 +240,11 @@ def load_best_config() -> dict:
 def resolve_settings(args: argparse.Namespace, overrides: dict | None = None) -> dict:
     """The run's settings: preset budget, then --config best's values, then command-line options."""
     s = dict(PRESETS[args.preset])
-    s.update(arch="classic", config=None, **RECIPE_DEFAULTS)
+    s.update(arch="classic", config=None, **NEUTRAL)
     for key, value in (overrides or {}).items():
         s[key] = value
     for key in ("arch", "tokenizer", "vocab", "steps", "lr", "min_lr", "warmup", "beta2", "weight_decay",
-                "dropout", "precision", "batch_size", "seq_len", *RECIPE_DEFAULTS):
+                "dropout", "precision", "batch_size", "seq_len", *NEUTRAL):
         value = getattr(args, key, None)
         if value is not None:
             s[key] = value
@@ -286,6 +290,8 @@ def resolve_settings(args: argparse.Namespace, overrides: dict | None = None) ->
         raise ValueError(f"--optimizer {s['optimizer']!r}: expected adamw, muon or laprop")
     if s["schedule"] not in ("cosine", "wsd"):
         raise ValueError(f"--schedule {s['schedule']!r}: expected cosine or wsd")
+    if not isinstance(s["eval_every"], int) or s["eval_every"] < 0:
+        raise ValueError(f"--eval-every {s['eval_every']!r}: expected 0 (off) or a step count >= 1")
     s["seed"] = args.seed
     return s
 
@@ -336,6 +342,10 @@ def run_config(s: dict, split: dict, run_dir: Path, tok_path: Path, train_args: 
     }
     if s["seq_warmup"]:
         config["data"].update(seq_len_warmup=int(s["seq_warmup"]), seq_len_start=s["seq_start"])
+    if s["eval_every"]:  # the held-out part, whole, in non-overlapping windows, every eval_every steps
+        config["trainer"].update(limit_val_batches=1.0, val_check_interval=int(s["eval_every"]),
+                                 check_val_every_n_epoch=None)
+        config["data"]["eval_step_size"] = 1.0  # a fraction of seq_len: the whole window
     if s["config"] != "best":
         config["trainer"]["gradient_clip_val"] = 1.0
         config["model"] = {
@@ -388,7 +398,7 @@ def run_name(s: dict, extra: list[str], args_threads: int | None = None, digest:
     reads (the shipped config, an architecture overlay) and the corpus' `digest` (from `split_corpus`)."""
     tok = "char" if s["tokenizer"] == "char" else f"bpe{s['vocab']}"
     # recipe settings at their neutral values are left out, so runs made before they existed keep their keys
-    keyed = {k: s[k] for k in sorted(s) if not (k in RECIPE_DEFAULTS and s[k] == RECIPE_DEFAULTS[k])}
+    keyed = {k: s[k] for k in sorted(s) if not (k in NEUTRAL and s[k] == NEUTRAL[k])}
     key = json.dumps(keyed, sort_keys=True, default=str) + " ".join(extra)
     key += f" corpus={digest}"
     if args_threads:
@@ -450,6 +460,30 @@ def train_curve(run_dir: Path) -> list[tuple[int, float, float]]:
     if tag is None:
         return []
     return [(e.step, e.value, e.wall_time) for e in acc.Scalars(tag)]
+
+
+def heldout_curve(run_dir: Path, bpc_per_nat_token: float, fit_start: float | None) -> list[list]:
+    """[step, bits/char, seconds since the fit was launched] of each in-fit validation (``--eval-every``): the
+    logged ``val_loss`` (token-weighted nats/token over the whole held-out part) times targets per character / ln 2.
+    Seconds are None if the launch time is unknown."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    logs = run_dir / "logs" / "fit"
+    if not logs.is_dir():
+        return []
+    acc = EventAccumulator(str(logs), size_guidance={"scalars": 0})
+    acc.Reload()
+    if "val_loss" not in acc.Tags().get("scalars", []):
+        return []
+    # Lightning logs a validation run inside the fit at the optimizer steps taken before the last one (a run of
+    # max_steps=60 validated every 20 logs 19, 39, 59; the last equals the score of the final checkpoint): +1
+    return [[e.step + 1, round(e.value * bpc_per_nat_token, 4),
+             round(e.wall_time - fit_start, 1) if fit_start is not None else None] for e in acc.Scalars("val_loss")]
+
+
+def reached(curve: list[list], bpc: float) -> dict | None:
+    """The first point of a held-out curve at or below `bpc` ({step, bpc, s}), or None if none is."""
+    point = next((p for p in curve if p[1] <= bpc), None)
+    return dict(zip(("step", "bpc", "s"), point)) if point else None
 
 
 # ---------------------------------------------------------------------------------------------- one run
@@ -539,12 +573,13 @@ def _run_one(args, s, split, extra, name, run_dir, result_path, env) -> dict:
     fit_json = run_dir / "fit.json"
     if fit_json.is_file() and ckpt.is_file():
         fit = json.loads(fit_json.read_text())
-        fit_s, prep_s = fit["fit_s"], fit["prep_s"]
+        fit_s, prep_s, fit_start = fit["fit_s"], fit["prep_s"], fit.get("fit_start")
     else:
+        fit_start = time.time()  # the event files' clock: the held-out curve's seconds count from here
         fit_s, _ = xlab(["fit", *base, *extra], run_dir / "fit.log", env)
         if not ckpt.is_file():
             raise RuntimeError(f"fit wrote no checkpoint at {ckpt}; see {run_dir / 'fit.log'}")
-        fit_json.write_text(json.dumps({"fit_s": fit_s, "prep_s": prep_s}))
+        fit_json.write_text(json.dumps({"fit_s": fit_s, "prep_s": prep_s, "fit_start": fit_start}))
 
     # 4. Score the whole held-out part: one document, non-overlapping windows.
     val_args = ["validate", *base, f"--data.step_size={int(s['seq_len'])}", "--trainer.logger=false",
@@ -557,6 +592,7 @@ def _run_one(args, s, split, extra, name, run_dir, result_path, env) -> dict:
     bpc = nats_per_char / math.log(2)
 
     curve = train_curve(run_dir)
+    heldout = heldout_curve(run_dir, targets / split["heldout_chars"] / math.log(2), fit_start)
     loop_s = None
     if len(curve) >= 2:  # training-loop time from the event timestamps, extrapolated over the first 10 steps
         (s0, _, t0), (s1, _, t1) = curve[0], curve[-1]
@@ -575,6 +611,9 @@ def _run_one(args, s, split, extra, name, run_dir, result_path, env) -> dict:
         "extra_args": extra, "run": name, "load_avg": round(os.getloadavg()[0], 2), "threads": args.threads,
         "reference": REFERENCES[args.preset],
     }
+    if heldout:
+        result["heldout_curve"] = heldout
+        result["reached"] = reached(heldout, REFERENCES[args.preset]["bpc"])
     (run_dir / "curve.json").write_text(json.dumps([(st, v) for st, v, _ in curve]))
     result_path.write_text(json.dumps(result, indent=1))
     return result
@@ -669,6 +708,12 @@ def print_report(s: dict, result: dict, split: dict) -> None:
               f"({preset['steps']} steps of {preset['batch_size']} x {preset['seq_len']}, same threads, measured now) takes {result['plain_loop_s']} s -> xlab fit wall time is "
               f"{result['wall_vs_plain_loop']}x that" + (" (nanoGPT's own loop, ~38 ms/step idle, is ~76 s of its 85 s)"
                                                            if result["preset"] == "nanogpt-cpu" else ""))
+    if result.get("heldout_curve"):
+        print("held-out curve (step: bits/char @ seconds since the fit was launched): " + ", ".join(
+            f"{st}: {b:.3f} @ {t} s" for st, b, t in result["heldout_curve"]))
+        hit = result.get("reached")
+        print(f"reaches the reference's {ref['bpc']:.4f} bits/char: " + (
+            f"at step {hit['step']} ({hit['bpc']:.4f}), {hit['s']} s after the fit was launched" if hit else "no"))
     print(f"reference ({ref['where']}): {ref['nats_per_char']} nats/char = {ref['bpc']:.2f} bits/char "
           f"in ~{ref['wall_s']:.0f} s -> ratio bpc {result['bpc'] / ref['bpc']:.3f}, "
           f"wall {result['wall_s'] / ref['wall_s']:.2f}")
@@ -988,6 +1033,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--softcap", type=float, help="logit soft-cap (default none)")
     p.add_argument("--seq-warmup", dest="seq_warmup", type=int, help="sequence-length warmup steps (default 0)")
     p.add_argument("--seq-start", dest="seq_start", type=int, help="first length of the warmup (seq_len // 4)")
+    p.add_argument("--eval-every", dest="eval_every", type=int,
+                   help="score the held-out part every N steps during the fit (a held-out curve; default 0: off)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, help="torch threads per xlab process (OMP_NUM_THREADS; default: torch's)")
     p.add_argument("--ablation", action="store_true", help="run every ABLATION row (resumable)")
@@ -1034,7 +1081,8 @@ def main(argv: list[str] | None = None) -> None:
         result["wall_vs_plain_loop"] = round(result["wall_s"] / result["plain_loop_s"], 2)
     print_report(s, result, split)
     keys = ("bpc", "nats_per_char", "wall_s", "tokens_per_s", "prep_s", "loop_s", "plain_loop_s",
-            "wall_vs_plain_loop", "preset", "config", "arch", "tokenizer", "vocab", "seed", "steps", "reference")
+            "wall_vs_plain_loop", "preset", "config", "arch", "tokenizer", "vocab", "seed", "steps", "reached",
+            "reference")
     print(json.dumps({k: result[k] for k in keys if k in result}))
 
 

@@ -3,6 +3,7 @@ trains again. The xlab subprocesses are replaced by a fake that records what eac
 import hashlib
 import importlib.util
 import json
+import math
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+FIT_START = 1_000_000.0  # the fake clock of a fit launch (time.time in the bench module)
 
 
 @pytest.fixture
@@ -39,6 +41,15 @@ def bench(tmp_path, monkeypatch):
         elif command == "fit":
             ckpt = Path(config["trainer"]["callbacks"][0]["init_args"]["dirpath"]) / "final.ckpt"
             ckpt.parent.mkdir(parents=True, exist_ok=True)
+            every = config["trainer"].get("val_check_interval")
+            if every:  # in-fit validation: val_loss 3.0, 2.0, 1.0, ... nats/token, 10 s apart on the fit's clock
+                from torch.utils.tensorboard import SummaryWriter
+                logger = config["trainer"]["logger"]["init_args"]
+                writer = SummaryWriter(str(Path(logger["save_dir"]) / logger["version"]))
+                for i, step in enumerate(range(every, config["trainer"]["max_steps"] + 1, every)):
+                    # logged at one step less, as Lightning does for a validation inside the fit
+                    writer.add_scalar("val_loss", 3.0 - i, step - 1, walltime=FIT_START + 10.0 * (i + 1))
+                writer.close()
             ckpt.write_text(hashlib.sha256(Path(splits["train"]["path"]).read_bytes()).hexdigest())
         elif command == "validate":
             ckpt = next(a.split("=", 1)[1] for a in args if a.startswith("--ckpt_path="))
@@ -124,7 +135,7 @@ def test_recipe_flags_reach_the_config_and_neutral_values_keep_old_run_keys(benc
     assert bench.run_name(bench.resolve_settings(args), []) == bench.run_name(bench.resolve_settings(plain, row), [])
     # neutral values: the key is computed as if the recipe settings did not exist
     s = bench.resolve_settings(plain)
-    old = {k: v for k, v in s.items() if k not in bench.RECIPE_DEFAULTS}
+    old = {k: v for k, v in s.items() if k not in bench.NEUTRAL}
     name = bench.run_name(s, [], digest="d")
     key = json.dumps({k: old[k] for k in sorted(old)}, sort_keys=True, default=str) + " corpus=d"
     assert name.endswith(hashlib.sha256(key.encode()).hexdigest()[:8])
@@ -178,3 +189,25 @@ def test_shipped_config_reports_its_own_settings_and_is_the_screened_winner(benc
     assert bench.ARCHS[r["arch"]]["head_qk"] == best["head_qk"] and r["vocab"] == s["vocab"]
     assert bench.scheduler_config(r, 2000)["init_args"]["min_lr_ratio"] == \
         best["scheduler"]["init_args"]["min_lr_ratio"]
+
+
+def test_eval_every_gives_the_heldout_curve_and_when_it_reaches_the_reference(bench, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench.time, "time", lambda: FIT_START)
+    a = _corpus(tmp_path / "a.txt", "to be or not to be, that is the question")
+    args, _ = bench.parse_args(["--corpus", str(a), "--steps", "10", "--eval-every", "4"])
+    s = bench.resolve_settings(args)
+    split = bench.split_corpus(a, bench.WORK)
+    config = bench.run_config(s, split, tmp_path / "run", tmp_path / "tok.model", {}, 100)
+    assert {k: config["trainer"][k] for k in ("limit_val_batches", "val_check_interval", "check_val_every_n_epoch")} \
+        == {"limit_val_batches": 1.0, "val_check_interval": 4, "check_val_every_n_epoch": None}
+    assert config["data"]["eval_step_size"] == 1.0 and config["data"]["step_size"] == 1  # scored once
+    plain = _run(bench, a)
+    result = _run(bench, a, "--eval-every", "4")
+    assert result["run"] != plain["run"] and "heldout_curve" not in plain
+    per_nat = result["heldout_targets"] / result["heldout_chars"] / math.log(2)
+    # steps 4 and 8 (10 is not a multiple of 4), val_loss 3.0 and 2.0, 10 and 20 s after the launch
+    assert result["heldout_curve"] == [[4, round(3.0 * per_nat, 4), 10.0], [8, round(2.0 * per_nat, 4), 20.0]]
+    assert bench.reached(result["heldout_curve"], 3.5) == {"step": 8, "bpc": round(2.0 * per_nat, 4), "s": 20.0}
+    assert bench.reached(result["heldout_curve"], 2.0) is None
+    with pytest.raises(ValueError, match="--eval-every -1: expected 0"):
+        bench.resolve_settings(bench.parse_args(["--eval-every", "-1"])[0])
