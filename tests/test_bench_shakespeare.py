@@ -1,5 +1,6 @@
 """bench/shakespeare.py keys every cached artefact by the corpus: two corpora never share a run, and --force
 trains again. The xlab subprocesses are replaced by a fake that records what each step read."""
+import copy
 import hashlib
 import importlib.util
 import json
@@ -211,3 +212,23 @@ def test_eval_every_gives_the_heldout_curve_and_when_it_reaches_the_reference(be
     assert bench.reached(result["heldout_curve"], 2.0) is None
     with pytest.raises(ValueError, match="--eval-every -1: expected 0"):
         bench.resolve_settings(bench.parse_args(["--eval-every", "-1"])[0])
+
+
+def test_gpu_config_is_the_measured_gpu_budget_run(bench):
+    """conf/extra/shakespeare-gpu.yaml holds the settings of the GPU-budget runs in bench/results/gpu-h100/
+    (`--preset nanogpt-gpu --arch modern-headqk --tokenizer bpe --vocab 1024 --lr 2e-3 --steps 250 --eval-every 25`)."""
+    args, _ = bench.parse_args(["--preset", "nanogpt-gpu", "--arch", "modern-headqk", "--tokenizer", "bpe",
+                                "--vocab", "1024", "--lr", "2e-3", "--steps", "250", "--eval-every", "25"])
+    s = bench.resolve_settings(args)
+    run = bench.run_config(s, {"train": "T", "heldout": "H"}, Path("run"), Path("tok.model"), {"model_type": "bpe"},
+                           1024)
+    conf = yaml.safe_load((REPO / "conf" / "extra" / "shakespeare-gpu.yaml").read_text())
+    assert conf["seed_everything"] == run["seed_everything"]
+    trainer = ("max_steps", "precision", "gradient_clip_val", "val_check_interval", "check_val_every_n_epoch",
+               "limit_val_batches", "num_sanity_val_steps")
+    assert {k: conf["trainer"][k] for k in trainer} == {k: run["trainer"][k] for k in trainer}
+    data = ("num_tokens", "tokenizer_train_args", "seq_len", "step_size", "eval_step_size", "batch_size")
+    assert {k: conf["data"][k] for k in data} == {k: run["data"][k] for k in data}
+    run_model = copy.deepcopy(run["model"])
+    run_model["scheduler"]["init_args"]["total_steps"] = None  # the file's schedule spans trainer.max_steps
+    assert conf["model"] == run_model

@@ -136,7 +136,8 @@ def test_config_precedence_defaults_then_files_in_order_then_flags(run, tmp_path
 
 def test_overlays_parse_on_top_of_defaults(run):
     for overlay in ("xlab.yaml", "extra/rich.yaml", "extra/early_stopping.yaml", "extra/modern.yaml",
-                    "extra/packed.yaml", "extra/ddp.yaml", "extra/fsdp.yaml", "extra/debug.yaml", "extra/muon.yaml"):
+                    "extra/packed.yaml", "extra/ddp.yaml", "extra/fsdp.yaml", "extra/debug.yaml", "extra/muon.yaml",
+                    "extra/shakespeare.yaml", "extra/shakespeare-gpu.yaml"):
         code, out, err = run("fit", "-c", str(REPO / "conf" / overlay), "--print_config")
         assert code == 0, (overlay, err)
         assert yaml.safe_load(out)["data"]
@@ -150,6 +151,9 @@ def test_overlays_parse_on_top_of_defaults(run):
             release["model"]["d_ff"], release["data"]["seq_len"], release["data"]["num_tokens"]) == (
                 512, 6, 8, 2048, 512, 32768)
     assert release["trainer"]["precision"] == "bf16-mixed"
+    code, out, _ = run("fit", "-c", str(REPO / "conf" / "extra" / "shakespeare-gpu.yaml"), "--print_config")
+    data = yaml.safe_load(out)["data"]
+    assert (data["step_size"], data["eval_step_size"]) == (1, 1.0)  # windows at every token; scored side by side
     code, out, _ = run("fit", "-c", str(REPO / "conf" / "extra" / "muon.yaml"), "--print_config")
     model = yaml.safe_load(out)["model"]
     assert (model["optimizer"]["class_path"], model["scheduler"]["class_path"]) == (
