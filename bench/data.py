@@ -43,7 +43,7 @@ import torch  # noqa: E402
 from xlabml.corpus import iter_builtin_texts  # noqa: E402
 from xlabml.datamodules import XLabDataModule  # noqa: E402
 from xlabml.datasets import SequenceDataset, TokenDataset, load_source  # noqa: E402
-from xlabml.tokenizer import Tokenizer, TokenizerTrainer  # noqa: E402
+from xlabml.tokenizer import TokenizerTrainer  # noqa: E402
 
 SEQ_LEN, BATCH = 64, 12
 

@@ -416,15 +416,15 @@ def summarize_llama(rounds: list, names: list) -> dict:
 
 
 def print_llama(result: dict) -> None:
-    print(f"\nbatch-1 greedy tokens/s, Llama layout of the release dimensions, each candidate in its own process "
-          f"(best of its runs per round):")
+    print("\nbatch-1 greedy tokens/s, Llama layout of the release dimensions, each candidate in its own process "
+          "(best of its runs per round):")
     names = list(result["best_all"])
     for label in ("all", "idle"):
         best = result[f"best_{label}"]
         if best:
             print(f"  best over {label} rounds: " + ", ".join(f"{n} {best[n]}" for n in names))
         else:
-            print(f"  no round started on an idle machine (load average < 0.5)")
+            print("  no round started on an idle machine (load average < 0.5)")
     for ours, t in result["targets"].items():
         print(f"  target {ours} >= {t['needed']}x {t['vs']}: median per-round ratio {t['median_ratio']} -> "
               f"{'met' if t['met'] else 'NOT met'}")
@@ -702,7 +702,7 @@ def main() -> None:
         print_llama(result["llama_cpp"])
     if args.hf:
         hf = result["hf"] = bench_hf(args)
-        print(f"\nagainst transformers' generate, same Llama-layout model, output tokens/s: " + ", ".join(
+        print("\nagainst transformers' generate, same Llama-layout model, output tokens/s: " + ", ".join(
             f"{k} {v}" for k, v in hf["tok_s"].items()) + f"; beam 4 {hf['beam4_vs_hf']}x HF, batch 8 "
             f"{hf['sample_b8_vs_hf']}x HF")
     if args.speculative:

@@ -31,7 +31,6 @@ the seeds: `--seed-list 1` and `--seed-list 2`, then `--stage report`.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os

@@ -5,7 +5,6 @@ import os
 import resource
 import stat
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings

@@ -12,7 +12,6 @@ import torch
 
 import xlabml.tokenizer
 from xlabml.datamodules import XLabDataModule
-from xlabml.datasets import TokenDataset
 from xlabml.tokenizer import Tokenizer, TokenizerTrainer
 
 NUM_TOKENS = 400

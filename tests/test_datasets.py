@@ -1,6 +1,5 @@
 """Data sources, splits and windows: exact values on toy token lists and small local files."""
 import json
-import os
 
 import datasets
 import numpy as np

@@ -3,7 +3,6 @@ composes), LoRA checkpoints (adapters + base reference, one-line errors for a mi
 a LoRA fit that learns, and an exactly resumable LoRA run through the xlab command."""
 import math
 import os
-import warnings
 from functools import partial
 from pathlib import Path
 

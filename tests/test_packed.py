@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xlabml import packed
-from xlabml.layers import Decoder, GELUMLP, ReLUMLP, SwiGLU
+from xlabml.layers import Decoder, GELUMLP, ReLUMLP
 from xlabml.packed import PackedLinear, pack, prepacked
 
 pytestmark = pytest.mark.skipif(not packed.supported(), reason="this PyTorch build has no oneDNN linear packing")

@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from xlabml import inference, packed
 from xlabml.checkpoints import export_checkpoint, load_checkpoint
 from xlabml.layers import Decoder
-from xlabml.models import XLabModel
 from xlabml.quantize import (
     Int4Linear, Int8Embedding, Int8Linear, pack_nibbles, quantize, quantize_int4, quantize_int8, unpack_nibbles,
 )

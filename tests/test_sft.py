@@ -19,7 +19,7 @@ from xlabml.datamodules import XLabDataModule
 from xlabml.datasets import TokenDataset
 from xlabml.models import XLabModel
 from xlabml.posttrain.records import load_examples, normalize_chat
-from xlabml.posttrain.sft import ChatSequenceDataset, _EncodeChats, encode_chats
+from xlabml.posttrain.sft import ChatSequenceDataset, _EncodeChats
 from xlabml.tokenizer import Tokenizer, TokenizerTrainer
 
 LETTERS = "abcdef"
@@ -193,7 +193,7 @@ def test_bad_sources_and_settings(tokenizer, tmp_path):
         load_examples({"path": path, "columns": {"messages": "turns"}}, "chat")
     loaded = load_examples({"path": path, "columns": {"messages": "conversations"}}, "chat")
     assert json.loads(loaded[0]["text"]) == {"messages": [["user", "a"], ["assistant", "b"]]}
-    for settings, match in [(dict(format="chats"), "format='chats': expected one of"),
+    for options, match in [(dict(format="chats"), "format='chats': expected one of"),
                             (dict(dynamic_encode=True), "dynamic_encode applies to text only"),
                             (dict(format="preference", packed=True), "packed applies to text and chat data"),
                             (dict(format="preference", packed=False, seq_len_warmup=10),
@@ -202,7 +202,7 @@ def test_bad_sources_and_settings(tokenizer, tmp_path):
                             (dict(format="text", segments=True, seq_len_warmup=10),
                              "seq_len_warmup cuts batches short")]:
         with pytest.raises(ValueError, match=match):
-            datamodule(tmp_path, tokenizer, path, **settings)
+            datamodule(tmp_path, tokenizer, path, **options)
     missing = datamodule(tmp_path, tokenizer, path, tokenizer_path=str(tmp_path / "none.model"))
     with pytest.raises(FileNotFoundError, match="none.model not found: format='chat' fine-tunes a pretrained model"):
         missing.prepare_data()

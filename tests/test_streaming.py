@@ -4,7 +4,6 @@ import json
 from collections import Counter
 
 import datasets
-import numpy as np
 import pytest
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
