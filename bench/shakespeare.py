@@ -111,6 +111,9 @@ ARCHS.update({
     "modern-headqk-qknorm": {**ARCHS["modern-headqk"], "qk_norm": True},
     "modern-headqk-wdemb": {**ARCHS["modern-headqk"], "weight_decay_embeddings": True},
     "modern-headqk-tied": {**ARCHS["modern-headqk"], "tie_embeddings": True, "embedding_scale": 1.0},
+    "modern-headqk-h2": {**ARCHS["modern-headqk"], "n_heads": 2},
+    "modern-headqk-h8": {**ARCHS["modern-headqk"], "n_heads": 8},
+    "modern-headqk-alibi": {**ARCHS["modern-headqk"], "position": "alibi"},
 })
 # Variants that are the lab's configuration overlays, applied after the run's config (`-c FILE`).
 ARCH_FILES = {"preset-modern": "conf/extra/modern.yaml"}
@@ -192,6 +195,11 @@ SCREEN = [
     ("lr 3e-3 + tied embeddings (scale 1)", {**LR3, "arch": "modern-headqk-tied"}),
     ("lr 3e-3 + wd 0.4 + QK-norm", {**LR3, "weight_decay": 0.4, "arch": "modern-headqk-qknorm"}),
     ("lr 3e-3 + wd 0.4 on embeddings too", {**LR3, "weight_decay": 0.4, "arch": "modern-headqk-wdemb"}),
+    ("lr 3e-3 + wd 0.4 + 2 heads of 64", {**LR3, "weight_decay": 0.4, "arch": "modern-headqk-h2"}),
+    ("lr 3e-3 + wd 0.4 + 8 heads of 16", {**LR3, "weight_decay": 0.4, "arch": "modern-headqk-h8"}),
+    ("lr 3e-3 + wd 0.4 + ALiBi instead of RoPE", {**LR3, "weight_decay": 0.4, "arch": "modern-headqk-alibi"}),
+    ("lr 3e-3 + wd 0.4, decay to 0", {**LR3, "weight_decay": 0.4, "min_lr": 0.0}),
+    ("lr 3e-3 + wd 0.4 + beta2 0.95", {**LR3, "weight_decay": 0.4, "beta2": 0.95}),
 ]
 
 CHAR_VOCAB_BOUND = 1024  # upper bound for the char tokenizer (specials + 256 bytes + the corpus' characters)
