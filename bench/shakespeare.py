@@ -24,6 +24,9 @@ Examples::
     bench/shakespeare.py --threads 1 ...                  # one torch thread per run: far faster on a loaded
                                                           # machine (oversubscribed threads spin)
     bench/shakespeare.py -- --model.qk_norm=true          # anything after -- goes to `xlab.py fit` verbatim
+    bench/shakespeare.py --preset nanogpt-gpu --arch modern-headqk --tokenizer bpe --vocab 1024 --lr 2e-3 \
+        --steps 250 --eval-every 25                       # nanoGPT's GPU budget; the held-out curve every 25
+                                                          # steps and when it first reaches nanoGPT's 2.12
 
 Every run prints the figures, the configuration and nanoGPT's reference, then one JSON line.
 """
