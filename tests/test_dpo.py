@@ -292,3 +292,29 @@ def test_preference_margin_grows_on_a_toy_task(tokenizer, tmp_path):
     accuracy = (rewards > 0).float().mean().item()
     assert accuracy >= 0.9, accuracy
     assert (after - before).mean().item() >= 10.0, (after - before).mean().item()
+
+
+@pytest.mark.parametrize("extra", [{}, {"logit_softcap": 5.0}, {"head_qk": 8}, {"d_embedding": 16}])
+def test_reference_logps_in_chunks_equal_the_plain_ones(extra):
+    torch.manual_seed(0)
+    model = XLabModel(n_vocab=50, max_len=12, d_model=32, n_layers=2, n_heads=4, d_ff=64, pad_index=3,
+                      position="rope", **extra).model.eval()
+    x = torch.randint(4, 50, (3, 12))
+    y = torch.randint(4, 50, (3, 12))
+    y[0, :5] = 3  # prompt positions and padding are not targets
+    y[2, 9:] = 3
+    calls = []
+    head = model.head.forward
+    model.head.forward = lambda h: calls.append(h.shape[0]) or head(h)
+    with torch.no_grad():
+        plain = sequence_logps(model, x, y, 3)
+        n_plain = len(calls)
+        chunked = sequence_logps(model, x, y, 3, chunk_size=7)
+    assert torch.allclose(chunked, plain, rtol=1e-5, atol=1e-5)
+    if "head_qk" in extra:  # its logits are more than the head's: the plain path
+        assert len(calls) == 2 * n_plain
+    else:  # 36 tokens: chunks of 7, 7, 7, 7, 7, 1
+        assert calls[n_plain:] == [7, 7, 7, 7, 7, 1]
+    # with gradients (the policy's pass) the logits stay whole, for the backward
+    chunked_grad = sequence_logps(model, x, y, 3, chunk_size=7)
+    assert chunked_grad.requires_grad and torch.allclose(chunked_grad.detach(), plain, rtol=1e-5, atol=1e-5)

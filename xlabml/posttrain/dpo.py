@@ -14,7 +14,8 @@ the reference does); ``{stage}_logps/chosen`` and ``/rejected`` (the policy's su
 The reference is a frozen copy of the model taken at the first batch, before any update: the initial weights
 (those of ``model.init_from``). Its log-probabilities are computed on the fly in the same step, one forward pass
 without gradients (about a third more compute than the policy's forward and backward, and one more copy of the
-weights, no optimizer state), rather than precomputed over the dataset once: nothing to cache or invalidate
+weights, no optimizer state; its head runs ``loss_chunk_size`` tokens at a time, so it adds no full-size logits
+to the policy's), rather than precomputed over the dataset once: nothing to cache or invalidate
 when the data, its order or the windows change, and nothing that drifts from the batch it scores. A training
 checkpoint holds the reference's weights (key ``xlab_dpo_reference``), so a resumed run keeps comparing with
 the initial weights; exports and the loaders leave it out. Not supported under FSDP (the copy needs the whole
@@ -31,20 +32,42 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xlabml.losses import softcap_logits
 from xlabml.posttrain.objective import Objective
 
 REFERENCE_KEY = "xlab_dpo_reference"
 _BATCH_KEYS = ("chosen_x", "chosen_y", "rejected_x", "rejected_y")
 
 
-def sequence_logps(model: nn.Module, x: Tensor, y: Tensor, ignore_index: int) -> Tensor:
+def sequence_logps(model: nn.Module, x: Tensor, y: Tensor, ignore_index: int, chunk_size: int | None = None
+                   ) -> Tensor:
     """Summed log-probability of each row's targets: ``sum_t log p(y_t | x_<=t)`` over ``y != ignore_index``.
 
     Args:
         model: maps ids (b, t) to logits (b, t, v).
         x, y: inputs and targets (b, t).
+        chunk_size: without gradients (the reference's pass), and for a model whose logits are its linear
+            ``head`` of the hidden states (a ``Decoder`` without head-QK): apply the head and the log-softmax this
+            many tokens at a time, so the whole (b, t, v) logits and their float32 copies are never held at once.
+            Equal to the plain computation up to float rounding.
     Returns: (b,) float32.
     """
+    head = getattr(model, "head", None)
+    if (chunk_size and not torch.is_grad_enabled() and type(head) is nn.Linear
+            and getattr(model, "head_qk", True) is None):
+        hidden = model(x, return_hidden=True).flatten(0, 1)  # b*t c
+        targets = y.flatten()
+        cap = getattr(model, "logit_softcap", None)
+        logps = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)  # b*t
+        for start in range(0, len(targets), chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = head(hidden[rows])  # m v, in autocast's dtype as the plain head's
+            if cap is not None:
+                logits = softcap_logits(logits, cap).to(logits.dtype)
+            valid = targets[rows] != ignore_index
+            picked = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[rows].masked_fill(~valid, 0)[:, None])
+            logps[rows] = picked.squeeze(1).masked_fill(~valid, 0.0)
+        return logps.view(y.shape).sum(dim=1)
     logits = model(x)  # b t v
     nll = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=ignore_index, reduction="none")  # b t
     return -nll.sum(dim=1)
@@ -110,7 +133,7 @@ class DPO(Objective):
         ignore = module._ignore_index()
         policy = sequence_logps(module, x, y, ignore)  # 2b
         with torch.no_grad():
-            baseline = sequence_logps(reference, x, y, ignore)
+            baseline = sequence_logps(reference, x, y, ignore, chunk_size=module.loss_chunk_size)
         b = batch["chosen_x"].size(0)
         losses, chosen, rejected = dpo_loss(policy[:b], policy[b:], baseline[:b], baseline[b:], self.beta)
         loss = losses.mean()
