@@ -126,8 +126,9 @@ ARCH_CONFIG: dict = {}
 
 # Training-recipe settings (issue #15) and their neutral values: a run that leaves them at these is the same run
 # as before they existed (its run key, and so its cached result, does not change).
-RECIPE_DEFAULTS = {"optimizer": "adamw", "muon_lr": 0.02, "schedule": "cosine", "decay_fraction": 0.2,
-                   "z_loss": 0.0, "softcap": None, "seq_warmup": 0, "seq_start": None}
+RECIPE_DEFAULTS = {"optimizer": "adamw", "muon_lr": 0.02, "muon_weight_decay": 0.0, "embedding_lr": None,
+                   "schedule": "cosine", "decay_fraction": 0.2, "z_loss": 0.0, "softcap": None, "seq_warmup": 0,
+                   "seq_start": None}
 # Measurement settings, neutral likewise: `eval_every` scores the whole held-out part every that many steps during
 # the fit (non-overlapping windows), for the held-out curve and the time at which the run reaches the reference.
 RUN_DEFAULTS = {"eval_every": 0}
@@ -190,7 +191,7 @@ SCREEN = [
     ("lr 3e-3 + BPE 2K", {**LR3, "vocab": 2048}),
     ("lr 3e-3 + weight decay 0", {**LR3, "weight_decay": 0.0}),
     ("lr 3e-3 + weight decay 0.2", {**LR3, "weight_decay": 0.2}),
-    ("lr 3e-3 + weight decay 0.4 (shipped now)", {**LR3, "weight_decay": 0.4}),
+    ("lr 3e-3 + weight decay 0.4 (shipped before Muon)", {**LR3, "weight_decay": 0.4}),
     ("lr 3e-3 + weight decay 0.3", {**LR3, "weight_decay": 0.3}),
     ("lr 4e-3 + weight decay 0.4", {**SHIPPED, "lr": 4e-3, "weight_decay": 0.4}),
     ("lr 3e-3 + weight decay 0.8", {**LR3, "weight_decay": 0.8}),
@@ -203,6 +204,14 @@ SCREEN = [
     ("lr 3e-3 + wd 0.4 + ALiBi instead of RoPE", {**LR3, "weight_decay": 0.4, "arch": "modern-headqk-alibi"}),
     ("lr 3e-3 + wd 0.4, decay to 0", {**LR3, "weight_decay": 0.4, "min_lr": 0.0}),
     ("lr 3e-3 + wd 0.4 + beta2 0.95", {**LR3, "weight_decay": 0.4, "beta2": 0.95}),
+    ("lr 3e-3 + wd 0.4 + Muon 0.02 with weight decay 0.1", {**LR3, "weight_decay": 0.4, "optimizer": "muon",
+                                                             "muon_weight_decay": 0.1}),
+    ("lr 3e-3 + wd 0.4 + Muon 0.02 with weight decay 0.2 (shipped now)", {**LR3, "weight_decay": 0.4, "optimizer": "muon",
+                                                             "muon_weight_decay": 0.2}),
+    ("lr 3e-3 + wd 0.4 + Muon 0.02 with weight decay 0.4", {**LR3, "weight_decay": 0.4, "optimizer": "muon",
+                                                             "muon_weight_decay": 0.4}),
+    ("lr 3e-3 + wd 0.4 + Muon 0.02 with weight decay 0.8", {**LR3, "weight_decay": 0.4, "optimizer": "muon",
+                                                             "muon_weight_decay": 0.8}),
 ]
 
 CHAR_VOCAB_BOUND = 1024  # upper bound for the char tokenizer (specials + 256 bytes + the corpus' characters)
@@ -281,6 +290,7 @@ def resolve_settings(args: argparse.Namespace, overrides: dict | None = None) ->
         s["lr"] = opt.get("lr", s["lr"])
         if optimizer.get("class_path", "").endswith("MuonAdamW"):  # report AdamW's rate as lr, Muon's apart
             s["optimizer"], s["muon_lr"], s["lr"] = "muon", opt.get("lr"), opt.get("adam_lr")
+            s["muon_weight_decay"], s["embedding_lr"] = opt.get("weight_decay", 0.0), opt.get("embedding_lr")
             s["weight_decay"], betas = opt.get("adam_weight_decay", s["weight_decay"]), opt.get("adam_betas")
         else:
             s["weight_decay"], betas = opt.get("weight_decay", s["weight_decay"]), opt.get("betas")
@@ -382,12 +392,15 @@ def recipe_model(s: dict) -> dict:
 
 def optimizer_config(s: dict) -> dict:
     """The optimizer of a run: AdamW (lr, betas (0.9, beta2), weight decay), LaProp with the same settings, or
-    Muon at ``muon_lr`` for the hidden matrices (no weight decay, as in the speedrun) with that AdamW for the rest."""
+    Muon at ``muon_lr`` for the hidden matrices (weight decay ``muon_weight_decay``, default none as in the
+    speedrun) with that AdamW for the rest, the embedding table at ``embedding_lr`` if set."""
     betas = [0.9, s["beta2"]]
     if s["optimizer"] == "muon":
-        return {"class_path": "xlabml.optim.MuonAdamW",
-                "init_args": {"lr": s["muon_lr"], "weight_decay": 0.0, "adam_lr": s["lr"], "adam_betas": betas,
-                              "adam_weight_decay": s["weight_decay"]}}
+        init = {"lr": s["muon_lr"], "weight_decay": s["muon_weight_decay"], "adam_lr": s["lr"], "adam_betas": betas,
+                "adam_weight_decay": s["weight_decay"]}
+        if s["embedding_lr"] is not None:
+            init["embedding_lr"] = s["embedding_lr"]
+        return {"class_path": "xlabml.optim.MuonAdamW", "init_args": init}
     name = "xlabml.optim.LaProp" if s["optimizer"] == "laprop" else "torch.optim.AdamW"
     return {"class_path": name, "init_args": {"lr": s["lr"], "betas": betas, "weight_decay": s["weight_decay"]}}
 
@@ -1038,6 +1051,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--seq-len", dest="seq_len", type=int)
     p.add_argument("--optimizer", choices=["adamw", "muon", "laprop"], help="default adamw")
     p.add_argument("--muon-lr", dest="muon_lr", type=float, help="Muon's learning rate (default 0.02)")
+    p.add_argument("--muon-weight-decay", dest="muon_weight_decay", type=float,
+                   help="Muon's decoupled weight decay on the matrices (default 0)")
+    p.add_argument("--embedding-lr", dest="embedding_lr", type=float,
+                   help="with --optimizer muon: AdamW's rate for the embedding table (default: --lr)")
     p.add_argument("--schedule", choices=["cosine", "wsd"], help="default cosine")
     p.add_argument("--decay-fraction", dest="decay_fraction", type=float, help="WSD's decay share (default 0.2)")
     p.add_argument("--z-loss", dest="z_loss", type=float, help="z-loss weight (default 0)")
