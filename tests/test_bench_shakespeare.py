@@ -175,16 +175,19 @@ def test_screen_compares_each_row_with_the_shipped_row_at_the_same_seeds(bench, 
 
 def test_shipped_config_reports_its_own_settings_and_is_the_screened_winner(bench):
     """`-c` reports what conf/extra/shakespeare.yaml sets (not the preset's values), and those settings are the
-    screening row its comment names (lr 3e-3, weight decay 0.4 on the shipped base)."""
+    screening row its comment names (Muon 0.02 with weight decay 0.2 on the matrices, AdamW 3e-3 with weight
+    decay 0.4 on the rest, on the shipped base)."""
     args, _ = bench.parse_args(["-c"])
     s = bench.resolve_settings(args)
     best = bench.load_best_config()["model"]
     opt = best["optimizer"]["init_args"]
-    assert (s["lr"], s["weight_decay"], s["beta2"]) == (opt["lr"], opt["weight_decay"], opt["betas"][1])
+    assert (s["optimizer"], s["muon_lr"], s["muon_weight_decay"], s["lr"], s["weight_decay"], s["beta2"]) == (
+        "muon", opt["lr"], opt["weight_decay"], opt["adam_lr"], opt["adam_weight_decay"], opt["adam_betas"][1])
     assert s["min_lr"] == pytest.approx(1e-4, rel=1e-9) and s["dropout"] == best["dropout"] == 0.0
-    row = dict(bench.SCREEN)["lr 3e-3 + weight decay 0.4 (shipped now)"]
+    row = dict(bench.SCREEN)["lr 3e-3 + wd 0.4 + Muon 0.02 with weight decay 0.2 (shipped now)"]
     plain, _ = bench.parse_args([])
     r = bench.resolve_settings(plain, row)
+    assert bench.optimizer_config(r) == best["optimizer"]  # the same optimizer, argument for argument
     assert (r["lr"], r["weight_decay"], r["beta2"], r["min_lr"], r["warmup"]) == \
         (s["lr"], s["weight_decay"], s["beta2"], s["min_lr"], s["warmup"])
     assert bench.ARCHS[r["arch"]]["head_qk"] == best["head_qk"] and r["vocab"] == s["vocab"]
