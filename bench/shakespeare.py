@@ -212,6 +212,10 @@ SCREEN = [
                                                              "muon_weight_decay": 0.4}),
     ("lr 3e-3 + wd 0.4 + Muon 0.02 with weight decay 0.8", {**LR3, "weight_decay": 0.4, "optimizer": "muon",
                                                              "muon_weight_decay": 0.8}),
+    ("lr 3e-3 + wd 0.4 + Muon 0.03 with weight decay 0.2", {**LR3, "weight_decay": 0.4, "optimizer": "muon",
+                                                             "muon_lr": 0.03, "muon_weight_decay": 0.2}),
+    ("lr 3e-3 + wd 0.4 + Muon 0.01 with weight decay 0.2", {**LR3, "weight_decay": 0.4, "optimizer": "muon",
+                                                             "muon_lr": 0.01, "muon_weight_decay": 0.2}),
 ]
 
 CHAR_VOCAB_BOUND = 1024  # upper bound for the char tokenizer (specials + 256 bytes + the corpus' characters)
