@@ -178,6 +178,8 @@ ABLATION_ORDER = [0, 10, 7, 8, 6, 1, 2, 3, 4, 5, 9, *range(11, len(ABLATION))]
 # published result is carried over: the tokenizer trainer has changed since the ablation rows were measured).
 SHIPPED = {**RECIPE_BASE, "arch": "modern-headqk"}
 LR3 = {**SHIPPED, "lr": 3e-3}
+WD4 = {**LR3, "weight_decay": 0.4}  # the AdamW settings shipped before Muon
+MUON = {**WD4, "optimizer": "muon"}  # Muon on the matrices, those AdamW settings on the rest
 SCREEN = [
     ("base: modern, BPE 1K, head-QK 64, AdamW 2e-3, wd 0.1", SHIPPED),
     ("+ dropout 0.1", {**SHIPPED, "dropout": 0.1}),
@@ -191,31 +193,25 @@ SCREEN = [
     ("lr 3e-3 + BPE 2K", {**LR3, "vocab": 2048}),
     ("lr 3e-3 + weight decay 0", {**LR3, "weight_decay": 0.0}),
     ("lr 3e-3 + weight decay 0.2", {**LR3, "weight_decay": 0.2}),
-    ("lr 3e-3 + weight decay 0.4 (shipped before Muon)", {**LR3, "weight_decay": 0.4}),
+    ("lr 3e-3 + weight decay 0.4 (shipped before Muon)", WD4),
     ("lr 3e-3 + weight decay 0.3", {**LR3, "weight_decay": 0.3}),
     ("lr 4e-3 + weight decay 0.4", {**SHIPPED, "lr": 4e-3, "weight_decay": 0.4}),
     ("lr 3e-3 + weight decay 0.8", {**LR3, "weight_decay": 0.8}),
     ("lr 3e-3 + weight decay 1.6", {**LR3, "weight_decay": 1.6}),
     ("lr 3e-3 + tied embeddings (scale 1)", {**LR3, "arch": "modern-headqk-tied"}),
-    ("lr 3e-3 + wd 0.4 + QK-norm", {**LR3, "weight_decay": 0.4, "arch": "modern-headqk-qknorm"}),
-    ("lr 3e-3 + wd 0.4 on embeddings too", {**LR3, "weight_decay": 0.4, "arch": "modern-headqk-wdemb"}),
-    ("lr 3e-3 + wd 0.4 + 2 heads of 64", {**LR3, "weight_decay": 0.4, "arch": "modern-headqk-h2"}),
-    ("lr 3e-3 + wd 0.4 + 8 heads of 16", {**LR3, "weight_decay": 0.4, "arch": "modern-headqk-h8"}),
-    ("lr 3e-3 + wd 0.4 + ALiBi instead of RoPE", {**LR3, "weight_decay": 0.4, "arch": "modern-headqk-alibi"}),
-    ("lr 3e-3 + wd 0.4, decay to 0", {**LR3, "weight_decay": 0.4, "min_lr": 0.0}),
-    ("lr 3e-3 + wd 0.4 + beta2 0.95", {**LR3, "weight_decay": 0.4, "beta2": 0.95}),
-    ("lr 3e-3 + wd 0.4 + Muon 0.02 with weight decay 0.1", {**LR3, "weight_decay": 0.4, "optimizer": "muon",
-                                                             "muon_weight_decay": 0.1}),
-    ("lr 3e-3 + wd 0.4 + Muon 0.02 with weight decay 0.2 (shipped now)", {**LR3, "weight_decay": 0.4, "optimizer": "muon",
-                                                             "muon_weight_decay": 0.2}),
-    ("lr 3e-3 + wd 0.4 + Muon 0.02 with weight decay 0.4", {**LR3, "weight_decay": 0.4, "optimizer": "muon",
-                                                             "muon_weight_decay": 0.4}),
-    ("lr 3e-3 + wd 0.4 + Muon 0.02 with weight decay 0.8", {**LR3, "weight_decay": 0.4, "optimizer": "muon",
-                                                             "muon_weight_decay": 0.8}),
-    ("lr 3e-3 + wd 0.4 + Muon 0.03 with weight decay 0.2", {**LR3, "weight_decay": 0.4, "optimizer": "muon",
-                                                             "muon_lr": 0.03, "muon_weight_decay": 0.2}),
-    ("lr 3e-3 + wd 0.4 + Muon 0.01 with weight decay 0.2", {**LR3, "weight_decay": 0.4, "optimizer": "muon",
-                                                             "muon_lr": 0.01, "muon_weight_decay": 0.2}),
+    ("lr 3e-3 + wd 0.4 + QK-norm", {**WD4, "arch": "modern-headqk-qknorm"}),
+    ("lr 3e-3 + wd 0.4 on embeddings too", {**WD4, "arch": "modern-headqk-wdemb"}),
+    ("lr 3e-3 + wd 0.4 + 2 heads of 64", {**WD4, "arch": "modern-headqk-h2"}),
+    ("lr 3e-3 + wd 0.4 + 8 heads of 16", {**WD4, "arch": "modern-headqk-h8"}),
+    ("lr 3e-3 + wd 0.4 + ALiBi instead of RoPE", {**WD4, "arch": "modern-headqk-alibi"}),
+    ("lr 3e-3 + wd 0.4, decay to 0", {**WD4, "min_lr": 0.0}),
+    ("lr 3e-3 + wd 0.4 + beta2 0.95", {**WD4, "beta2": 0.95}),
+    ("lr 3e-3 + wd 0.4 + Muon 0.02 with weight decay 0.1", {**MUON, "muon_weight_decay": 0.1}),
+    ("lr 3e-3 + wd 0.4 + Muon 0.02 with weight decay 0.2 (shipped now)", {**MUON, "muon_weight_decay": 0.2}),
+    ("lr 3e-3 + wd 0.4 + Muon 0.02 with weight decay 0.4", {**MUON, "muon_weight_decay": 0.4}),
+    ("lr 3e-3 + wd 0.4 + Muon 0.02 with weight decay 0.8", {**MUON, "muon_weight_decay": 0.8}),
+    ("lr 3e-3 + wd 0.4 + Muon 0.03 with weight decay 0.2", {**MUON, "muon_lr": 0.03, "muon_weight_decay": 0.2}),
+    ("lr 3e-3 + wd 0.4 + Muon 0.01 with weight decay 0.2", {**MUON, "muon_lr": 0.01, "muon_weight_decay": 0.2}),
 ]
 
 CHAR_VOCAB_BOUND = 1024  # upper bound for the char tokenizer (specials + 256 bytes + the corpus' characters)
@@ -475,37 +471,33 @@ def heldout_targets(tok_path: Path, heldout: Path) -> int:
     return len(Tokenizer.load(str(tok_path)).encode(heldout.read_text(encoding="utf-8"))) + 1
 
 
-def train_curve(run_dir: Path) -> list[tuple[int, float, float]]:
-    """(step, train_loss, wall_time) points from the fit run's TensorBoard event files."""
+def _scalars(run_dir: Path, tags: tuple[str, ...]) -> list:
+    """The TensorBoard events of the first of `tags` that the fit run logged ([] if none or no logs)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     logs = run_dir / "logs" / "fit"
     if not logs.is_dir():
         return []
     acc = EventAccumulator(str(logs), size_guidance={"scalars": 0})
     acc.Reload()
-    tags = acc.Tags().get("scalars", [])
-    tag = next((t for t in ("train_loss", "train_loss_step") if t in tags), None)
-    if tag is None:
-        return []
-    return [(e.step, e.value, e.wall_time) for e in acc.Scalars(tag)]
+    logged = acc.Tags().get("scalars", [])
+    tag = next((t for t in tags if t in logged), None)
+    return acc.Scalars(tag) if tag else []
+
+
+def train_curve(run_dir: Path) -> list[tuple[int, float, float]]:
+    """(step, train_loss, wall_time) points from the fit run's TensorBoard event files."""
+    return [(e.step, e.value, e.wall_time) for e in _scalars(run_dir, ("train_loss", "train_loss_step"))]
 
 
 def heldout_curve(run_dir: Path, bpc_per_nat_token: float, fit_start: float | None) -> list[list]:
     """[step, bits/char, seconds since the fit was launched] of each in-fit validation (``--eval-every``): the
     logged ``val_loss`` (token-weighted nats/token over the whole held-out part) times targets per character / ln 2.
     Seconds are None if the launch time is unknown."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    logs = run_dir / "logs" / "fit"
-    if not logs.is_dir():
-        return []
-    acc = EventAccumulator(str(logs), size_guidance={"scalars": 0})
-    acc.Reload()
-    if "val_loss" not in acc.Tags().get("scalars", []):
-        return []
     # Lightning logs a validation run inside the fit at the optimizer steps taken before the last one (a run of
     # max_steps=60 validated every 20 logs 19, 39, 59; the last equals the score of the final checkpoint): +1
     return [[e.step + 1, round(e.value * bpc_per_nat_token, 4),
-             round(e.wall_time - fit_start, 1) if fit_start is not None else None] for e in acc.Scalars("val_loss")]
+             round(e.wall_time - fit_start, 1) if fit_start is not None else None]
+            for e in _scalars(run_dir, ("val_loss",))]
 
 
 def reached(curve: list[list], bpc: float) -> dict | None:
