@@ -64,9 +64,7 @@ def sequence_logps(model: nn.Module, x: Tensor, y: Tensor, ignore_index: int, ch
             logits = head(hidden[rows])  # m v, in autocast's dtype as the plain head's
             if cap is not None:
                 logits = softcap_logits(logits, cap).to(logits.dtype)
-            valid = targets[rows] != ignore_index
-            picked = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[rows].masked_fill(~valid, 0)[:, None])
-            logps[rows] = picked.squeeze(1).masked_fill(~valid, 0.0)
+            logps[rows] = -F.cross_entropy(logits.float(), targets[rows], ignore_index=ignore_index, reduction="none")
         return logps.view(y.shape).sum(dim=1)
     logits = model(x)  # b t v
     nll = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=ignore_index, reduction="none")  # b t
