@@ -117,6 +117,7 @@ ARCHS.update({
     "modern-headqk-h2": {**ARCHS["modern-headqk"], "n_heads": 2},
     "modern-headqk-h8": {**ARCHS["modern-headqk"], "n_heads": 8},
     "modern-headqk-alibi": {**ARCHS["modern-headqk"], "position": "alibi"},
+    "modern-headqk-relu2": {**ARCHS["modern-headqk"], "ffn": "relu2"},
 })
 # Variants that are the lab's configuration overlays, applied after the run's config (`-c FILE`).
 ARCH_FILES = {"preset-modern": "conf/extra/modern.yaml"}

@@ -20,6 +20,7 @@ CAPACITY = {
     'moe': dict(position='rope', norm='rmsnorm', ffn='moe', n_experts=4, moe_top_k=2),
     'moe-top1-alibi': dict(position='alibi', ffn='moe', n_experts=3, moe_top_k=1),
     'sgu': dict(position='rope', norm='rmsnorm', ffn='sgu'),
+    'relu2': dict(position='rope', norm='rmsnorm', ffn='relu2'),
     'sgu-window-parallel': dict(ffn='sgu', sliding_window=5, parallel_residual=True),
     'head-qk': dict(position='rope', head_qk=16),
     'head-qk-window': dict(position='rope', head_qk=8, sliding_window=4),
@@ -464,3 +465,15 @@ def test_per_slot_state_refuses_the_memory_options_it_cannot_follow(stateful, op
     segment-memory and linear-attention caches would leave it behind, so the combination is one clear error."""
     with pytest.raises(ValueError, match=re.escape(message)):
         Decoder(32, 16, d_model=16, n_layers=2, n_heads=2, d_ff=32, position="rope", **stateful, **option)
+
+
+def test_relu2_mlp_is_squared_relu_between_two_linears():
+    from xlabml.layers import ReLU2MLP
+    torch.manual_seed(0)
+    mlp = ReLU2MLP(8, 16)
+    x = torch.randn(3, 5, 8)
+    hidden = mlp.fc(x)
+    assert (hidden < 0).any()  # the activation's negative side is exercised
+    expected = mlp.proj(torch.where(hidden > 0, hidden * hidden, torch.zeros_like(hidden)))
+    torch.testing.assert_close(mlp(x), expected, rtol=0, atol=0)
+    assert sum(p.numel() for p in mlp.parameters()) == 8 * 16 + 16 + 16 * 8 + 8

@@ -221,7 +221,14 @@ NORMS = {'layernorm': LayerNorm, 'rmsnorm': RMSNorm}
 
 # ------------------------------------------------------------------------------------------- feed-forward
 
-ACTIVATIONS = {'gelu': nn.GELU, 'relu': nn.ReLU}
+class ReLUSquared(nn.Module):
+    """relu(x)^2: the squared ReLU of Primer (So et al. 2021) and of the modded-nanogpt speedrun's MLP."""
+
+    def forward(self, x):
+        return F.relu(x).square()
+
+
+ACTIVATIONS = {'gelu': nn.GELU, 'relu': nn.ReLU, 'relu2': ReLUSquared}
 
 
 class MLP(nn.Module):
@@ -248,6 +255,12 @@ class GELUMLP(MLP):
 
 class ReLUMLP(MLP):
     activation = 'relu'
+
+
+class ReLU2MLP(MLP):
+    """The two-matrix MLP with a squared ReLU: nanoGPT's parameter count at ``d_ff = 4 d_model``, two matmuls
+    instead of SwiGLU's three."""
+    activation = 'relu2'
 
 
 def swiglu_hidden(d_ff: int) -> int:
@@ -408,7 +421,7 @@ class SGU(nn.Module):
         return self.proj(self.dropout(u * gate))  # b t c
 
 
-FEED_FORWARDS = {'gelu': GELUMLP, 'relu': ReLUMLP, 'swiglu': SwiGLU, 'moe': MoE, 'sgu': SGU}
+FEED_FORWARDS = {'gelu': GELUMLP, 'relu': ReLUMLP, 'relu2': ReLU2MLP, 'swiglu': SwiGLU, 'moe': MoE, 'sgu': SGU}
 
 
 # -------------------------------------------------------------------------------------------------- block
