@@ -128,6 +128,7 @@ ARCH_CONFIG: dict = {}
 # Training-recipe settings (issue #15) and their neutral values: a run that leaves them at these is the same run
 # as before they existed (its run key, and so its cached result, does not change).
 RECIPE_DEFAULTS = {"optimizer": "adamw", "muon_lr": 0.02, "muon_weight_decay": 0.0, "embedding_lr": None,
+                   "muon_split": False,
                    "schedule": "cosine", "decay_fraction": 0.2, "z_loss": 0.0, "softcap": None, "seq_warmup": 0,
                    "seq_start": None}
 # Measurement settings, neutral likewise: `eval_every` scores the whole held-out part every that many steps during
@@ -292,6 +293,7 @@ def resolve_settings(args: argparse.Namespace, overrides: dict | None = None) ->
         if optimizer.get("class_path", "").endswith("MuonAdamW"):  # report AdamW's rate as lr, Muon's apart
             s["optimizer"], s["muon_lr"], s["lr"] = "muon", opt.get("lr"), opt.get("adam_lr")
             s["muon_weight_decay"], s["embedding_lr"] = opt.get("weight_decay", 0.0), opt.get("embedding_lr")
+            s["muon_split"] = bool(opt.get("split_fused", False))
             s["weight_decay"], betas = opt.get("adam_weight_decay", s["weight_decay"]), opt.get("adam_betas")
         else:
             s["weight_decay"], betas = opt.get("weight_decay", s["weight_decay"]), opt.get("betas")
@@ -401,6 +403,8 @@ def optimizer_config(s: dict) -> dict:
                 "adam_weight_decay": s["weight_decay"]}
         if s["embedding_lr"] is not None:
             init["embedding_lr"] = s["embedding_lr"]
+        if s["muon_split"]:
+            init["split_fused"] = True
         return {"class_path": "xlabml.optim.MuonAdamW", "init_args": init}
     name = "xlabml.optim.LaProp" if s["optimizer"] == "laprop" else "torch.optim.AdamW"
     return {"class_path": name, "init_args": {"lr": s["lr"], "betas": betas, "weight_decay": s["weight_decay"]}}
@@ -1050,6 +1054,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--muon-lr", dest="muon_lr", type=float, help="Muon's learning rate (default 0.02)")
     p.add_argument("--muon-weight-decay", dest="muon_weight_decay", type=float,
                    help="Muon's decoupled weight decay on the matrices (default 0)")
+    p.add_argument("--muon-split", dest="muon_split", action="store_true", default=None,
+                   help="with --optimizer muon: orthogonalise q, k, v (and SwiGLU's gate, up) apart (split_fused)")
     p.add_argument("--embedding-lr", dest="embedding_lr", type=float,
                    help="with --optimizer muon: AdamW's rate for the embedding table (default: --lr)")
     p.add_argument("--schedule", choices=["cosine", "wsd"], help="default cosine")

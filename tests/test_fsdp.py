@@ -80,8 +80,9 @@ class Recorder(XLabModel):
 def muon():
     from xlabml.optim import MuonAdamW
     # float32 Newton-Schulz: the sharded and the one-process runs then agree to float rounding (bf16 would round
-    # their tiny gradient differences apart)
-    return partial(MuonAdamW, lr=0.02, adam_lr=1e-3, ns_dtype='float32')
+    # their tiny gradient differences apart); split_fused: attention's qkv is orthogonalised as three matrices
+    # (rebuilt whole from the shards, split by rows), the output projections as one
+    return partial(MuonAdamW, lr=0.02, adam_lr=1e-3, ns_dtype='float32', split_fused=True)
 
 
 def make_model(optimizer=None):

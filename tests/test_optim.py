@@ -205,3 +205,52 @@ def test_laprop_checks_values():
         LaProp([p], betas=(0.9, 1.0))
     with pytest.raises(ValueError, match='weight_decay'):
         LaProp([p], weight_decay=-0.1)
+
+
+@pytest.mark.parametrize('rows', [(8, 8, 8), (12, 12), (16, 4, 4)])
+def test_split_fused_muon_equals_separate_matrices(rows):
+    """With split_fused, a weight stacking matrices by rows takes exactly the steps torch.optim.Muon takes on
+    each matrix apart (shape factor included); without it, the steps of the whole."""
+    torch.manual_seed(0)
+    stacked = torch.nn.Parameter(torch.randn(sum(rows), 8))
+    plain = torch.nn.Parameter(stacked.detach().clone())
+    parts = [torch.nn.Parameter(p.detach().clone()) for p in stacked.detach().split(list(rows))]
+    settings = dict(lr=0.05, momentum=0.9, weight_decay=0.1)
+    ours = MuonAdamW([{'params': [stacked], 'roles': ['matrix'], 'rows': [rows]}], split_fused=True, **settings)
+    whole = MuonAdamW([{'params': [plain], 'roles': ['matrix'], 'rows': [rows]}], **settings)
+    ref = torch.optim.Muon(parts, adjust_lr_fn='original', **settings)
+    for step in range(3):
+        grad = torch.randn(stacked.shape, generator=torch.Generator().manual_seed(step))
+        stacked.grad, plain.grad = grad.clone(), grad.clone()
+        for p, g in zip(parts, grad.split(list(rows))):
+            p.grad = g.clone()
+        ours.step(), whole.step(), ref.step()
+        assert torch.equal(stacked.detach(), torch.cat([p.detach() for p in parts])), f"step {step}"
+    assert not torch.equal(stacked, plain)  # apart is not the same step as whole
+
+
+def test_fused_rows_of_the_model_reach_muon_and_resume_from_old_state():
+    from xlabml.roles import fused_rows
+    model = tiny(position='rope', norm='rmsnorm', ffn='swiglu', n_kv_heads=2)
+    rows = fused_rows(model.model)
+    hidden = model.model.blocks[0].ffn.hidden
+    assert rows == {'blocks.0.attn.qkv.weight': (32, 16, 16), 'blocks.0.ffn.fc.weight': (hidden, hidden)}
+    groups = model.parameter_groups()
+    named = dict(model.model.named_parameters())
+    for group in groups:
+        for p, row in zip(group['params'], group['rows']):
+            name = next(n for n, q in named.items() if q is p)
+            assert row == rows.get(name)
+    optimizer = MuonAdamW(groups, split_fused=True)
+    muon = optimizer.param_groups[0]
+    assert muon['muon'] and sorted(r for r in muon['rows'] if r) == sorted(rows.values())
+    train_steps(model, optimizer, 2)
+    # a state dict saved before 'rows' and 'split_fused' existed still loads and steps (as whole matrices)
+    state = copy.deepcopy(optimizer.state_dict())
+    for group in state['param_groups']:
+        del group['rows'], group['split_fused']
+    old = MuonAdamW(model.parameter_groups(), split_fused=True)
+    old.load_state_dict(state)
+    before = model.model.blocks[0].attn.qkv.weight.detach().clone()
+    train_steps(model, old, 1, first_seed=5)
+    assert not torch.equal(before, model.model.blocks[0].attn.qkv.weight)

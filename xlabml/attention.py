@@ -207,6 +207,8 @@ class Attention(nn.Module):
         self.window, self.kv_group, self.shares_kv = window, kv_group, shares_kv
         n_kv = 0 if shares_kv else 2 * n_kv_heads
         self.qkv = nn.Linear(d_model, (n_heads + n_kv) * self.head_dim, bias=bias)
+        d = self.head_dim  # the query, key and value projections' rows of qkv (xlabml.roles.fused_rows)
+        self.fused_rows = {'qkv': (n_heads * d,) if shares_kv else (n_heads * d, n_kv_heads * d, n_kv_heads * d)}
         self.proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
         self.q_norm = norm(self.head_dim, bias=bias) if qk_norm else None
         self.k_norm = norm(self.head_dim, bias=bias) if qk_norm and not shares_kv else None

@@ -276,6 +276,7 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.hidden = swiglu_hidden(d_ff)
         self.fc = nn.Linear(d_model, 2 * self.hidden, bias=bias)
+        self.fused_rows = {'fc': (self.hidden, self.hidden)}  # gate, up (xlabml.roles.fused_rows)
         self.dropout = _dropout(dropout, True)
         self.proj = nn.Linear(self.hidden, d_model, bias=bias)
 
@@ -396,6 +397,7 @@ class SGU(nn.Module):
         super().__init__()
         self.hidden = swiglu_hidden(d_ff)
         self.fc = nn.Linear(d_model, 2 * self.hidden, bias=bias)
+        self.fused_rows = {'fc': (self.hidden, self.hidden)}  # u, v
         self.norm = (norm or LayerNorm)(self.hidden, bias=bias)
         self.spatial = nn.Parameter(torch.zeros(max_len))  # weight per distance 0..max_len-1
         self.gate_bias = nn.Parameter(torch.ones(self.hidden))

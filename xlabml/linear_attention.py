@@ -81,6 +81,8 @@ class LinearAttention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d_model // n_heads
         self.chunk_size = chunk_size
         self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
+        d = self.head_dim
+        self.fused_rows = {'qkv': (n_heads * d, n_kv_heads * d, n_kv_heads * d)}  # xlabml.roles.fused_rows
         self.proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
         self.q_norm = norm(self.head_dim, bias=bias) if qk_norm else None
         self.k_norm = norm(self.head_dim, bias=bias) if qk_norm else None

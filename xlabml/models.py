@@ -34,7 +34,7 @@ from .lora import LoRAConfig, LoRASettings, apply_lora
 from .losses import cross_entropy, linear_cross_entropy
 from .metrics import target_bytes, token_bytes
 from .posttrain.objective import Objective
-from .roles import parameter_roles, unwrapped_name
+from .roles import fused_rows, parameter_roles, unwrapped_name
 from .schedules import WarmupCosine  # noqa: F401  (re-exported: xlabml.models.WarmupCosine)
 
 # roles (xlabml.roles) whose parameters decay; embedding and position tables too with weight_decay_embeddings
@@ -397,16 +397,19 @@ class XLabModule(L.LightningModule):
         decay; biases, norm gains and (unless ``weight_decay_embeddings``) the embedding and learned position
         tables, a head tied to the embedding included, do not; nor does a parameter of a module type XLab does
         not know (role ``other``). The decay group takes the optimizer's weight_decay, the other 0. Each group
-        also lists the role of each of its parameters (``roles``), which other optimizers ignore."""
+        also lists the role of each of its parameters (``roles``) and, for a weight that stacks several matrices,
+        their row counts (``rows``, else None; ``xlabml.roles.fused_rows``), which other optimizers ignore."""
         decaying = DECAY_ROLES | (EMBEDDING_ROLES if self.weight_decay_embeddings else frozenset())
-        roles = parameter_roles(self.model)
-        decay, no_decay = {'params': [], 'roles': []}, {'params': [], 'roles': [], 'weight_decay': 0.0}
+        roles, fused = parameter_roles(self.model), fused_rows(self.model)
+        decay = {'params': [], 'roles': [], 'rows': []}
+        no_decay = {'params': [], 'roles': [], 'rows': [], 'weight_decay': 0.0}
         for name, p in self.model.named_parameters():  # a tied weight once
             if p.requires_grad:
                 role = roles[unwrapped_name(name)]
                 group = decay if role in decaying else no_decay
                 group['params'].append(p)
                 group['roles'].append(role)  # for optimizers that treat roles apart (xlabml.optim.MuonAdamW)
+                group['rows'].append(fused.get(unwrapped_name(name)))  # stacked matrices (roles.fused_rows)
         return [decay, no_decay]
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):

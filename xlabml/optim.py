@@ -68,6 +68,25 @@ def muon_lr_scale(shape, adjust_lr: str | None) -> float:
     return 1.0
 
 
+def muon_updates(update: Tensor, rows, steps: int, adjust_lr: str | None, dtype: torch.dtype):
+    """Muon's step directions for a 2-D momentum ``update``: ``[(first row, last row + 1, direction, factor)]``,
+    each direction orthogonalised (``orthogonalize``, in ``update``'s dtype) and its shape factor
+    (``muon_lr_scale``). ``rows``: the row counts of the matrices ``update`` stacks, each orthogonalised on its
+    own (None: the whole as one matrix)."""
+    if rows is None:
+        rows = (update.size(0),)
+    elif sum(rows) != update.size(0):
+        raise ValueError(f"MuonAdamW: rows {tuple(rows)} do not add up to the {update.size(0)} rows of a "
+                         f"{tuple(update.shape)} matrix")
+    out, lo = [], 0
+    for part in update.split(list(rows), dim=0):
+        hi = lo + part.size(0)
+        out.append((lo, hi, orthogonalize(part, steps, eps=1e-7, dtype=dtype).to(update.dtype),
+                    muon_lr_scale(part.shape, adjust_lr)))
+        lo = hi
+    return out
+
+
 class MuonAdamW(Optimizer):
     """Muon for parameters of role ``matrix``, AdamW for the rest.
 
@@ -85,6 +104,10 @@ class MuonAdamW(Optimizer):
             (default ``adam_lr``).
         fused: AdamW's fused kernel (default: on CPU, where it saves about 2 ms a step on the reference model).
         ns_dtype: dtype of the Newton-Schulz iteration (``'bfloat16'`` as the reference, or ``'float32'``).
+        split_fused: orthogonalise each matrix of a weight that stacks several (attention's query, key and value
+            rows in ``qkv``, SwiGLU's gate and up rows in ``fc``: the groups' ``rows``, ``xlabml.roles.fused_rows``)
+            on its own, each with its own shape factor, as if they were separate layers (the speedrun's Muon sees
+            q, k and v apart). False: the stacked weight as one matrix.
 
     Each of its groups holds ``muon`` (bool) and ``roles``; schedulers scale every group's rate by the same
     factor. The optimizer does not claim to unscale gradients itself, so gradient clipping works under every
@@ -95,7 +118,7 @@ class MuonAdamW(Optimizer):
                  ns_steps: int = 5, weight_decay: float = 0.0, adjust_lr: str | None = 'original',
                  adam_lr: float = 3e-3, adam_betas: tuple[float, float] = (0.9, 0.95), adam_eps: float = 1e-8,
                  adam_weight_decay: float = 0.0, embedding_lr: float | None = None, head_lr: float | None = None,
-                 fused: bool | None = None, ns_dtype: str = 'bfloat16'):
+                 fused: bool | None = None, ns_dtype: str = 'bfloat16', split_fused: bool = False):
         if adjust_lr not in (None, 'original', 'match_rms_adamw'):
             raise ValueError(f"adjust_lr={adjust_lr!r}: expected 'original', 'match_rms_adamw' or None")
         for name, value in (('lr', lr), ('adam_lr', adam_lr), ('weight_decay', weight_decay),
@@ -115,8 +138,11 @@ class MuonAdamW(Optimizer):
             if roles is None or len(roles) != len(group['params']):
                 raise ValueError("MuonAdamW needs parameter groups with the role of every parameter ('roles', as "
                                  "XLabModule.parameter_groups makes them): Muon is for hidden matrices only")
-            split = {}  # (muon, lr) -> params, roles
-            for p, role in zip(group['params'], roles):
+            rows = group.get('rows') or [None] * len(roles)
+            if len(rows) != len(roles):
+                raise ValueError(f"a parameter group lists {len(rows)} 'rows' for {len(roles)} parameters")
+            split = {}  # (muon, lr) -> params, roles, rows
+            for p, role, row in zip(group['params'], roles, rows):
                 if role in MUON_ROLES:
                     key = (True, lr)
                 elif role in EMBEDDING_ROLES:
@@ -125,19 +151,21 @@ class MuonAdamW(Optimizer):
                     key = (False, adam_lr if head_lr is None else head_lr)
                 else:
                     key = (False, adam_lr)
-                split.setdefault(key, ([], []))
+                split.setdefault(key, ([], [], []))
                 split[key][0].append(p)
                 split[key][1].append(role)
-            for (muon, group_lr), (ps, rs) in split.items():
+                split[key][2].append(None if row is None else tuple(row))
+            for (muon, group_lr), (ps, rs, rows) in split.items():
                 decay = group.get('weight_decay', weight_decay if muon else adam_weight_decay)
-                groups.append({'params': ps, 'roles': rs, 'muon': muon, 'lr': group_lr, 'weight_decay': decay})
+                groups.append({'params': ps, 'roles': rs, 'rows': rows, 'muon': muon, 'lr': group_lr,
+                               'weight_decay': decay})
         groups.sort(key=lambda g: not g['muon'])  # Muon first: param_groups[0]['lr'] is the logged rate
         tensors = [p for g in groups for p in g['params']]
         if fused is None:
             fused = all(p.device.type == 'cpu' and p.is_floating_point() for p in tensors)
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, adjust_lr=adjust_lr,
                         betas=tuple(adam_betas), eps=adam_eps, weight_decay=weight_decay, fused=bool(fused),
-                        ns_dtype=ns_dtype, muon=False, roles=None)
+                        ns_dtype=ns_dtype, split_fused=bool(split_fused), muon=False, roles=None, rows=None)
         super().__init__(groups, defaults)
         self._shards: dict[int, tuple] = {}  # id(parameter) -> (full shape, start, stop, process group)
 
@@ -173,7 +201,11 @@ class MuonAdamW(Optimizer):
     def _muon(self, group):
         lr, wd, momentum = group['lr'], group['weight_decay'], group['momentum']
         dtype = getattr(torch, group['ns_dtype'])
-        for p in group['params']:
+        # a group restored from a checkpoint written before these keys existed has neither
+        split = group.get('split_fused', False)
+        all_rows = group.get('rows') or [None] * len(group['params'])
+        for p, rows in zip(group['params'], all_rows):
+            rows = rows if split else None
             shard = self._shards.get(id(p))
             if shard is None and p.grad is None:
                 continue
@@ -187,18 +219,26 @@ class MuonAdamW(Optimizer):
             buf = state['momentum_buffer']
             buf.lerp_(grad, 1 - momentum)
             update = grad.lerp(buf, momentum) if group['nesterov'] else buf
+            steps, adjust = group['ns_steps'], group['adjust_lr']
             if shard is None:
-                shape = p.shape
-                update = orthogonalize(update, group['ns_steps'], eps=1e-7, dtype=dtype)
+                p.mul_(1 - lr * wd)
+                for lo, hi, direction, factor in muon_updates(update, rows, steps, adjust, dtype):
+                    p[lo:hi].add_(direction.to(p.dtype), alpha=-lr * factor)
             else:
                 shape, start, stop, process_group = shard
                 whole = torch.zeros(math.prod(shape), dtype=update.dtype, device=update.device)
                 whole[start:stop] = update.flatten()
                 torch.distributed.all_reduce(whole, group=process_group)  # disjoint slices: a sum is a gather
-                update = orthogonalize(whole.view(shape), group['ns_steps'], eps=1e-7, dtype=dtype)
-                update = update.flatten()[start:stop].view_as(p)
-            p.mul_(1 - lr * wd)
-            p.add_(update.to(p.dtype), alpha=-lr * muon_lr_scale(shape, group['adjust_lr']))
+                whole = whole.view(shape)
+                parts = muon_updates(whole, rows, steps, adjust, dtype)
+                if len(parts) == 1:  # one factor: as the single-process step, the factor in the rate
+                    factor = parts[0][3]
+                    update = parts[0][2].flatten()[start:stop].view_as(p)
+                else:
+                    factor = 1.0
+                    update = torch.cat([d * f for _, _, d, f in parts]).flatten()[start:stop].view_as(p)
+                p.mul_(1 - lr * wd)
+                p.add_(update.to(p.dtype), alpha=-lr * factor)
 
     def _adamw(self, group):
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []

@@ -69,6 +69,26 @@ def parameter_roles(model: nn.Module) -> dict[str, str]:
     return roles
 
 
+def fused_rows(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The weights of ``model`` that hold several matrices stacked by rows, one ``nn.Linear`` computing them
+    together (attention's query, key and value projections in ``qkv``; SwiGLU's gate and up projections in
+    ``fc``): ``{name: row counts}``, names as in ``parameter_roles``. A module declares its own in a
+    ``fused_rows`` attribute (``{linear's attribute name: row counts}``); Muon can then orthogonalise each matrix
+    apart (``xlabml.optim.MuonAdamW(split_fused=True)``), as if they were separate layers."""
+    out = {}
+    for prefix, module in model.named_modules():
+        for attribute, rows in getattr(module, 'fused_rows', {}).items():
+            linear = getattr(module, attribute, None)
+            weight = getattr(linear, 'weight', None)
+            if weight is None or len(rows) < 2:
+                continue
+            if weight.dim() == 2 and sum(rows) != weight.shape[0]:  # (FSDP: a 1-D shard, checked unsharded)
+                raise ValueError(f"{prefix}.{attribute}: fused_rows {rows} do not add up to the weight's "
+                                 f"{weight.shape[0]} rows")
+            out[unwrapped_name(f"{prefix}.{attribute}.weight" if prefix else f"{attribute}.weight")] = tuple(rows)
+    return out
+
+
 def _role_by_type(module: nn.Module, name: str) -> str:
     if name == 'bias':
         return 'bias'
