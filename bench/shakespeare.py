@@ -118,6 +118,8 @@ ARCHS.update({
     "modern-headqk-h8": {**ARCHS["modern-headqk"], "n_heads": 8},
     "modern-headqk-alibi": {**ARCHS["modern-headqk"], "position": "alibi"},
     "modern-headqk-relu2": {**ARCHS["modern-headqk"], "ffn": "relu2"},
+    "modern-headqk-ve1": {**ARCHS["modern-headqk"], "value_embeddings": 1},
+    "modern-headqk-ve2": {**ARCHS["modern-headqk"], "value_embeddings": 2},
 })
 # Variants that are the lab's configuration overlays, applied after the run's config (`-c FILE`).
 ARCH_FILES = {"preset-modern": "conf/extra/modern.yaml"}

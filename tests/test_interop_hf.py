@@ -347,6 +347,8 @@ RECIPE_VARIANTS = {  # on the Llama-shaped block: only the variant keeps it from
     "head-qk": (dict(head_qk=8), "head-QK copy scores (head_qk=8)"),
     "d-embedding": (dict(d_embedding=16), "embedding projections (d_embedding=16)"),
     "softcap": (dict(logit_softcap=5.0), "logit soft-capping (logit_softcap=5.0)"),
+    "value-embeddings": (dict(value_embeddings=1), "value_embeddings=1"),
+    "relu2": (dict(ffn="relu2"), "ffn='relu2'"),
 }
 
 

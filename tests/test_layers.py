@@ -21,6 +21,8 @@ CAPACITY = {
     'moe-top1-alibi': dict(position='alibi', ffn='moe', n_experts=3, moe_top_k=1),
     'sgu': dict(position='rope', norm='rmsnorm', ffn='sgu'),
     'relu2': dict(position='rope', norm='rmsnorm', ffn='relu2'),
+    'value-embeds': dict(position='rope', value_embeddings=1),
+    'value-embeds-gqa-window': dict(position='alibi', n_kv_heads=2, value_embeddings=1, sliding_window=5),
     'sgu-window-parallel': dict(ffn='sgu', sliding_window=5, parallel_residual=True),
     'head-qk': dict(position='rope', head_qk=16),
     'head-qk-window': dict(position='rope', head_qk=8, sliding_window=4),
@@ -477,3 +479,37 @@ def test_relu2_mlp_is_squared_relu_between_two_linears():
     expected = mlp.proj(torch.where(hidden > 0, hidden * hidden, torch.zeros_like(hidden)))
     torch.testing.assert_close(mlp(x), expected, rtol=0, atol=0)
     assert sum(p.numel() for p in mlp.parameters()) == 8 * 16 + 16 + 16 * 8 + 8
+
+
+def test_value_embeddings_add_each_tokens_vector_to_its_layers_values():
+    """A table whose rows are all one vector c adds c to every value of its layers: the same model as one
+    without value embeddings whose value bias is c larger in exactly those layers (table 0: layers 0 and 3)."""
+    config = dict(position='rope', n_layers=4, n_kv_heads=2)
+    ve = make(value_embeddings=2, **config)
+    assert ve.value_layers == {0: 0, 3: 0, 1: 1, 2: 1}
+    plain = make(**config)
+    missing, unexpected = plain.load_state_dict(ve.state_dict(), strict=False)
+    assert not missing and set(unexpected) == {'value_embeds.0.weight', 'value_embeds.1.weight'}
+    c = torch.randn(ve.value_embeds[0].weight.shape[1], generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ve.value_embeds[0].weight.copy_(c.expand_as(ve.value_embeds[0].weight))
+        ve.value_embeds[1].weight.zero_()
+        for i in (0, 3):
+            plain.blocks[i].attn.qkv.bias[-c.numel():] += c  # the v rows come last in qkv
+    x = tokens(2, 12)
+    torch.testing.assert_close(ve(x), plain(x), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        ve.value_embeds[1].weight.normal_()  # the second table reaches the output
+    assert (ve(x) - plain(x)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(value_embeddings=2), 'value_embeddings must be an integer in 0..1'),
+    (dict(value_embeddings=True), 'value_embeddings must be an integer'),
+    (dict(value_embeddings=1, kv_share=2, position='rope'), 'kv_share=2 is not supported'),
+    (dict(value_embeddings=1, attention='linear', position='rope'), "attention='linear' is not supported"),
+    (dict(value_embeddings=1, memory_len=4, position='rope'), 'memory_len=4 is not supported'),
+])
+def test_value_embeddings_refuse_what_they_cannot_serve(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make(**kwargs)

@@ -47,6 +47,7 @@ class AttentionContext:
         self.plain = True  # the keys are exactly the new tokens (what the flash kernel can take)
         self.needs_weights = False  # the attention weights must come back (an eviction policy reads them)
         self.shared = {}  # kv group -> (k, v, context) of its first layer, for the layers sharing them
+        self.value_embeds = None  # per layer: b t g*d added to that layer's values, or None (Decoder.hidden)
         self._masks = {}
         self._derived = {}
         self._varlen = None
@@ -217,6 +218,7 @@ class Attention(nn.Module):
         self.kernel = kernel()  # one of KERNELS
         self.dropout = dropout
         self.keep_weights, self.weights = False, None
+        self.layer = None  # this layer's index in the Decoder (its entry of ctx.value_embeds)
 
     def forward(self, x, ctx: AttentionContext, kv_cache=None):  # x: b t c
         b, t, _ = x.shape
@@ -228,6 +230,9 @@ class Attention(nn.Module):
             q = q.view(b, t, h, d).transpose(1, 2)  # b h t d
             k = k.view(b, t, g, d).transpose(1, 2)  # b g t d
             v = v.view(b, t, g, d).transpose(1, 2)  # b g t d
+            embed = ctx.value_embeds[self.layer] if ctx.value_embeds is not None else None
+            if embed is not None:  # value embeddings: the token's own vector added to its values
+                v = v + embed.view(b, t, g, d).transpose(1, 2).to(v.dtype)
         if self.q_norm is not None:
             q = self.q_norm(q)
         if self.k_norm is not None:

@@ -609,6 +609,9 @@ class Decoder(nn.Module):
     the previous tokens of each row kept across segments (Transformer-XL, ``xlabml.memory``; ``memory_grad``:
     ``'none'`` or ``'recompute'``); ``attention='linear'`` (``xlabml.linear_attention``); ``rope_scaling`` and
     ``rope_scale`` to stretch RoPE over a longer context (``rope_frequencies``).
+    ``value_embeddings``: that many extra token tables (width ``n_kv_heads * head_dim``) whose vector for each
+    token is added to its attention values, table j in layers j and ``n_layers - 1 - j`` (the modded-nanogpt
+    speedrun's value embeddings, shared U-net style); parameters for free compute, trained as embeddings.
     """
 
     def __init__(self, n_vocab: int, max_len: int, d_model: int = 512, n_layers: int = 6, n_heads: int = 8,
@@ -622,7 +625,8 @@ class Decoder(nn.Module):
                  logit_softcap: float | None = None, d_embedding: int | None = None, n_experts: int = 8,
                  moe_top_k: int = 2, head_qk: int | None = None, registers: int = 0, kv_share: int = 1,
                  layer_windows: list[str | int | None] | None = None, memory_len: int = 0,
-                 memory_grad: str = 'none', rope_scaling: str | None = None, rope_scale: float = 1.0):
+                 memory_grad: str = 'none', rope_scaling: str | None = None, rope_scale: float = 1.0,
+                 value_embeddings: int = 0):
         super().__init__()
         for name, value in (('n_vocab', n_vocab), ('max_len', max_len), ('d_model', d_model),
                             ('n_layers', n_layers), ('n_heads', n_heads), ('d_ff', d_ff)):
@@ -651,6 +655,17 @@ class Decoder(nn.Module):
             raise ValueError(f"kv_share must be an integer >= 1 (layers per shared key/value), got {kv_share!r}")
         if rope_scaling is not None and position != 'rope':
             raise ValueError(f"rope_scaling={rope_scaling!r} stretches rotary positions; position is {position!r}")
+        if (isinstance(value_embeddings, bool) or not isinstance(value_embeddings, int)
+                or not 0 <= value_embeddings <= (n_layers + 1) // 2):
+            raise ValueError(f"value_embeddings must be an integer in 0..{(n_layers + 1) // 2} (tables, each shared "
+                             f"by layer i and layer {n_layers - 1} - i), got {value_embeddings!r}")
+        if value_embeddings:
+            for name, value, unsupported in (('attention', attention, attention == 'linear'),
+                                             ('kv_share', kv_share, kv_share != 1),
+                                             ('memory_len', memory_len, memory_len != 0)):
+                if unsupported:
+                    raise ValueError(f"value_embeddings={value_embeddings} adds to each layer's own values: "
+                                     f"{name}={value!r} is not supported with it")
         if memory_grad not in MEMORY_GRADS:
             raise ValueError(f"memory_grad={memory_grad!r}; expected one of: {', '.join(MEMORY_GRADS)}")
         self.n_vocab, self.max_len, self.d_model, self.n_layers = n_vocab, max_len, d_model, n_layers
@@ -699,6 +714,15 @@ class Decoder(nn.Module):
                 ffn_cls(d_model, d_ff, dropout=dropout * dropout_ffn, bias=bias, **ffn_options),
                 norm_cls, d_model, dropout_residual=dropout * dropout_residual, bias=bias,
             ) for i in range(n_layers))
+        # value embeddings (the modded-nanogpt speedrun): table j adds a vector per token to the values of layers
+        # j and n_layers - 1 - j (shared as in a U-net)
+        self.value_embeds = nn.ModuleList(nn.Embedding(n_vocab, n_kv_heads * self.head_dim)
+                                          for _ in range(value_embeddings))
+        self.value_layers = {}  # layer -> table
+        for j in range(value_embeddings):
+            self.value_layers[j] = self.value_layers[n_layers - 1 - j] = j
+        for i, block in enumerate(self.blocks):
+            block.attn.layer = i
         self.norm = norm_cls(d_model, bias=bias) if final_norm else nn.Identity()
         self.head = nn.Linear(d_embedding, n_vocab, bias=bias)
         self.head_qk = HeadQK(d_model, n_vocab, head_qk) if head_qk is not None else None
@@ -869,6 +893,10 @@ class Decoder(nn.Module):
             h = h + pos.to(h.dtype)
         h = self.embedding_dropout(h)
         ctx.rope = self.position.rotary(positions)
+        if self.value_layers:  # once per forward: a recomputed (checkpointed) block reads the same entry
+            tables = [table(x) for table in self.value_embeds]  # b t g*d each
+            ctx.value_embeds = [tables[self.value_layers[i]] if i in self.value_layers else None
+                                for i in range(self.n_layers)]
         recompute = self.activation_checkpointing and self.training
         for block, i in zip(self.blocks, self.kv_stores):
             store = None if stores is None or i is None else stores[i]

@@ -88,7 +88,8 @@ def _common(arch: dict, sd: dict) -> str | None:
         return "a non-zero output head bias (bias: true); no stock class has a head bias"
     if arch.get("attention") == "linear":
         return "linear attention (attention: linear)"
-    for key, plain in (("registers", 0), ("kv_share", 1), ("layer_windows", None), ("rope_scaling", None)):
+    for key, plain in (("registers", 0), ("kv_share", 1), ("layer_windows", None), ("rope_scaling", None),
+                       ("value_embeddings", 0)):
         if arch.get(key, plain) != plain:
             return f"{key}={arch[key]!r}"
     return None
