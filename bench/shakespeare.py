@@ -120,6 +120,7 @@ ARCHS.update({
     "modern-headqk-relu2": {**ARCHS["modern-headqk"], "ffn": "relu2"},
     "modern-headqk-ve1": {**ARCHS["modern-headqk"], "value_embeddings": 1},
     "modern-headqk-ve2": {**ARCHS["modern-headqk"], "value_embeddings": 2},
+    "modern-headqk-unet": {**ARCHS["modern-headqk"], "unet_skips": True},
 })
 # Variants that are the lab's configuration overlays, applied after the run's config (`-c FILE`).
 ARCH_FILES = {"preset-modern": "conf/extra/modern.yaml"}

@@ -349,6 +349,7 @@ RECIPE_VARIANTS = {  # on the Llama-shaped block: only the variant keeps it from
     "softcap": (dict(logit_softcap=5.0), "logit soft-capping (logit_softcap=5.0)"),
     "value-embeddings": (dict(value_embeddings=1), "value_embeddings=1"),
     "relu2": (dict(ffn="relu2"), "ffn='relu2'"),
+    "unet-skips": (dict(unet_skips=True), "unet_skips=True"),
 }
 
 

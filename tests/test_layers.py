@@ -23,6 +23,7 @@ CAPACITY = {
     'relu2': dict(position='rope', norm='rmsnorm', ffn='relu2'),
     'value-embeds': dict(position='rope', value_embeddings=1),
     'value-embeds-gqa-window': dict(position='alibi', n_kv_heads=2, value_embeddings=1, sliding_window=5),
+    'unet-skips': dict(position='rope', unet_skips=True, n_layers=3),
     'sgu-window-parallel': dict(ffn='sgu', sliding_window=5, parallel_residual=True),
     'head-qk': dict(position='rope', head_qk=16),
     'head-qk-window': dict(position='rope', head_qk=8, sliding_window=4),
@@ -513,3 +514,23 @@ def test_value_embeddings_add_each_tokens_vector_to_its_layers_values():
 def test_value_embeddings_refuse_what_they_cannot_serve(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make(**kwargs)
+
+
+def test_unet_skips_add_first_half_outputs_to_mirrored_second_half_inputs():
+    model = make(position='rope', n_layers=4, unet_skips=True)
+    with torch.no_grad():
+        model.skip_weights.copy_(torch.tensor([0.5, -2.0]))
+    x = tokens(2, 10)
+    ctx, positions = model._context(x, None, None)
+    ctx.rope = model.position.rotary(positions)
+    h = model.embedding(x) * model.embedding_scale
+    out0 = model.blocks[0](h, ctx)
+    out1 = model.blocks[1](out0, ctx)
+    out2 = model.blocks[2](out1 - 2.0 * out1, ctx)  # layer 2 gets layer 1's output (weight 1: pair 1, 2)
+    out3 = model.blocks[3](out2 + 0.5 * out0, ctx)  # layer 3 gets layer 0's (weight 0: pair 0, 3)
+    torch.testing.assert_close(model.hidden(x, positions, model._context(x, None, None)[0]), out3)
+    with torch.no_grad():
+        model.skip_weights.zero_()
+    plain = make(position='rope', n_layers=4)
+    plain.load_state_dict(model.state_dict(), strict=False)
+    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)

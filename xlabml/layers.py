@@ -612,6 +612,8 @@ class Decoder(nn.Module):
     ``value_embeddings``: that many extra token tables (width ``n_kv_heads * head_dim``) whose vector for each
     token is added to its attention values, table j in layers j and ``n_layers - 1 - j`` (the modded-nanogpt
     speedrun's value embeddings, shared U-net style); parameters for free compute, trained as embeddings.
+    ``unet_skips``: the output of each layer i of the first half is added, times a learned weight (initially 1),
+    to the input of layer ``n_layers - 1 - i`` (the speedrun's U-net skips).
     """
 
     def __init__(self, n_vocab: int, max_len: int, d_model: int = 512, n_layers: int = 6, n_heads: int = 8,
@@ -626,7 +628,7 @@ class Decoder(nn.Module):
                  moe_top_k: int = 2, head_qk: int | None = None, registers: int = 0, kv_share: int = 1,
                  layer_windows: list[str | int | None] | None = None, memory_len: int = 0,
                  memory_grad: str = 'none', rope_scaling: str | None = None, rope_scale: float = 1.0,
-                 value_embeddings: int = 0):
+                 value_embeddings: int = 0, unet_skips: bool = False):
         super().__init__()
         for name, value in (('n_vocab', n_vocab), ('max_len', max_len), ('d_model', d_model),
                             ('n_layers', n_layers), ('n_heads', n_heads), ('d_ff', d_ff)):
@@ -723,6 +725,9 @@ class Decoder(nn.Module):
             self.value_layers[j] = self.value_layers[n_layers - 1 - j] = j
         for i, block in enumerate(self.blocks):
             block.attn.layer = i
+        # U-net skips (the speedrun's): the output of layer i (first half) is added, times a learned weight, to
+        # the input of layer n_layers - 1 - i (second half)
+        self.skip_weights = nn.Parameter(torch.ones(n_layers // 2)) if unet_skips else None
         self.norm = norm_cls(d_model, bias=bias) if final_norm else nn.Identity()
         self.head = nn.Linear(d_embedding, n_vocab, bias=bias)
         self.head_qk = HeadQK(d_model, n_vocab, head_qk) if head_qk is not None else None
@@ -767,6 +772,8 @@ class Decoder(nn.Module):
                 nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.n_layers))
             if getattr(block.attn, 'registers', None) is not None:
                 nn.init.normal_(block.attn.registers, mean=0.0, std=std)
+        if self.skip_weights is not None:
+            nn.init.ones_(self.skip_weights)
 
     @property
     def relative_positions(self) -> bool:
@@ -898,9 +905,15 @@ class Decoder(nn.Module):
             ctx.value_embeds = [tables[self.value_layers[i]] if i in self.value_layers else None
                                 for i in range(self.n_layers)]
         recompute = self.activation_checkpointing and self.training
-        for block, i in zip(self.blocks, self.kv_stores):
+        half = len(self.skip_weights) if self.skip_weights is not None else 0
+        skips = []
+        for layer, (block, i) in enumerate(zip(self.blocks, self.kv_stores)):
+            if layer >= self.n_layers - half:  # second half: the mirrored first-half layer's output
+                h = h + self.skip_weights[self.n_layers - 1 - layer].to(h.dtype) * skips.pop()
             store = None if stores is None or i is None else stores[i]
             h = checkpoint(block, h, ctx, store, use_reentrant=False) if recompute else block(h, ctx, store)
+            if layer < half:
+                skips.append(h)
         return h
 
     def _context(self, x, positions, doc_ids):

@@ -472,8 +472,8 @@ class XLabModel(XLabModule):
         debug: log gradient norms, warn on a non-finite loss.
         z_loss: weight of the z-loss (mean squared log-partition of the logits) in the training objective.
         moe_aux_loss: weight of the MoE load-balancing loss (``ffn='moe'``) in the training objective.
-        logit_softcap, d_embedding, n_experts, moe_top_k, head_qk, value_embeddings: architecture, see
-            ``Decoder``.
+        logit_softcap, d_embedding, n_experts, moe_top_k, head_qk, value_embeddings, unet_skips: architecture,
+            see ``Decoder``.
         registers, kv_share, layer_windows, memory_len, memory_grad, rope_scaling, rope_scale: memory and
             long-context variants of the architecture (see ``Decoder``); ``memory_len`` needs
             ``data.segments: true`` (``xlabml.memory``).
@@ -504,7 +504,8 @@ class XLabModel(XLabModule):
                  d_embedding: int | None = None, n_experts: int = 8, moe_top_k: int = 2, head_qk: int | None = None,
                  registers: int = 0, kv_share: int = 1, layer_windows: list[str | int | None] | None = None,
                  memory_len: int = 0, memory_grad: str = 'none', rope_scaling: str | None = None,
-                 rope_scale: float = 1.0, value_embeddings: int = 0, init_from: str | InitFrom | None = None,
+                 rope_scale: float = 1.0, value_embeddings: int = 0, unet_skips: bool = False,
+                 init_from: str | InitFrom | None = None,
                  lora: LoRASettings | None = None, objective: Objective | None = None):
         super().__init__(pad_index=pad_index, optimizer=optimizer, scheduler=scheduler, compile=compile,
                          weight_decay_embeddings=weight_decay_embeddings, debug=debug,
@@ -521,7 +522,7 @@ class XLabModel(XLabModule):
             embedding_scale=embedding_scale, logit_softcap=logit_softcap, d_embedding=d_embedding,
             n_experts=n_experts, moe_top_k=moe_top_k, head_qk=head_qk, registers=registers, kv_share=kv_share,
             layer_windows=layer_windows, memory_len=memory_len, memory_grad=memory_grad, rope_scaling=rope_scaling,
-            rope_scale=rope_scale, value_embeddings=value_embeddings)
+            rope_scale=rope_scale, value_embeddings=value_embeddings, unet_skips=unet_skips)
         self.init_from = parse_init_from(init_from)  # (path, only) or None
         self.lora_config = None if lora is None else LoRAConfig.from_settings(lora)
         self.lora_base = None  # {'path', 'hash'} of the base weights under the adapters, once they are loaded

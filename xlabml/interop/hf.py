@@ -89,7 +89,7 @@ def _common(arch: dict, sd: dict) -> str | None:
     if arch.get("attention") == "linear":
         return "linear attention (attention: linear)"
     for key, plain in (("registers", 0), ("kv_share", 1), ("layer_windows", None), ("rope_scaling", None),
-                       ("value_embeddings", 0)):
+                       ("value_embeddings", 0), ("unet_skips", False)):
         if arch.get(key, plain) != plain:
             return f"{key}={arch[key]!r}"
     return None
