@@ -131,7 +131,7 @@ ARCH_CONFIG: dict = {}
 # Training-recipe settings (issue #15) and their neutral values: a run that leaves them at these is the same run
 # as before they existed (its run key, and so its cached result, does not change).
 RECIPE_DEFAULTS = {"optimizer": "adamw", "muon_lr": 0.02, "muon_weight_decay": 0.0, "embedding_lr": None,
-                   "muon_split": False,
+                   "muon_split": False, "ema": None, "ema_start": 0,
                    "schedule": "cosine", "decay_fraction": 0.2, "z_loss": 0.0, "softcap": None, "seq_warmup": 0,
                    "seq_start": None}
 # Measurement settings, neutral likewise: `eval_every` scores the whole held-out part every that many steps during
@@ -367,6 +367,10 @@ def run_config(s: dict, split: dict, run_dir: Path, tok_path: Path, train_args: 
             "cache_dir": str(WORK / "cache"),
         },
     }
+    if s["ema"]:  # the checkpoint (what validate scores) holds the average; updated before ModelCheckpoint runs
+        config["trainer"]["callbacks"].insert(0, {
+            "class_path": "lightning.pytorch.callbacks.EMAWeightAveraging",
+            "init_args": {"decay": s["ema"], "update_starting_at_step": int(s["ema_start"])}})
     if s["seq_warmup"]:
         config["data"].update(seq_len_warmup=int(s["seq_warmup"]), seq_len_start=s["seq_start"])
     if s["eval_every"]:  # the held-out part, whole, in non-overlapping windows, every eval_every steps
@@ -1061,6 +1065,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="with --optimizer muon: orthogonalise q, k, v (and SwiGLU's gate, up) apart (split_fused)")
     p.add_argument("--embedding-lr", dest="embedding_lr", type=float,
                    help="with --optimizer muon: AdamW's rate for the embedding table (default: --lr)")
+    p.add_argument("--ema", type=float, help="score an exponential moving average of the weights with this decay "
+                   "(Lightning's EMAWeightAveraging; default: the final weights)")
+    p.add_argument("--ema-start", dest="ema_start", type=int, help="first step the average takes in (default 0)")
     p.add_argument("--schedule", choices=["cosine", "wsd"], help="default cosine")
     p.add_argument("--decay-fraction", dest="decay_fraction", type=float, help="WSD's decay share (default 0.2)")
     p.add_argument("--z-loss", dest="z_loss", type=float, help="z-loss weight (default 0)")
