@@ -131,7 +131,8 @@ ARCH_CONFIG: dict = {}
 # Training-recipe settings (issue #15) and their neutral values: a run that leaves them at these is the same run
 # as before they existed (its run key, and so its cached result, does not change).
 RECIPE_DEFAULTS = {"optimizer": "adamw", "muon_lr": 0.02, "muon_weight_decay": 0.0, "embedding_lr": None,
-                   "muon_split": False, "ema": None, "ema_start": 0,
+                   "muon_split": False, "muon_momentum": 0.95, "muon_ns_steps": 5, "head_lr": None, "ema": None,
+                   "ema_start": 0,
                    "schedule": "cosine", "decay_fraction": 0.2, "z_loss": 0.0, "softcap": None, "seq_warmup": 0,
                    "seq_start": None}
 # Measurement settings, neutral likewise: `eval_every` scores the whole held-out part every that many steps during
@@ -297,6 +298,8 @@ def resolve_settings(args: argparse.Namespace, overrides: dict | None = None) ->
             s["optimizer"], s["muon_lr"], s["lr"] = "muon", opt.get("lr"), opt.get("adam_lr")
             s["muon_weight_decay"], s["embedding_lr"] = opt.get("weight_decay", 0.0), opt.get("embedding_lr")
             s["muon_split"] = bool(opt.get("split_fused", False))
+            s["muon_momentum"], s["muon_ns_steps"] = opt.get("momentum", 0.95), opt.get("ns_steps", 5)
+            s["head_lr"] = opt.get("head_lr")
             s["weight_decay"], betas = opt.get("adam_weight_decay", s["weight_decay"]), opt.get("adam_betas")
         else:
             s["weight_decay"], betas = opt.get("weight_decay", s["weight_decay"]), opt.get("betas")
@@ -412,6 +415,12 @@ def optimizer_config(s: dict) -> dict:
             init["embedding_lr"] = s["embedding_lr"]
         if s["muon_split"]:
             init["split_fused"] = True
+        if s["muon_momentum"] != 0.95:
+            init["momentum"] = s["muon_momentum"]
+        if s["muon_ns_steps"] != 5:
+            init["ns_steps"] = int(s["muon_ns_steps"])
+        if s["head_lr"] is not None:
+            init["head_lr"] = s["head_lr"]
         return {"class_path": "xlabml.optim.MuonAdamW", "init_args": init}
     name = "xlabml.optim.LaProp" if s["optimizer"] == "laprop" else "torch.optim.AdamW"
     return {"class_path": name, "init_args": {"lr": s["lr"], "betas": betas, "weight_decay": s["weight_decay"]}}
@@ -1063,6 +1072,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="Muon's decoupled weight decay on the matrices (default 0)")
     p.add_argument("--muon-split", dest="muon_split", action="store_true", default=None,
                    help="with --optimizer muon: orthogonalise q, k, v (and SwiGLU's gate, up) apart (split_fused)")
+    p.add_argument("--muon-momentum", dest="muon_momentum", type=float, help="Muon's momentum (default 0.95)")
+    p.add_argument("--muon-ns-steps", dest="muon_ns_steps", type=int,
+                   help="Muon's Newton-Schulz iterations (default 5)")
+    p.add_argument("--head-lr", dest="head_lr", type=float,
+                   help="with --optimizer muon: AdamW's rate for the untied head (default: --lr)")
     p.add_argument("--embedding-lr", dest="embedding_lr", type=float,
                    help="with --optimizer muon: AdamW's rate for the embedding table (default: --lr)")
     p.add_argument("--ema", type=float, help="score an exponential moving average of the weights with this decay "
