@@ -186,6 +186,7 @@ SHIPPED = {**RECIPE_BASE, "arch": "modern-headqk"}
 LR3 = {**SHIPPED, "lr": 3e-3}
 WD4 = {**LR3, "weight_decay": 0.4}  # the AdamW settings shipped before Muon
 MUON = {**WD4, "optimizer": "muon"}  # Muon on the matrices, those AdamW settings on the rest
+MUON_WD2 = {**MUON, "muon_weight_decay": 0.2}  # conf/extra/shakespeare.yaml now
 SCREEN = [
     ("base: modern, BPE 1K, head-QK 64, AdamW 2e-3, wd 0.1", SHIPPED),
     ("+ dropout 0.1", {**SHIPPED, "dropout": 0.1}),
@@ -213,11 +214,21 @@ SCREEN = [
     ("lr 3e-3 + wd 0.4, decay to 0", {**WD4, "min_lr": 0.0}),
     ("lr 3e-3 + wd 0.4 + beta2 0.95", {**WD4, "beta2": 0.95}),
     ("lr 3e-3 + wd 0.4 + Muon 0.02 with weight decay 0.1", {**MUON, "muon_weight_decay": 0.1}),
-    ("lr 3e-3 + wd 0.4 + Muon 0.02 with weight decay 0.2 (shipped now)", {**MUON, "muon_weight_decay": 0.2}),
+    ("lr 3e-3 + wd 0.4 + Muon 0.02 with weight decay 0.2 (shipped now)", MUON_WD2),
     ("lr 3e-3 + wd 0.4 + Muon 0.02 with weight decay 0.4", {**MUON, "muon_weight_decay": 0.4}),
     ("lr 3e-3 + wd 0.4 + Muon 0.02 with weight decay 0.8", {**MUON, "muon_weight_decay": 0.8}),
     ("lr 3e-3 + wd 0.4 + Muon 0.03 with weight decay 0.2", {**MUON, "muon_lr": 0.03, "muon_weight_decay": 0.2}),
     ("lr 3e-3 + wd 0.4 + Muon 0.01 with weight decay 0.2", {**MUON, "muon_lr": 0.01, "muon_weight_decay": 0.2}),
+    # changes to the Muon configuration shipped now (MUON_WD2)
+    ("shipped + AdamW weight decay 0.8", {**MUON_WD2, "weight_decay": 0.8}),
+    ("shipped + WSD schedule (decay 40%)", {**MUON_WD2, "schedule": "wsd", "decay_fraction": 0.4}),
+    ("shipped + squared-ReLU MLP", {**MUON_WD2, "arch": "modern-headqk-relu2"}),
+    ("shipped + Muon on q, k, v apart", {**MUON_WD2, "muon_split": True}),
+    ("shipped + value embeddings (1 table)", {**MUON_WD2, "arch": "modern-headqk-ve1"}),
+    ("shipped + value embeddings (2 tables)", {**MUON_WD2, "arch": "modern-headqk-ve2"}),
+    ("shipped + U-net skips", {**MUON_WD2, "arch": "modern-headqk-unet"}),
+    ("shipped + EMA of the weights (0.998 from step 1000)", {**MUON_WD2, "ema": 0.998, "ema_start": 1000}),
+    ("shipped + Muon momentum 0.9", {**MUON_WD2, "muon_momentum": 0.9}),
 ]
 
 CHAR_VOCAB_BOUND = 1024  # upper bound for the char tokenizer (specials + 256 bytes + the corpus' characters)
@@ -966,27 +977,35 @@ def write_screen(done: dict[str, dict[int, dict]], split: dict) -> Path:
     results = results_dir(split)
     results.mkdir(parents=True, exist_ok=True)
     base_label = SCREEN[0][0]
-    base = done.get(base_label, {})
+    shipped_label = next(label for label, _ in SCREEN if "(shipped now)" in label)
     seeds = sorted({seed for runs in done.values() for seed in runs})
-    lines = ["| row | " + " | ".join(f"seed {seed}" for seed in seeds) + " | median | vs base, same seeds |",
-             "| --- | " + " | ".join("---:" for _ in seeds) + " | ---: | ---: |"]
+    lines = ["| row | " + " | ".join(f"seed {seed}" for seed in seeds) + " | median | vs base, same seeds | "
+             "vs shipped, same seeds |",
+             "| --- | " + " | ".join("---:" for _ in seeds) + " | ---: | ---: | ---: |"]
     summary = {}
+
+    def versus(label, runs, ref_label):  # median over the shared seeds of (row - reference row), and how many
+        ref = done.get(ref_label, {})
+        deltas = [runs[seed]["bpc"] - ref[seed]["bpc"] for seed in runs if seed in ref]
+        return (statistics.median(deltas), len(deltas)) if deltas and label != ref_label else (None, 0)
+
     for label, runs in done.items():
         if not runs:
             continue
         med = statistics.median(r["bpc"] for r in runs.values())
-        deltas = [runs[seed]["bpc"] - base[seed]["bpc"] for seed in runs if seed in base]
-        delta = statistics.median(deltas) if deltas and label != base_label else None
-        summary[label] = {"bpc": {seed: r["bpc"] for seed, r in runs.items()}, "median": med, "delta": delta}
+        (delta, n), (shipped, n_shipped) = versus(label, runs, base_label), versus(label, runs, shipped_label)
+        summary[label] = {"bpc": {seed: r["bpc"] for seed, r in runs.items()}, "median": med, "delta": delta,
+                          "vs_shipped": shipped}
         cells = [f"{runs[seed]['bpc']:.4f}" if seed in runs else "-" for seed in seeds]
-        shown = "-" if delta is None else f"{delta:+.4f} ({len(deltas)})"
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {med:.4f} | {shown} |")
+        shown = ["-" if d is None else f"{d:+.4f} ({k})" for d, k in ((delta, n), (shipped, n_shipped))]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {med:.4f} | {shown[0]} | {shown[1]} |")
     note = (f"\nHeld-out bits/char (last 10% of {Path(split['corpus']).name}, sha256 {split['digest']}) at nanoGPT's CPU "
             f"budget (4 layers, d_model 128, 2,000 steps of 12 x 64 tokens); each row changes the base (the configuration "
             f"shipped before the screen: modern block, BPE 1K, head-QK 64, AdamW 2e-3 -> 1e-4, weight decay 0.1, no "
             f"dropout) as its label says; conf/extra/shakespeare.yaml now holds the row marked 'shipped now'; Muon rows: AdamW at "
             f"the stated lr for embeddings, head and norms, Muon at its own lr on the hidden matrices. 'vs base' is "
-            f"the median over seeds of (row - base) at the same seed (the seeds compared in brackets). Command: "
+            f"the median over seeds of (row - base) at the same seed (the seeds compared in brackets), 'vs shipped' the "
+            f"same against the 'shipped now' row; rows named 'shipped + ...' change that row. Command: "
             f"`bench/shakespeare.py --screen --seeds N --threads 1`.\n")
     (results / "screen.md").write_text("\n".join(lines) + "\n" + note)
     (results / "screen.json").write_text(json.dumps(summary, indent=1))

@@ -157,10 +157,13 @@ def test_screen_compares_each_row_with_the_shipped_row_at_the_same_seeds(bench, 
     split = bench.split_corpus(corpus, bench.WORK)
     args, extra = bench.parse_args(["--corpus", str(corpus), "--seeds", "3", "--threads", "1"])
     (base_label, base), (row_label, row) = bench.SCREEN[0], bench.SCREEN[3]
+    shipped_label, shipped = next((label, o) for label, o in bench.SCREEN if "(shipped now)" in label)
+    rows = {base_label: base, row_label: row, shipped_label: shipped}
     planted = {(base_label, 1): 2.10, (base_label, 2): 2.20, (row_label, 1): 2.05, (row_label, 2): 2.25,
-               (row_label, 3): 1.00}  # seed 3 has no shipped run to compare with
+               (row_label, 3): 1.00,  # seed 3 has no base run to compare with
+               (shipped_label, 1): 2.00}
     for (label, seed), bpc in planted.items():
-        path = bench.result_path(args, base if label == base_label else row, seed, extra, split)[1]
+        path = bench.result_path(args, rows[label], seed, extra, split)[1]
         path.parent.mkdir(parents=True)
         path.write_text(json.dumps({"bpc": bpc, "seed": seed, "run": path.parent.name}))
     done = bench.screen(args, split, extra, table_only=True)
@@ -170,7 +173,9 @@ def test_screen_compares_each_row_with_the_shipped_row_at_the_same_seeds(bench, 
     assert summary[row_label]["median"] == 2.05
     assert summary[row_label]["delta"] == pytest.approx(((2.05 - 2.10) + (2.25 - 2.20)) / 2)
     assert summary[base_label]["delta"] is None
-    assert all(not runs for label, runs in done.items() if label not in (base_label, row_label))
+    assert summary[row_label]["vs_shipped"] == pytest.approx(2.05 - 2.00)  # the one seed both have
+    assert summary[shipped_label]["vs_shipped"] is None and summary[base_label]["vs_shipped"] == pytest.approx(0.10)
+    assert all(not runs for label, runs in done.items() if label not in rows)
 
 
 def test_shipped_config_reports_its_own_settings_and_is_the_screened_winner(bench):
