@@ -121,6 +121,7 @@ ARCHS.update({
     "modern-headqk-ve1": {**ARCHS["modern-headqk"], "value_embeddings": 1},
     "modern-headqk-ve2": {**ARCHS["modern-headqk"], "value_embeddings": 2},
     "modern-headqk-unet": {**ARCHS["modern-headqk"], "unet_skips": True},
+    "modern-headqk-rope-half": {**ARCHS["modern-headqk"], "rope_fraction": 0.5},
 })
 # Variants that are the lab's configuration overlays, applied after the run's config (`-c FILE`).
 ARCH_FILES = {"preset-modern": "conf/extra/modern.yaml"}
@@ -321,9 +322,9 @@ def resolve_settings(args: argparse.Namespace, overrides: dict | None = None) ->
         s["warmup"] = schedule.get("warmup_steps", s["warmup"])
         if "min_lr_ratio" in schedule:
             s["min_lr"] = round(s["lr"] * schedule["min_lr_ratio"], 12)
-    if s["tokenizer"] not in ("char", "bpe"):
-        raise ValueError(f"--tokenizer {s['tokenizer']!r}: expected 'char' or 'bpe'")
-    if s["tokenizer"] == "bpe" and not s["vocab"]:
+    if s["tokenizer"] not in ("char", "bpe", "unigram"):
+        raise ValueError(f"--tokenizer {s['tokenizer']!r}: expected 'char', 'bpe' or 'unigram'")
+    if s["tokenizer"] != "char" and not s["vocab"]:
         s["vocab"] = 1024
     if s["arch"] not in ARCHS and s["arch"] != "best":
         raise ValueError(f"--arch {s['arch']!r}: expected one of {sorted(ARCHS)}")
@@ -342,7 +343,8 @@ def tokenizer_file(s: dict, split: dict) -> tuple[Path, dict, int]:
     if s["tokenizer"] == "char":
         name, train_args, bound = "char", {"model_type": "char"}, CHAR_VOCAB_BOUND
     else:
-        name, train_args, bound = f"bpe-{s['vocab']}", {"model_type": "bpe"}, int(s["vocab"])
+        kind = s["tokenizer"]  # bpe | unigram (SentencePiece's model types)
+        name, train_args, bound = f"{kind}-{s['vocab']}", {"model_type": kind}, int(s["vocab"])
     return WORK / "tokenizers" / split["digest"] / f"{name}.model", train_args, bound
 
 
@@ -452,7 +454,7 @@ def scheduler_config(s: dict, steps: int) -> dict:
 def run_name(s: dict, extra: list[str], args_threads: int | None = None, digest: str = "") -> str:
     """The run directory's name: the settings, the extra flags, the threads, the content of the files the run
     reads (the shipped config, an architecture overlay) and the corpus' `digest` (from `split_corpus`)."""
-    tok = "char" if s["tokenizer"] == "char" else f"bpe{s['vocab']}"
+    tok = "char" if s["tokenizer"] == "char" else f"{s['tokenizer']}{s['vocab']}"
     # recipe settings at their neutral values are left out, so runs made before they existed keep their keys
     keyed = {k: s[k] for k in sorted(s) if not (k in NEUTRAL and s[k] == NEUTRAL[k])}
     key = json.dumps(keyed, sort_keys=True, default=str) + " ".join(extra)
@@ -1073,7 +1075,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("-c", "--config", default=None, nargs="?", const="best", metavar="best|conf/extra/shakespeare.yaml",
                    help="train with conf/extra/shakespeare.yaml (the shipped best configuration)")
     p.add_argument("--arch", choices=sorted(ARCHS), help="architecture variant (default: classic seed model)")
-    p.add_argument("--tokenizer", choices=["char", "bpe"], help="tokenizer type (default: char)")
+    p.add_argument("--tokenizer", choices=["char", "bpe", "unigram"], help="tokenizer type (default: char)")
     p.add_argument("--vocab", type=int, help="BPE vocabulary size (default 1024)")
     p.add_argument("--steps", type=int)
     p.add_argument("--lr", type=float, help="peak learning rate")
