@@ -230,6 +230,11 @@ SCREEN = [
     ("shipped + U-net skips", {**MUON_WD2, "arch": "modern-headqk-unet"}),
     ("shipped + EMA of the weights (0.998 from step 1000)", {**MUON_WD2, "ema": 0.998, "ema_start": 1000}),
     ("shipped + Muon momentum 0.9", {**MUON_WD2, "muon_momentum": 0.9}),
+    ("shipped + Muon momentum 0.98", {**MUON_WD2, "muon_momentum": 0.98}),
+    ("shipped + unigram tokenizer (1K)", {**MUON_WD2, "tokenizer": "unigram"}),
+    ("shipped + RoPE on half of each head", {**MUON_WD2, "arch": "modern-headqk-rope-half"}),
+    ("shipped + 3 Newton-Schulz iterations instead of 5", {**MUON_WD2, "muon_ns_steps": 3}),
+    ("shipped + warmup 20 steps instead of 100", {**MUON_WD2, "warmup": 20}),
 ]
 
 CHAR_VOCAB_BOUND = 1024  # upper bound for the char tokenizer (specials + 256 bytes + the corpus' characters)
