@@ -405,11 +405,11 @@ class XLabModule(L.LightningModule):
         no_decay = {'params': [], 'roles': [], 'rows': [], 'weight_decay': 0.0}
         for name, p in self.model.named_parameters():  # a tied weight once
             if p.requires_grad:
-                role = roles[unwrapped_name(name)]
-                group = decay if role in decaying else no_decay
+                name = unwrapped_name(name)
+                group = decay if roles[name] in decaying else no_decay
                 group['params'].append(p)
-                group['roles'].append(role)  # for optimizers that treat roles apart (xlabml.optim.MuonAdamW)
-                group['rows'].append(fused.get(unwrapped_name(name)))  # stacked matrices (roles.fused_rows)
+                group['roles'].append(roles[name])  # for optimizers that treat roles apart (xlabml.optim.MuonAdamW)
+                group['rows'].append(fused.get(name))  # stacked matrices (roles.fused_rows)
         return [decay, no_decay]
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):

@@ -25,6 +25,7 @@ momentum from adaptivity (used by LSWT); decoupled weight decay as in AdamW.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable
 
@@ -46,31 +47,15 @@ def orthogonalize(update: Tensor, steps: int = 5, coefficients=NS_COEFFICIENTS, 
     ``steps`` Newton-Schulz iterations in ``dtype`` (bf16 as in the reference implementation); returns a tensor
     of that dtype and ``update``'s shape."""
     a, b, c = coefficients
-    if update.dim() == 3:
-        return _orthogonalize_batch(update, steps, coefficients, eps, dtype)
+    addmm = torch.addmm if update.dim() == 2 else torch.baddbmm  # a stack: one batched call per step for all
     x = update.to(dtype)
-    tall = update.size(0) > update.size(1)
+    tall = update.size(-2) > update.size(-1)
     if tall:  # iterate on the wide side: the Gram matrix is the smaller one
-        x = x.T
-    x = x / x.norm().clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
-    for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
-
-
-def _orthogonalize_batch(update: Tensor, steps, coefficients, eps, dtype) -> Tensor:
-    """``orthogonalize`` of each matrix of a stack (n, rows, cols), the iteration batched (``baddbmm``): one
-    call per step for all of them instead of one per matrix, which is what a small model's step time needs."""
-    a, b, c = coefficients
-    x = update.to(dtype)
-    tall = update.size(1) > update.size(2)
-    if tall:
         x = x.mT
-    x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
         gram = x @ x.mT
-        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        x = addmm(x, addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return x.mT if tall else x
 
 
@@ -86,23 +71,24 @@ def muon_lr_scale(shape, adjust_lr: str | None) -> float:
     return 1.0
 
 
+def row_parts(update: Tensor, rows) -> list[tuple[int, int, Tensor]]:
+    """``[(first row, last row + 1, rows of update)]`` of the matrices a 2-D ``update`` stacks, ``rows`` their row
+    counts (None: the whole as one matrix)."""
+    if rows is None:
+        return [(0, update.size(0), update)]
+    if sum(rows) != update.size(0):
+        raise ValueError(f"MuonAdamW: rows {tuple(rows)} do not add up to the {update.size(0)} rows of a "
+                         f"{tuple(update.shape)} matrix")
+    bounds = [0, *itertools.accumulate(rows)]
+    return list(zip(bounds, bounds[1:], update.split(list(rows), dim=0)))
+
+
 def muon_updates(update: Tensor, rows, steps: int, adjust_lr: str | None, dtype: torch.dtype):
     """Muon's step directions for a 2-D momentum ``update``: ``[(first row, last row + 1, direction, factor)]``,
     each direction orthogonalised (``orthogonalize``, in ``update``'s dtype) and its shape factor
-    (``muon_lr_scale``). ``rows``: the row counts of the matrices ``update`` stacks, each orthogonalised on its
-    own (None: the whole as one matrix)."""
-    if rows is None:
-        rows = (update.size(0),)
-    elif sum(rows) != update.size(0):
-        raise ValueError(f"MuonAdamW: rows {tuple(rows)} do not add up to the {update.size(0)} rows of a "
-                         f"{tuple(update.shape)} matrix")
-    out, lo = [], 0
-    for part in update.split(list(rows), dim=0):
-        hi = lo + part.size(0)
-        out.append((lo, hi, orthogonalize(part, steps, eps=1e-7, dtype=dtype).to(update.dtype),
-                    muon_lr_scale(part.shape, adjust_lr)))
-        lo = hi
-    return out
+    (``muon_lr_scale``), one per matrix of ``row_parts(update, rows)``."""
+    return [(lo, hi, orthogonalize(part, steps, eps=1e-7, dtype=dtype).to(update.dtype),
+             muon_lr_scale(part.shape, adjust_lr)) for lo, hi, part in row_parts(update, rows)]
 
 
 class MuonAdamW(Optimizer):
@@ -275,13 +261,8 @@ class MuonAdamW(Optimizer):
         updates = torch._foreach_lerp(grads, bufs, momentum) if group['nesterov'] else bufs
         by_shape = {}  # (rows, cols) -> [(parameter, first row, last row + 1, update)]
         for (p, rows), update in zip(whole, updates):
-            if rows is not None and sum(rows) != update.size(0):
-                raise ValueError(f"MuonAdamW: rows {tuple(rows)} do not add up to the {update.size(0)} rows of a "
-                                 f"{tuple(update.shape)} matrix")
-            lo = 0
-            for part in update.split(list(rows or (update.size(0),)), dim=0):
-                by_shape.setdefault(tuple(part.shape), []).append((p, lo, lo + part.size(0), part))
-                lo += part.size(0)
+            for lo, hi, part in row_parts(update, rows):
+                by_shape.setdefault(tuple(part.shape), []).append((p, lo, hi, part))
         if wd:
             torch._foreach_mul_(params, 1 - lr * wd)
         for shape, items in by_shape.items():
